@@ -258,7 +258,8 @@ def run_tokenize(config: TokenizeConfig) -> dict:
             for record in batch:
                 writer = writers.get(record["shard"])
                 if writer is None:
-                    writer = writers[record["shard"]] = ShardWriter(out / shard_name(record["shard"]))
+                    writer = writers[record["shard"]] = ShardWriter(out / shard_name(record["shard"]),
+                                                                          state.process_index)
                 if record.get("end"):
                     writers.pop(record["shard"]).close()
                     counts["shards_written"] += 1

@@ -76,8 +76,9 @@ def encode_sample_members(sample: ShardSample) -> list[tuple[str, bytes]]:
 class ShardWriter:
     """Writes one shard under a temporary name; `close()` renames the tar, then its sidecar, into place."""
 
-    def __init__(self, tar_path: Path):
+    def __init__(self, tar_path: Path, process_index: int = 0):
         self.tar_path = Path(tar_path)
+        self.process_index = process_index
         self._tar_context = atomic_path(self.tar_path)
         self._tmp_path = self._tar_context.__enter__()
         self._tar = tarfile.open(self._tmp_path, "w")
@@ -97,7 +98,7 @@ class ShardWriter:
     def close(self) -> dict:
         self._tar.close()
         self._tar_context.__exit__(None, None, None)
-        sidecar = {"file": self.tar_path.name, "samples": len(self.keys), "keys": self.keys,
+        sidecar = {"file": self.tar_path.name, "samples": len(self.keys), "process": self.process_index, "keys": self.keys,
                    "class_ids": sorted(self.class_ids), "rejected": self.rejected}
         write_json_atomic(sidecar_path(self.tar_path), sidecar)
         return sidecar

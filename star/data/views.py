@@ -62,7 +62,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         else:  # 16-bit PNGs open as I;16 or I; an "I" image whose values fit a byte is already 8-bit
             peak = 255.0 if image.mode == "I" and values.max() <= 255 else 65535.0
         gray = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -1,0 +1,193 @@
+"""Stage one end to end on tiny inputs with the small official-format VQ (32 px -> 8x8 tokens)."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from star.data.extract import TokenizeConfig, run_tokenize
+from star.data.inspect_shards import validate_shards
+from star.data.shards import Manifest, decode_sample, iter_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def noise_image(seed: int, size=(40, 36), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def make_folder(root: Path, per_class: int = 3, classes=("bird", "cat", "dog")) -> list[str]:
+    paths = []
+    for class_index, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            path = root / name / f"img.{index}.png"  # a dot in the stem: keys must stay WebDataset-safe
+            noise_image(class_index * 100 + index).save(path)
+            paths.append(f"{name}/img.{index}.png")
+    return paths
+
+
+def config_for(data, out, small_vq, **overrides) -> TokenizeConfig:
+    ckpt, vq_json = small_vq
+    settings = dict(data=str(data), out=str(out), vq_ckpt=str(ckpt), vq_config=str(vq_json), image_size=32,
+                    views="tencrop", shard_size=2, batch_size=3, workers=0, progress=False)
+    settings.update(overrides)
+    return TokenizeConfig(**settings)
+
+
+def read_all(out: Path) -> dict:
+    manifest = Manifest.load(out)
+    samples = {}
+    for shard in manifest.shard_paths(out):
+        for members in iter_shard(shard):
+            sample = decode_sample(members)
+            assert sample.key not in samples, f"{sample.key} written twice"
+            samples[sample.key] = sample
+    return samples
+
+
+def test_folder_round_trip(tmp_path, small_vq):
+    sources = make_folder(tmp_path / "data")
+    summary = run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
+    assert summary["images"] == 9 and summary["shards"] == 5 and summary["rejected"] == 0
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.data["classes"] == {"bird": 0, "cat": 1, "dog": 2}
+    assert manifest.grid == (8, 8) and manifest.codebook_size == 256 and manifest.num_views == 10
+    samples = read_all(tmp_path / "out")
+    assert sorted(s.source for s in samples.values()) == sorted(sources)
+    sample = samples["cat/img_1_png"]
+    assert sample.class_id == 1 and sample.tokens.dtype == np.uint16 and sample.tokens.shape == (10, 8, 8)
+    assert sample.source_size == (40, 36) and [v["flip"] for v in sample.views] == [False] * 5 + [True] * 5
+
+    # The stored tokens are what the VQ gives for the view pixels.
+    import torch
+
+    from star.data.views import ViewPolicy, make_views
+    from star.vq.model import VQConfig, load_vq
+
+    vq = load_vq(small_vq[0], VQConfig.resolve(small_vq[1]))
+    views = make_views(noise_image(101), ViewPolicy.parse("tencrop"), 32, 1.1, "cat/img_1_png", 0)
+    pixels = torch.from_numpy(np.stack([v.pixels for v in views])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.inference_mode():
+        expected = vq.encode_indices(pixels).numpy()
+    assert np.array_equal(sample.tokens.astype(np.int64), expected)
+
+    # Readable by webdataset too, with the keys intact.
+    import webdataset as wds
+
+    shard = manifest.shard_paths(tmp_path / "out")[0]
+    first = next(iter(wds.WebDataset(str(shard), shardshuffle=False, nodesplitter=None)))
+    assert set(first) >= {"__key__", "tokens.npy", "cls", "json"} and first["__key__"] == "bird/img_0_png"
+    assert validate_shards(tmp_path / "out")["problems"] == []
+
+
+def test_rerun_after_crash_redoes_only_missing_shards(tmp_path, small_vq):
+    make_folder(tmp_path / "data")
+    config = config_for(tmp_path / "data", tmp_path / "out", small_vq)
+    run_tokenize(config)
+    out = tmp_path / "out"
+    # A process killed mid-run leaves: a shard with a tar but no sidecar, a shard with neither, a stale temp file.
+    (out / "shard-000001.json").unlink()
+    (out / "shard-000003.json").unlink()
+    (out / "shard-000003.tar").unlink()
+    (out / ".shard-000004.tar.abc123.tmp").write_bytes(b"partial")
+    untouched = (out / "shard-000000.tar").stat().st_mtime_ns
+    summary = run_tokenize(config)
+    assert summary["shards_now"] == 2 and summary["images_now"] == 4
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == untouched
+    assert not list(out.glob("*.tmp"))
+    assert len(read_all(out)) == 9
+
+
+def test_bad_inputs_are_skipped_and_listed(tmp_path, small_vq):
+    data = tmp_path / "data"
+    make_folder(data, per_class=1, classes=("a",))
+    (data / "a" / "notes.txt").write_text("not an image")
+    good = io.BytesIO()
+    noise_image(5).save(good, format="JPEG")
+    (data / "a" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    noise_image(6, mode="CMYK").save(data / "a" / "cmyk.jpg")
+    noise_image(7, mode="P").save(data / "a" / "palette.png")
+    noise_image(8, mode="RGBA").save(data / "a" / "alpha.png")
+    noise_image(9, mode="L").save(data / "a" / "gray.png")
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(data / "a" / "deep.png")
+    noise_image(10, size=(12, 9)).save(data / "a" / "tiny.png")  # smaller than the 35 px frame: upscaled
+    summary = run_tokenize(config_for(data, tmp_path / "out", small_vq, shard_size=4))
+    assert summary["images"] == 7 and summary["rejected"] == 2
+    manifest = Manifest.load(tmp_path / "out")
+    reasons = {item["path"]: item["reason"] for item in manifest.data["rejected"]}
+    assert set(reasons) == {"a/notes.txt", "a/truncated.jpg"}
+    assert all("not a readable image" in reason for reason in reasons.values())
+    assert validate_shards(tmp_path / "out")["problems"] == []
+
+
+def test_empty_input_is_an_error_before_any_work(tmp_path, small_vq):
+    (tmp_path / "data" / "empty_class").mkdir(parents=True)
+    with pytest.raises(ValueError, match="hold no files"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
+    with pytest.raises(ValueError, match="no input found"):
+        run_tokenize(config_for(tmp_path / "nothing", tmp_path / "out", small_vq))
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_of_another_size_or_tokenizer_is_refused(tmp_path, small_vq):
+    make_folder(tmp_path / "data", per_class=1)
+    run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    with pytest.raises(ValueError, match="image_size: folder has 32, this run has 64"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, image_size=64))
+    import torch
+
+    other_ckpt = tmp_path / "other.pt"
+    checkpoint = torch.load(small_vq[0], weights_only=True)
+    checkpoint["model"]["quant_conv.bias"] += 1.0  # another tokenizer of the same shape
+    torch.save(checkpoint, other_ckpt)
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, vq_ckpt=str(other_ckpt)))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_webdataset_tar_inputs(tmp_path, small_vq):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for tar_index in range(2):
+        with tarfile.open(tars / f"part-{tar_index}.tar", "w") as tar:
+            for index in range(3):
+                buffer = io.BytesIO()
+                noise_image(tar_index * 10 + index).save(buffer, format="PNG")
+                for name, payload in ((f"s{index}.png", buffer.getvalue()), (f"s{index}.cls", str(index + tar_index).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    summary = run_tokenize(config_for(tars, tmp_path / "out", small_vq, views="random:2"))
+    assert summary["images"] == 6 and summary["shards"] == 2
+    manifest = Manifest.load(tmp_path / "out")
+    assert manifest.num_classes == 4 and manifest.num_views == 2
+    samples = read_all(tmp_path / "out")
+    assert samples["part-1/s2"].class_id == 3 and samples["part-1/s2"].tokens.shape == (2, 8, 8)
+
+
+def test_two_processes_write_disjoint_shards(tmp_path, small_vq):
+    sources = make_folder(tmp_path / "data", per_class=4)
+    ckpt, vq_json = small_vq
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+               "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32", "--shard-size", "2",
+               "--workers", "0", "--no-progress"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    writers = {json.loads(p.read_text())["process"] for p in out.glob("shard-*.json")}
+    assert writers == {0, 1}
+    samples = read_all(out)
+    assert sorted(s.source for s in samples.values()) == sorted(sources)
+    assert "tokenize summary" in result.stdout
