@@ -1,0 +1,189 @@
+"""ST-AR's self-guided objectives (design.md §ST-AR): attention-mask MIM against an EMA teacher, and the
+inter-step / inter-view InfoNCE losses on middle-layer features through a student-only projector.
+
+Sequence layout: position 0 is the class, position s >= 1 holds image token s - 1 as input. Contrastive
+positions are drawn among s = 1 .. S - 1 (the class position carries no image content).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def key_mask_bias(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None,
+                  device=None, dtype=torch.float32, cls_token_num: int = 1) -> torch.Tensor:
+    """Causal additive mask [B, 1, S, S] with round(ratio * (S - cls)) image key positions per sequence hidden
+    from every query. Class positions and the diagonal are never hidden, so no row is empty; the mask is shared
+    across layers and heads."""
+    num_image = seq_len - cls_token_num
+    num_hidden = int(round(ratio * num_image))
+    scores = torch.rand(batch, num_image, generator=generator, device=device)  # [B, S - cls]
+    hidden_columns = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    if num_hidden > 0:
+        chosen = scores.topk(num_hidden, dim=1).indices + cls_token_num
+        hidden_columns.scatter_(1, chosen, True)
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)  # [S, S]
+    diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
+    blocked = future[None] | (hidden_columns[:, None, :] & ~diagonal[None])  # [B, S, S]
+    bias = torch.zeros(batch, 1, seq_len, seq_len, device=device, dtype=dtype)
+    return bias.masked_fill(blocked[:, None], float("-inf"))
+
+
+def info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE over a batch: row b's positive is teacher[b], negatives are the other rows' teacher features.
+
+    student, teacher: [..., B, D]; leading dims are independent problems. valid: [..., B] rows to score
+    (invalid rows still serve as negatives). Cosine similarity / temperature.
+    """
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    logits = s @ t.transpose(-1, -2) / temperature  # [..., B, B]
+    targets = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[:-1])
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    if valid is None:
+        return losses.mean()
+    weights = valid.reshape(-1).float()
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+class Projector(nn.Module):
+    """Student-only MLP (SimSiam-style, LayerNorm instead of BatchNorm so it needs no cross-rank sync): D -> D."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class StarSettings:
+    mim_weight: float = 1.0  # alpha
+    contrastive_weight: float = 0.5  # beta, on (L_step + L_view) / 2
+    mask_ratio: float = 0.25
+    contrastive_layer: int = 0  # 0 = middle layer (n_layer // 2)
+    num_positions: int = 4  # K
+    temperature: float = 0.2
+    teacher_decay: float = 0.9999
+    use_mim: bool = True
+    use_step: bool = True
+    use_view: bool = True
+
+    @property
+    def any(self) -> bool:
+        return self.use_mim or self.use_step or self.use_view
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(student).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher = decay * teacher + (1 - decay) * student, parameter by parameter (buffers copied)."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(teacher_params, [p.to(teacher_params[0].dtype) for p in student_params], 1.0 - decay)
+
+
+def sample_positions(batch: int, seq_len: int, count: int, generator: torch.Generator | None, device,
+                     cls_token_num: int = 1) -> torch.Tensor:
+    """K distinct image positions per row: [batch, K] in cls .. S - 1."""
+    scores = torch.rand(batch, seq_len - cls_token_num, generator=generator, device=device)
+    return scores.topk(count, dim=1).indices + cls_token_num
+
+
+def gather_positions(features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """features [N, S, D], positions [N, K] -> [N, K, D]."""
+    return features.gather(1, positions[..., None].expand(-1, -1, features.shape[-1]))
+
+
+def step_loss(student_proj: torch.Tensor, teacher_feat: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L_step. student_proj, teacher_feat: [B, M, K, D] at the same sampled positions. For each view m and
+    ordered pair i != j: positive = teacher (same image, same view, position j); negatives = other images."""
+    B, M, K, D = student_proj.shape
+    s = student_proj.permute(1, 2, 0, 3)[:, :, None].expand(M, K, K, B, D)  # [M, i, j, B, D]
+    t = teacher_feat.permute(1, 2, 0, 3)[:, None, :].expand(M, K, K, B, D)
+    off_diagonal = ~torch.eye(K, dtype=torch.bool, device=student_proj.device)
+    return info_nce(s[:, off_diagonal], t[:, off_diagonal], temperature)  # [M, K(K-1), B, D]
+
+
+def view_loss(student_proj: torch.Tensor, teacher_other: torch.Tensor, valid: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+    """L_view. student_proj [B, M, K, D] at view m's positions; teacher_other [B, M, K, D] = teacher features of
+    view (m+1) % M at the matching positions; valid [B, M, K] where a match exists."""
+    s = student_proj.permute(1, 2, 0, 3)  # [M, K, B, D]
+    t = teacher_other.permute(1, 2, 0, 3)
+    return info_nce(s, t, temperature, valid.permute(1, 2, 0))
+
+
+class StudentWithProjector(nn.Module):
+    """The trainable part as one module, so DDP/FSDP see a single forward: the GPT pass, plus the projector on
+    the contrastive layer's states at the sampled positions."""
+
+    def __init__(self, student: nn.Module, projector: nn.Module | None):
+        super().__init__()
+        self.student = student
+        self.projector = projector
+
+    def forward(self, tokens, labels, attn_bias=None, layer: int | None = None, positions=None,
+                return_final_hidden: bool = False):
+        output = self.student(tokens, labels, attn_bias=attn_bias, return_layers=(layer,) if layer else (),
+                              return_final_hidden=return_final_hidden)
+        projected = None
+        if self.projector is not None and layer:
+            projected = self.projector(gather_positions(output.hidden[layer], positions))  # [N, K, D]
+        return output, projected
+
+
+def star_losses(settings: StarSettings, student_final: torch.Tensor, student_proj: torch.Tensor | None,
+                positions: torch.Tensor | None, teacher_final: torch.Tensor, teacher_mid: torch.Tensor | None,
+                view_match: torch.Tensor, cls_token_num: int = 1) -> dict:
+    """The self-guided terms for one batch.
+
+    student_final, teacher_final: [B, M, S, D] final normed states; student_proj: [B, M, K, D] projected student
+    states after the contrastive layer at `positions` [B * M, K]; teacher_mid: [B, M, S, D] teacher states after
+    that layer; view_match [B, M, T]: token of view (m+1) % M matching token t of view m, or -1.
+    """
+    B, M, S, D = student_final.shape
+    zero = student_final.new_zeros(())
+    terms = {"loss_mim": zero, "loss_step": zero, "loss_view": zero}
+    if settings.use_mim:
+        terms["loss_mim"] = cosine_distance(student_final, teacher_final)
+    if student_proj is None:
+        return terms
+    teacher_here = gather_positions(teacher_mid.reshape(B * M, S, D), positions).reshape(B, M, -1, D)
+    if settings.use_step:
+        terms["loss_step"] = step_loss(student_proj, teacher_here, settings.temperature)
+    if settings.use_view and M > 1:
+        token_index = positions.reshape(B, M, -1) - cls_token_num  # [B, M, K] image-token index in view m
+        matched = view_match.gather(2, token_index)  # [B, M, K] token index in view (m+1) % M
+        # The last token of a grid is never an input position, so it has no hidden state: treat as no match.
+        valid = (matched >= 0) & (matched < S - cls_token_num)
+        other_positions = matched.clamp(0, S - 1 - cls_token_num) + cls_token_num
+        other_view = torch.roll(teacher_mid, shifts=-1, dims=1)  # [B, M, S, D]: view (m+1) % M at slot m
+        teacher_other = gather_positions(other_view.reshape(B * M, S, D), other_positions.reshape(B * M, -1))
+        terms["loss_view"] = view_loss(student_proj, teacher_other.reshape(B, M, -1, D), valid, settings.temperature)
+    return terms
+
+
+def total_loss(settings: StarSettings, terms: dict) -> torch.Tensor:
+    contrastive = (terms["loss_step"] + terms["loss_view"]) / 2
+    return terms["loss_ar"] + settings.mim_weight * terms["loss_mim"] + settings.contrastive_weight * contrastive
