@@ -20,3 +20,30 @@ def fixtures_dir() -> Path:
 def small_vq(fixtures_dir):
     """(checkpoint path, config path) of the small official-format VQ: downsample 4, codebook 256."""
     return fixtures_dir / "vq_small.pt", fixtures_dir / "vq_small.json"
+
+
+TINY_GPT = {"dim": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "num_classes": 3, "block_size": 64,
+            "multiple_of": 32}
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, small_vq):
+    """Ten-crop token shards of 24 built-in photo crops (3 classes) through the small VQ: 32 px -> 8x8 tokens."""
+    from star.data.builtin import build_builtin_dataset
+    from star.data.extract import TokenizeConfig, run_tokenize
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_builtin_dataset(root / "data", train_per_class=8, val_per_class=2, image_size=40,
+                          classes=("astronaut", "coffee", "rocket"))
+    run_tokenize(TokenizeConfig(data=str(root / "data" / "train"), out=str(root / "shards"), vq_ckpt=str(small_vq[0]),
+                                vq_config=str(small_vq[1]), image_size=32, shard_size=10, workers=0, progress=False))
+    return root / "shards"
+
+
+@pytest.fixture()
+def tiny_gpt_json(tmp_path):
+    import json
+
+    path = tmp_path / "tiny_gpt.json"
+    path.write_text(json.dumps(TINY_GPT))
+    return path

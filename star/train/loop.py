@@ -23,7 +23,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from star.data.shards import Manifest
-from star.gpt.model import GPT, GPTConfig, drop_class_labels, load_llamagen_state_dict, next_token_loss
+from star.gpt.model import (
+    GPT,
+    GPTConfig,
+    drop_class_labels,
+    load_llamagen_state_dict,
+    next_token_loss,
+    save_gpt,
+)
 from star.io import write_json_atomic
 from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
 from star.train.objectives import (
@@ -137,13 +144,12 @@ def save_checkpoint(out: Path, step: int, student: nn.Module, teacher: nn.Module
     staging = root / f".step-{step:07d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, staging / "model.safetensors")
+    save_gpt(student, staging)  # model.safetensors + config.json, loadable by load_gpt for sampling
     if teacher is not None:
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, staging / "teacher.safetensors")
     if projector is not None:
         save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, staging / "projector.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "model.json").write_text(json.dumps({"config": student.config.to_dict()}, indent=2))
     write_json_atomic(staging / "meta.json", meta)  # written last: its presence marks a complete checkpoint
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)

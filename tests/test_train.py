@@ -1,0 +1,155 @@
+"""The trainer on tiny shards (8x8 tokens, a 2-layer GPT): learning, exact resume, errors, NaN stop, 2 processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from star.train.data import EpochBatchSampler
+from star.train.loop import NonFiniteLoss, TrainConfig, train
+from star.train.objectives import StarSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_config(shards, out, model, **overrides) -> TrainConfig:
+    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=8, batch_size=8, lr=2e-3, workers=0,
+                    log_every=1, ckpt_every=4, token_dropout=0.0, dropout=0.0, progress=False, deterministic=True,
+                    projector_hidden=64)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("star", [True, False])
+def test_tiny_model_loss_falls(tiny_shards, tiny_gpt_json, tmp_path, star):
+    train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=30, log_every=5, ckpt_every=30, star=star))
+    log = read_log(tmp_path / "run")
+    assert log[-1]["loss_ar"] < log[0]["loss_ar"] - 0.3, log
+    assert set(log[0]) >= {"step", "loss", "loss_ar", "loss_mim", "loss_step", "loss_view", "grad_norm", "lr",
+                           "images_per_s", "tokens_per_s", "memory_gb"}
+    if star:
+        assert all(r["loss_mim"] > 0 and r["loss_step"] > 0 and r["loss_view"] > 0 for r in log)
+        expected = log[-1]["loss_ar"] + log[-1]["loss_mim"] + 0.5 * (log[-1]["loss_step"] + log[-1]["loss_view"]) / 2
+        assert abs(log[-1]["loss"] - expected) < 1e-4
+    else:
+        assert all(r["loss_mim"] == r["loss_step"] == r["loss_view"] == 0 for r in log)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["star"] is star and config["lr"] == 2e-3
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_shards, tiny_gpt_json, tmp_path):
+    train(run_config(tiny_shards, tmp_path / "full", tiny_gpt_json, steps=8))
+    # The interrupted run stops after its step-4 checkpoint (as if killed before step 5), then resumes.
+    train(run_config(tiny_shards, tmp_path / "cut", tiny_gpt_json, steps=4))
+    train(run_config(tiny_shards, tmp_path / "cut", tiny_gpt_json, steps=8, resume="auto"))
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 9))
+    for a, b in zip(full, cut):
+        for term in ("loss", "loss_ar", "loss_mim", "loss_step", "loss_view"):
+            assert a[term] == pytest.approx(b[term], abs=1e-6), (a["step"], term)
+    from safetensors.torch import load_file
+
+    final_full = load_file(tmp_path / "full" / "checkpoints" / "step-0000008" / "model.safetensors")
+    final_cut = load_file(tmp_path / "cut" / "checkpoints" / "step-0000008" / "model.safetensors")
+    assert all(torch.allclose(final_full[k], final_cut[k], atol=1e-6) for k in final_full)
+
+
+def test_checkpoints_are_complete_and_pruned(tiny_shards, tiny_gpt_json, tmp_path):
+    train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=6, ckpt_every=2, keep_checkpoints=2))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-0000004", "step-0000006"]
+    folder = tmp_path / "run" / "checkpoints" / "step-0000006"
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "teacher.safetensors", "projector.safetensors",
+                                                   "optimizer.pt", "config.json", "meta.json"}
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["step"] == 6 and len(meta["tokenizer_sha256"]) == 64
+    from star.gpt.model import load_gpt
+
+    model = load_gpt(folder)  # our own checkpoint loads for sampling
+    assert model.config.block_size == 64
+
+
+def test_mismatched_model_and_shards_are_errors(tiny_shards, tmp_path):
+    small_vocab = tmp_path / "vocab.json"
+    small_vocab.write_text(json.dumps({"dim": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128, "num_classes": 3,
+                                       "block_size": 64}))
+    with pytest.raises(ValueError, match="codebook size 256 > model vocab_size 128"):
+        train(run_config(tiny_shards, tmp_path / "a", small_vocab))
+    wrong_grid = tmp_path / "grid.json"
+    wrong_grid.write_text(json.dumps({"dim": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "num_classes": 3,
+                                      "block_size": 256}))
+    with pytest.raises(ValueError, match="8x8 = 64 tokens != model block_size 256"):
+        train(run_config(tiny_shards, tmp_path / "b", wrong_grid))
+    few_classes = tmp_path / "classes.json"
+    few_classes.write_text(json.dumps({"dim": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "num_classes": 2,
+                                       "block_size": 64}))
+    with pytest.raises(ValueError, match="3 classes > model num_classes 2"):
+        train(run_config(tiny_shards, tmp_path / "c", few_classes))
+
+
+def test_resume_with_another_tokenizer_is_refused(tiny_shards, tiny_gpt_json, tmp_path):
+    train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=2, ckpt_every=2))
+    meta_path = tmp_path / "run" / "checkpoints" / "step-0000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained on tokenizer 000000000000"):
+        train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=4, resume="auto"))
+
+
+def test_non_finite_loss_stops_with_step_and_term(tiny_shards, tiny_gpt_json, tmp_path, monkeypatch):
+    import star.train.loop as loop
+
+    real = loop.star_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["loss_mim"] = terms["loss_mim"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(loop, "star_losses", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss_mim, loss ="):
+        train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=6, ckpt_every=2))
+    # The step-2 checkpoint is intact and nothing later was written.
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def test_ranks_read_disjoint_batches_and_resume_position():
+    samplers = [EpochBatchSampler(50, 4, rank, 3, seed=1) for rank in range(3)]
+    streams = [iter(s) for s in samplers]
+    for _epoch in range(2):
+        seen = []
+        for _ in range(samplers[0].batches_per_epoch):  # 50 // 12 = 4 batches per epoch
+            batches = [next(stream) for stream in streams]
+            seen += [i for batch in batches for i in batch]
+        assert len(seen) == len(set(seen)) == 48
+    resumed = iter(EpochBatchSampler(50, 4, 1, 3, seed=1, start_batch=5))
+    fresh = iter(EpochBatchSampler(50, 4, 1, 3, seed=1))
+    for _ in range(5):
+        next(fresh)
+    assert [next(resumed) for _ in range(6)] == [next(fresh) for _ in range(6)]
+
+
+def test_two_process_cpu_training(tiny_shards, tiny_gpt_json, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train" / "run.py"),
+               "--shards", str(tiny_shards), "--model", str(tiny_gpt_json), "--out", str(tmp_path / "run"),
+               "--steps", "4", "--batch-size", "8", "--workers", "0", "--log-every", "2", "--ckpt-every", "4",
+               "--projector-hidden", "64", "--no-progress", "--lr", "1e-3"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["batch_per_process"] == 4
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [2, 4]
+    assert (tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json").is_file()
