@@ -7,7 +7,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "llamagen"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny tensors gain nothing from two, and two threads stall badly whenever another
+# process (a DataLoader worker, a 2-process launch) holds the second core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,185 @@
+"""The paper's "understanding" measurements: linear probes of a layer's features per step (Fig. 1b) and
+attention maps with their mass on the class position and on the 8 spatial neighbours (Fig. 1a / 2).
+
+Step t (1-based) is sequence position t - 1: position 0 is the class, position s holds image token s - 1 as its
+input. The class input is replaced by the null class for probing, so no label leaks into the features.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from star.gpt.model import GPT
+
+
+def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token grids of one view per sample ([N, T] int64) and the class ids ([N]) from a shard folder."""
+    from star.data.shards import Manifest, decode_sample, iter_shard
+
+    manifest = Manifest.load(shards)
+    if view >= manifest.num_views:
+        raise ValueError(f"view {view} requested, {shards} stores {manifest.num_views} views")
+    tokens, labels = [], []
+    for shard in manifest.shard_paths(shards):
+        for members in iter_shard(shard):
+            sample = decode_sample(members)
+            tokens.append(sample.tokens[view].reshape(-1).astype(np.int64))
+            labels.append(sample.class_id)
+            if limit and len(tokens) >= limit:
+                return np.stack(tokens), np.array(labels)
+    return np.stack(tokens), np.array(labels)
+
+
+@torch.inference_mode()
+def layer_features(model: GPT, tokens: np.ndarray, layer: int, steps: list[int], batch_size: int = 64) -> np.ndarray:
+    """Hidden states after `layer` blocks at each step, with the null class as input: [len(steps), N, D]."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    positions = torch.tensor([s - 1 for s in steps], device=device)
+    chunks = []
+    for start in range(0, len(tokens), batch_size):
+        batch = torch.from_numpy(tokens[start : start + batch_size]).to(device)
+        null = torch.full((len(batch),), model.config.null_class, device=device)
+        hidden = model(batch[:, :-1], null, return_layers=(layer,)).hidden[layer]  # [b, S, D]
+        chunks.append(hidden[:, positions].float().cpu())
+    return torch.cat(chunks).permute(1, 0, 2).numpy()
+
+
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, epochs: int = 300, lr: float = 0.05, seed: int = 0) -> float:
+    """Standardised features (BatchNorm without affine, as MAE's probe) -> a linear classifier, full-batch Adam."""
+    generator = torch.Generator().manual_seed(seed)
+    train_x, test_x = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(test_x, dtype=torch.float32)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_y, test_y = torch.as_tensor(train_y), torch.as_tensor(test_y)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    classifier = torch.nn.Linear(train_x.shape[1], classes)
+    torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
+    torch.nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        F.cross_entropy(classifier(train_x), train_y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((classifier(test_x).argmax(1) == test_y).float().mean())
+
+
+def probe(model: GPT, train_tokens, train_labels, test_tokens, test_labels, layer: int, steps: list[int]) -> list[dict]:
+    train_features = layer_features(model, train_tokens, layer, steps)
+    test_features = layer_features(model, test_tokens, layer, steps)
+    return [{"step": step, "accuracy": linear_probe_accuracy(train_features[i], train_labels, test_features[i], test_labels)}
+            for i, step in enumerate(steps)]
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, y_key: str = "accuracy", title: str = "linear probe") -> Path:
+    """A small line plot (PIL only): one line per named curve, steps on x, y_key on y in [0, 1]."""
+    width, height, margin = 520, 320, 48
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
+    all_steps = [r["step"] for rows in curves.values() for r in rows]
+    lo, hi = min(all_steps), max(all_steps)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+    def xy(step, value):
+        x = margin + (step - lo) / max(hi - lo, 1) * (width - 1.5 * margin)
+        y = height - margin - value * (height - 1.5 * margin)
+        return x, y
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, y = xy(lo, tick)
+        draw.text((4, y - 6), f"{tick:.2f}", fill="black")
+    for step in sorted(set(all_steps)):
+        x, _ = xy(step, 0)
+        draw.text((x - 8, height - margin + 6), str(step), fill="black")
+    for index, (name, rows) in enumerate(curves.items()):
+        colour = colours[index % len(colours)]
+        points = [xy(r["step"], r[y_key]) for r in rows]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((margin + 8, margin // 2 + 6 + 14 * index), name, fill=colour)
+    draw.text((width // 2 - 60, 4), f"{title} ({y_key} vs step)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@torch.inference_mode()
+def attention_maps(model: GPT, tokens: np.ndarray, labels: np.ndarray, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Softmax attention probabilities averaged over heads and samples, per layer (1-based): [S, S]."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    batch = torch.from_numpy(tokens).to(device)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer_index in layers:
+        attention = model.layers[layer_index - 1].attention
+
+        def hook(module, inputs, _output, layer_index=layer_index):
+            x, rotary = inputs[0], inputs[1]
+            q, k, _ = module._project(x, rotary)  # [B, H, S, hd]
+            if module.n_kv_head != module.n_head:
+                k = k.repeat_interleave(module.n_head // module.n_kv_head, dim=1)
+            scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+            seq = scores.shape[-1]
+            future = torch.ones(seq, seq, dtype=torch.bool, device=scores.device).triu(1)
+            captured[layer_index] = scores.masked_fill(future, float("-inf")).softmax(-1).mean((0, 1))
+
+        handles.append(attention.register_forward_hook(hook))
+    try:
+        model(batch[:, :-1], torch.from_numpy(labels).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def attention_statistics(weights: torch.Tensor, grid: int) -> dict:
+    """Mean attention mass (over image queries) on the class position and on the 8 grid neighbours of each
+    query's own cell (only earlier cells are visible, so at most 4 of the 8 carry mass)."""
+    seq = weights.shape[0]
+    class_mass = float(weights[1:, 0].mean())
+    neighbour_mass = []
+    for query in range(1, seq):
+        row, column = divmod(query - 1, grid)  # the query's own input cell
+        keys = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                r, c = row + dy, column + dx
+                if (dy or dx) and 0 <= r < grid and 0 <= c < grid:
+                    key = r * grid + c + 1
+                    if key <= query:
+                        keys.append(key)
+        neighbour_mass.append(float(weights[query, keys].sum()) if keys else 0.0)
+    return {"class_mass": class_mass, "neighbour_mass": float(np.mean(neighbour_mass))}
+
+
+def save_attention_png(weights: dict[int, torch.Tensor], steps: list[int], grid: int, path: Path, scale: int = 8) -> Path:
+    """A panel per (layer, step): the query's attention over the image grid (cells of image tokens, class
+    position not drawn), normalised per panel; rows = layers, columns = steps."""
+    panel = grid * scale
+    layers = sorted(weights)
+    canvas = np.full((len(layers) * (panel + 4), len(steps) * (panel + 4), 3), 255, np.uint8)
+    for row, layer in enumerate(layers):
+        for column, step in enumerate(steps):
+            query = step - 1
+            cells = torch.zeros(grid * grid)
+            cells[: query] = weights[layer][query, 1 : query + 1].cpu()  # keys 1..query are cells 0..query-1
+            cells = cells / cells.max().clamp_min(1e-12)
+            heat = (cells.reshape(grid, grid).numpy() * 255).astype(np.uint8)
+            tile = np.kron(heat, np.ones((scale, scale), np.uint8))
+            coloured = np.stack([tile, (tile * 0.6).astype(np.uint8), 255 - tile], -1)
+            y, x = row * (panel + 4), column * (panel + 4)
+            canvas[y : y + panel, x : x + panel] = coloured
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
