@@ -404,3 +404,18 @@ def test_real_weights_features_match_cleanfid(real_weights, tmp_path):
     with torch.no_grad():
         cleanfid_features = cleanfid_model(batch).double().numpy()
     np.testing.assert_allclose(features[:3], cleanfid_features, rtol=0, atol=1e-5)
+
+
+def test_frechet_distance_from_features_equals_the_covariance_form():
+    from star.eval.metrics import feature_statistics, frechet_distance, frechet_distance_from_features
+
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(40, 64))
+    fake = rng.normal(size=(30, 64)) * 1.3 + 0.2
+    expected = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    assert frechet_distance_from_features(real, fake) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_from_features(real, real) == pytest.approx(0.0, abs=1e-8)
+    # Enough samples for full-rank covariances: the same function takes the standard path.
+    many_real, many_fake = rng.normal(size=(200, 8)), rng.normal(size=(150, 8)) + 1
+    assert frechet_distance_from_features(many_real, many_fake) == pytest.approx(
+        frechet_distance(*feature_statistics(many_real), *feature_statistics(many_fake)), rel=1e-9)
