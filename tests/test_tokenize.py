@@ -191,3 +191,22 @@ def test_two_processes_write_disjoint_shards(tmp_path, small_vq):
     samples = read_all(out)
     assert sorted(s.source for s in samples.values()) == sorted(sources)
     assert "tokenize summary" in result.stdout
+
+
+def test_inspect_validates_and_previews(tmp_path, small_vq):
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    run_tokenize(config_for(tmp_path / "data", out, small_vq))
+    command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--inspect", str(out), "--vq-ckpt", str(small_vq[0]),
+               "--vq-config", str(small_vq[1]), "--preview", str(tmp_path / "preview.png")]
+    healthy = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert healthy.returncode == 0, healthy.stderr[-2000:]
+    assert "9 samples in 5 shards, 0 problems" in healthy.stdout
+    preview = Image.open(tmp_path / "preview.png")
+    assert preview.size == (10 * 34, 4 * 34)  # a row per sample (4), a column per view (10), 32 px + 2 px gaps
+    # A truncated shard is found and named.
+    shard = out / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    broken = subprocess.run(command[:4], capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 1
+    assert "shard-000002.tar" in broken.stdout and "problems" in broken.stdout
