@@ -17,7 +17,10 @@ import torch
 
 ROOT = Path("runs/demo")
 DATA = Path("data/builtin")
-IMAGE_SIZE = 64
+IMAGE_SIZE = 32  # 8x8 tokens through a downsample-4 VQ: what 2 CPU cores train in minutes
+DATA_IMAGE_SIZE = 40  # the built-in crops; the ten-crop frame is int(1.1 * 32) = 35 px
+VQ_CONFIG = {"codebook_size": 512, "codebook_embed_dim": 8, "encoder_ch_mult": [1, 2, 2],
+             "decoder_ch_mult": [1, 2, 2], "z_channels": 64, "ch": 32, "num_res_blocks": 1}
 GPT_CONFIG = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 8, "block_size": 64, "multiple_of": 64,
               "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
 
@@ -34,8 +37,10 @@ def stage_vq(steps: int) -> tuple[Path, Path, dict]:
     if ckpt.is_file() and config.is_file() and metrics.is_file():
         print(f"cached: {ckpt}")
         return ckpt, config, json.loads(metrics.read_text())
-    result = train_vq(VQTrainConfig(data_root=str(DATA / "train"), out_dir=str(out), image_size=IMAGE_SIZE,
-                                    steps=steps, batch_size=16))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vq_config_in.json").write_text(json.dumps({"config": VQ_CONFIG}, indent=2))
+    result = train_vq(VQTrainConfig(data_root=str(DATA / "train"), out_dir=str(out), vq_config=str(out / "vq_config_in.json"),
+                                    image_size=IMAGE_SIZE, steps=steps, batch_size=16))
     return ckpt, config, result
 
 
@@ -66,12 +71,12 @@ def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vq-steps", type=int, default=600)
+    parser.add_argument("--vq-steps", type=int, default=400)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--samples-per-class", type=int, default=32)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--baseline", action="store_true", help="also train a --no-star baseline for comparison")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the --no-star LlamaGen baseline")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.time()
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     from star.data.builtin import build_builtin_dataset
 
     banner("1/6 built-in dataset (scikit-image / scikit-learn photos)")
-    spec = timed("data", build_builtin_dataset, DATA)
+    spec = timed("data", build_builtin_dataset, DATA, image_size=DATA_IMAGE_SIZE)
     print(f"{len(spec['classes'])} classes x ({spec['train_per_class']} train + {spec['val_per_class']} held-out) "
           f"images at {spec['image_size']} px in {DATA}/")
 
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
     banner("4/6 train a small GPT with ST-AR")
     run = timed("train", stage_train, codebook, args.train_steps, args.batch_size, True, "gpt_star")
     runs = {"ST-AR": run}
-    if args.baseline:
+    if not args.no_baseline:
         banner("4b/6 train the same GPT without ST-AR (baseline)")
         runs["LlamaGen"] = timed("train_baseline", stage_train, codebook, args.train_steps, args.batch_size, False,
                                  "gpt_baseline")
@@ -111,6 +116,9 @@ def main(argv=None) -> int:
     from star.eval.understanding import plot_curves, probe, shard_tokens
 
     results = {}
+    banner("5/6 the tokenizer's ceiling: FID of held-out images decoded from their tokens")
+    ceiling = timed("fid_vq_ceiling", vq_ceiling, vq_ckpt, vq_config, compute_metrics)
+    print(format_report(ceiling))
     train_x, train_y = shard_tokens(ROOT / "shards" / "train", view=4)  # the unflipped centre crop
     test_x, test_y = shard_tokens(ROOT / "shards" / "val", view=0)
     curves = {}
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
         from star.eval.sample import load_generator
 
         model = load_generator(str(run_dir))
-        steps = [8, 16, 24, 32, 40, 48, 56, 64]
+        steps = [8, 16, 24, 32, 40, 48, 56, 64]  # step t = sequence position t - 1
         rows = probe(model, train_x, train_y, test_x, test_y, GPT_CONFIG["n_layer"] // 2, steps)
         curves[label] = rows
         log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -140,17 +148,31 @@ def main(argv=None) -> int:
                           "grid": str(sample_dir / "grid.png"), "samples": str(sample_dir / "samples.npz")}
     probe_png = plot_curves(curves, ROOT / "probe.png")
 
-    summary = render_summary(results, vq_metrics, timings, time.time() - started, probe_png, args)
+    summary = render_summary(results, ceiling, vq_metrics, timings, time.time() - started, probe_png, args)
     (ROOT / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
     return 0
 
 
-def render_summary(results: dict, vq_metrics: dict, timings: dict, seconds: float, probe_png: Path, args) -> str:
+def vq_ceiling(vq_ckpt: Path, vq_config: Path, compute_metrics) -> dict:
+    """Held-out centre crops -> tokens (from the val shards) -> decoded images, scored like samples: the best
+    FID any generator over these tokens can reach here."""
+    from star.eval.sample import tokens_to_uint8
+    from star.eval.understanding import shard_tokens
+    from star.vq.model import VQConfig, load_vq
+
+    tokens, _ = shard_tokens(ROOT / "shards" / "val", view=0)
+    vq = load_vq(vq_ckpt, VQConfig.resolve(vq_config))
+    images = tokens_to_uint8(vq, torch.from_numpy(tokens), int(tokens.shape[1] ** 0.5))
+    return compute_metrics(images, DATA / "val", cache_dir=ROOT / "fid_cache")
+
+
+def render_summary(results: dict, ceiling: dict, vq_metrics: dict, timings: dict, seconds: float, probe_png: Path,
+                   args) -> str:
     lines = ["ST-AR demo: summary", "===================",
              f"data      : {DATA}/ (8 photo classes; train / held-out split)",
-             f"tokenizer : {ROOT / 'vq' / 'vq.pt'}  PSNR {vq_metrics.get('psnr', float('nan')):.2f} dB, "
-             f"codebook usage {100 * vq_metrics.get('codebook_usage', float('nan')):.1f}%",
+             f"tokenizer : {ROOT / 'vq' / 'vq.pt'}  held-out PSNR {vq_metrics['holdout_psnr']:.2f} dB, "
+             f"codebook usage {100 * vq_metrics['holdout_codebook_usage']:.1f}%",
              f"shards    : {ROOT / 'shards'}/{{train,val}}",
              "",
              f"| model | FID vs held-out | Precision | Recall | probe acc. (last step) | final L_AR |",
@@ -159,7 +181,12 @@ def render_summary(results: dict, vq_metrics: dict, timings: dict, seconds: floa
         m = result["metrics"]
         lines.append(f"| {label} | {m['fid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | "
                      f"{result['probe'][-1]['accuracy']:.3f} | {result['final_loss_ar']:.3f} |")
+    lines.append(f"| VQ reconstructions (ceiling) | {ceiling['fid']:.2f} | {ceiling['precision']:.3f} | "
+                 f"{ceiling['recall']:.3f} | - | - |")
     lines.append("")
+    for label, result in results.items():
+        lines.append(f"probe accuracy by step ({label}): "
+                     + ", ".join(f"{row['step']}: {row['accuracy']:.2f}" for row in result["probe"]))
     lines.append(f"(FID on {results[next(iter(results))]['metrics']['num_samples']} samples against "
                  f"{results[next(iter(results))]['metrics']['num_reference']} held-out images: a smoke-scale "
                  "number, not comparable with ImageNet FIDs; chance probe accuracy is 0.125)")
