@@ -733,13 +733,18 @@ def save_gpt(model: GPT, path: str | Path) -> Path:
 
     Returns the weights path. Both files are written atomically.
     """
+    return save_gpt_state(model.config, model.state_dict(), path)
+
+
+def save_gpt_state(config: GPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """`save_gpt` for a state dict gathered elsewhere (e.g. a full state dict from FSDP shards)."""
     from safetensors.torch import save_file
 
     weights_path, config_path = _save_paths(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_path(weights_path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "star_format": _SAVE_FORMAT})
-    write_json_atomic(config_path, {"format": _SAVE_FORMAT, "format_version": 1, "config": model.config.to_dict()})
+    write_json_atomic(config_path, {"format": _SAVE_FORMAT, "format_version": 1, "config": config.to_dict()})
     return weights_path
 
 

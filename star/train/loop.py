@@ -29,7 +29,7 @@ from star.gpt.model import (
     drop_class_labels,
     load_llamagen_state_dict,
     next_token_loss,
-    save_gpt,
+    save_gpt_state,
 )
 from star.io import write_json_atomic
 from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
@@ -135,8 +135,8 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(out: Path, step: int, student: nn.Module, teacher: nn.Module | None, projector: nn.Module | None,
-                    optimizer, meta: dict, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, model_config: GPTConfig, student_state: dict, teacher: nn.Module | None,
+                    projector_state: dict | None, optimizer, meta: dict, keep: int) -> Path:
     from safetensors.torch import save_file
 
     root = out / "checkpoints"
@@ -144,11 +144,11 @@ def save_checkpoint(out: Path, step: int, student: nn.Module, teacher: nn.Module
     staging = root / f".step-{step:07d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_gpt(student, staging)  # model.safetensors + config.json, loadable by load_gpt for sampling
+    save_gpt_state(model_config, student_state, staging)  # model.safetensors + config.json, as load_gpt reads
     if teacher is not None:
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, staging / "teacher.safetensors")
-    if projector is not None:
-        save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, staging / "projector.safetensors")
+    if projector_state:
+        save_file({k: v.contiguous().cpu() for k, v in projector_state.items()}, staging / "projector.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     write_json_atomic(staging / "meta.json", meta)  # written last: its presence marks a complete checkpoint
     shutil.rmtree(final, ignore_errors=True)
@@ -283,6 +283,11 @@ def train(config: TrainConfig) -> dict:
 
     if config.compile:
         student = torch.compile(student)
+    from accelerate.utils import DistributedType
+
+    if teacher is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("ST-AR's EMA teacher is updated from the student's full parameters, which FSDP shards: "
+                         "train ST-AR with DDP (a multi-GPU Accelerate config without FSDP), or use --no-star under FSDP")
     wrapped, optimizer = accelerator.prepare(StudentWithProjector(student, projector), optimizer)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -419,12 +424,16 @@ def _train_loop(config, accelerator, wrapped, student_core, teacher, optimizer, 
             interval_steps, interval_start = 0, time.time()
         if step % config.ckpt_every == 0 or step == total_steps:
             accelerator.wait_for_everyone()
+            full_state = accelerator.get_state_dict(wrapped)  # every rank takes part (FSDP gathers shards)
             if accelerator.is_main_process:
+                student_state = {k.removeprefix("student.").removeprefix("_orig_mod."): v
+                                 for k, v in full_state.items() if k.startswith("student.")}
+                projector_state = {k.removeprefix("projector."): v for k, v in full_state.items()
+                                   if k.startswith("projector.")}
                 meta = {"step": step, "tokenizer_sha256": manifest.tokenizer_sha256, "model": model_config.to_dict(),
                         "star": star, "views": views, "seed": config.seed, "world_size": accelerator.num_processes,
                         "batches_consumed_per_process": step * config.grad_accum}
-                last_checkpoint = save_checkpoint(out, step, student_core, teacher,
-                                                  accelerator.unwrap_model(wrapped).projector,
+                last_checkpoint = save_checkpoint(out, step, model_config, student_state, teacher, projector_state,
                                                   optimizer, meta, config.keep_checkpoints)
             accelerator.wait_for_everyone()
     bar.close()
