@@ -210,3 +210,31 @@ def test_inspect_validates_and_previews(tmp_path, small_vq):
     broken = subprocess.run(command[:4], capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1
     assert "shard-000002.tar" in broken.stdout and "problems" in broken.stdout
+
+
+def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
+    import signal
+    import time
+
+    sources = make_folder(tmp_path / "data", per_class=20)  # 60 images, 30 shards of 2
+    ckpt, vq_json = small_vq
+    command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out",
+               str(tmp_path / "out"), "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32",
+               "--shard-size", "2", "--batch-size", "1", "--workers", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while len(list((tmp_path / "out").glob("shard-*.json"))) < 3:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = {p.name for p in (tmp_path / "out").glob("shard-*.json")}
+    assert 3 <= len(done_before) < 30, "the run was killed mid-way"
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    shards_now = int(next(line for line in rerun.stdout.splitlines() if "shards_now" in line).split(":")[1])
+    assert shards_now == 30 - len(done_before)
+    assert sorted(s.source for s in read_all(tmp_path / "out").values()) == sorted(sources)
+    assert not list((tmp_path / "out").glob(".*.tmp"))

@@ -153,3 +153,38 @@ def test_two_process_cpu_training(tiny_shards, tiny_gpt_json, tmp_path):
     assert config["world_size"] == 2 and config["batch_per_process"] == 4
     assert [r["step"] for r in read_log(tmp_path / "run")] == [2, 4]
     assert (tmp_path / "run" / "checkpoints" / "step-0000004" / "meta.json").is_file()
+
+
+def test_kill_minus_9_loses_only_the_steps_since_the_last_checkpoint(tiny_shards, tiny_gpt_json, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    common = [sys.executable, str(REPO / "train" / "run.py"), "--shards", str(tiny_shards), "--model", str(tiny_gpt_json),
+              "--out", str(out), "--batch-size", "8", "--workers", "0", "--log-every", "1", "--ckpt-every", "3",
+              "--projector-hidden", "64", "--no-progress", "--lr", "1e-3", "--deterministic", "--dropout", "0",
+              "--token-dropout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(common + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step-0000006" / "meta.json").is_file():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 4 minutes"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    last = int(checkpoints[-1].split("-")[1])
+    assert last >= 6 and all((out / "checkpoints" / name / "meta.json").is_file() for name in checkpoints)
+    # Resume to a fixed end; the log holds each step once, and the resumed steps match an uninterrupted run.
+    end = last + 4
+    resumed = subprocess.run(common + ["--steps", str(end), "--resume", "auto"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, end + 1))
+    reference = subprocess.run([c if c != str(out) else str(tmp_path / "ref") for c in common] + ["--steps", str(end)],
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    for a, b in zip(read_log(tmp_path / "ref"), log):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]

@@ -31,7 +31,7 @@ from star.gpt.model import (
     next_token_loss,
     save_gpt_state,
 )
-from star.io import write_json_atomic
+from star.io import atomic_path, write_json_atomic
 from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
 from star.train.objectives import (
     Projector,
@@ -184,6 +184,15 @@ def resolve_resume(config: TrainConfig, out: Path) -> Path | None:
     return path
 
 
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log records after the step a run resumes from: those steps are redone, and logged again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
 def init_weights_from(model: GPT, path: str) -> None:
     """Fine-tune start: an official LlamaGen .pt (any container) or one of our checkpoint folders/safetensors."""
     from star.gpt.model import load_state_dict_strict
@@ -301,12 +310,13 @@ def train(config: TrainConfig) -> dict:
     resolved = {**asdict(config), "lr": lr, "views": views, "star": star, "star_settings": asdict(settings),
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "world_size": world,
                 "batch_per_process": per_rank, "mixed_precision": precision, "model_config": model_config.to_dict(),
-                "tokenizer_sha256": manifest.tokenizer_sha256, "shards_manifest": manifest.data["tokenizer"]["checkpoint"],
+                "tokenizer_sha256": manifest.tokenizer_sha256, "tokenizer_checkpoint": manifest.data["tokenizer"]["checkpoint"],
                 "command": " ".join(sys.argv)}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", resolved)
         (out / "model.json").write_text(json.dumps({"config": model_config.to_dict()}, indent=2))
+        trim_log(out / "log.jsonl", start_step)
     if config.tensorboard:
         accelerator.init_trackers("star", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
 
