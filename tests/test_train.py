@@ -188,3 +188,32 @@ def test_kill_minus_9_loses_only_the_steps_since_the_last_checkpoint(tiny_shards
     assert reference.returncode == 0, reference.stderr[-2000:]
     for a, b in zip(read_log(tmp_path / "ref"), log):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+
+
+def test_stream_loader_yields_views_of_real_samples(tiny_shards):
+    from star.data.shards import Manifest, decode_sample, iter_shard
+    from star.train.data import stream_loader
+
+    manifest = Manifest.load(tiny_shards)
+    stored = {}
+    for shard in manifest.shard_paths(tiny_shards):
+        for members in iter_shard(shard):
+            sample = decode_sample(members)
+            stored.setdefault(sample.class_id, []).append(sample.tokens.reshape(10, -1).astype("int64"))
+    batches = iter(stream_loader(tiny_shards, 2, 4, seed=0, view_match="geometry", rank=0, workers=0, shuffle_buffer=8))
+    for _ in range(3):
+        batch = next(batches)
+        assert batch.tokens.shape == (4, 2, 64) and batch.view_match.shape == (4, 2, 64)
+        for tokens, label in zip(batch.tokens.numpy(), batch.labels.tolist()):
+            # both views are distinct stored views of one training image of that class
+            owners = [grids for grids in stored[label]
+                      if all(any((view == g).all() for g in grids) for view in tokens)]
+            assert owners, "both views must come from one stored sample of the labelled class"
+
+
+def test_tiny_model_learns_with_the_stream_loader(tiny_shards, tiny_gpt_json, tmp_path):
+    train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=30, log_every=5, ckpt_every=30,
+                     loader="stream", deterministic=False))
+    log = read_log(tmp_path / "run")
+    assert log[-1]["loss_ar"] < log[0]["loss_ar"] - 0.3, log
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loader"] == "stream"

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--loader", default="map", choices=["map", "stream"],
+                   help="map: memory-mapped token cache, exact resume (default); stream: WebDataset, resampled")
     p.add_argument("--cache-dir", default="", help="where the token cache goes (default: <shards>/cache)")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
@@ -70,7 +72,7 @@ def parse_args(argv=None) -> TrainConfig:
                        star_settings=settings, projector_hidden=a.projector_hidden, ckpt_every=a.ckpt_every,
                        keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, resume=a.resume,
                        init_from=a.init_from, deterministic=a.deterministic, compile=a.compile, workers=a.workers,
-                       cache_dir=a.cache_dir, tensorboard=a.tensorboard, mixed_precision=a.mixed_precision,
+                       loader=a.loader, cache_dir=a.cache_dir, tensorboard=a.tensorboard, mixed_precision=a.mixed_precision,
                        progress=not a.no_progress)
 
 

@@ -133,17 +133,56 @@ class TokenViews(Dataset):
     def __getitem__(self, item: int):
         epoch, index = divmod(int(item), self.num_samples)
         rng = np.random.default_rng([self.seed, epoch, index])
-        chosen = rng.choice(self.num_views, size=self.views_per_sample, replace=False)
-        tokens = self.tokens[index, chosen].reshape(self.views_per_sample, -1).astype(np.int64)  # [M, T]
-        num_tokens = tokens.shape[1]
-        if self.view_match == "index" or self.views_per_sample == 1:
-            match = np.tile(np.arange(num_tokens), (self.views_per_sample, 1))
-        else:
-            match = np.stack([
-                geometric_match(self.boxes[index, a], self.flips[index, a], self.boxes[index, b], self.flips[index, b], self.grid)
-                for a, b in zip(chosen, np.roll(chosen, -1))
-            ])
+        tokens, match = select_views(self.tokens[index], self.boxes[index], self.flips[index], self.views_per_sample,
+                                     self.view_match, rng)
         return tokens, int(self.labels[index]), match, index
+
+
+def select_views(grids: np.ndarray, boxes: np.ndarray, flips: np.ndarray, views_per_sample: int, view_match: str,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """M distinct stored views of one image: tokens [M, T] int64 and, per view m, the token of view (m+1) % M
+    matching each of its tokens [M, T] (raster index, or crop geometry with -1 where nothing matches)."""
+    num_views, h, w = grids.shape
+    chosen = rng.choice(num_views, size=views_per_sample, replace=False)
+    tokens = np.asarray(grids[chosen]).reshape(views_per_sample, h * w).astype(np.int64)  # [M, T]
+    if view_match == "index" or views_per_sample == 1:
+        return tokens, np.tile(np.arange(h * w), (views_per_sample, 1))
+    match = np.stack([geometric_match(boxes[a], flips[a], boxes[b], flips[b], (h, w))
+                      for a, b in zip(chosen, np.roll(chosen, -1))])
+    return tokens, match
+
+
+def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int, seed: int, view_match: str,
+                  rank: int, workers: int, shuffle_buffer: int = 2000):
+    """WebDataset streaming for data that does not fit a node: shards resampled at random per rank and worker
+    (no node splitter), a sample shuffle buffer, M views per sample, batches for this rank. Endless; resuming
+    starts a fresh random stream (only the map-style loader resumes exactly)."""
+    import random
+
+    import webdataset as wds
+
+    manifest = Manifest.load(shards)
+    urls = [str(path) for path in manifest.shard_paths(shards)]
+    if views_per_sample > manifest.num_views:
+        raise ValueError(f"views per sample M={views_per_sample}, but {shards} stores {manifest.num_views} per image")
+    state = {}
+
+    def to_item(members: dict):
+        if "rng" not in state:  # one generator per worker process, distinct across ranks and workers
+            info = torch.utils.data.get_worker_info()
+            state["rng"] = np.random.default_rng([seed, rank, info.id if info else 0, random.getrandbits(32)])
+        sample = decode_sample(members)
+        boxes = np.array([view["box"] for view in sample.views], np.float32)
+        flips = np.array([view["flip"] for view in sample.views], bool)
+        tokens, match = select_views(sample.tokens, boxes, flips, views_per_sample, view_match, state["rng"])
+        return tokens, sample.class_id, match, -1
+
+    dataset = (wds.WebDataset(urls, resampled=True, nodesplitter=None, shardshuffle=False, seed=seed * 1000 + rank,
+                              empty_check=False)
+               .shuffle(shuffle_buffer)
+               .map(to_item)
+               .batched(batch_per_rank, collation_fn=collate_views, partial=False))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 
 
 def collate_views(items) -> TokenBatch:

@@ -32,7 +32,7 @@ from star.gpt.model import (
     save_gpt_state,
 )
 from star.io import atomic_path, write_json_atomic
-from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
+from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views, stream_loader
 from star.train.objectives import (
     Projector,
     StarSettings,
@@ -78,6 +78,7 @@ class TrainConfig:
     deterministic: bool = False
     compile: bool = False
     workers: int = 4
+    loader: str = "map"  # map: memory-mapped cache, exact resume; stream: WebDataset, resampled
     cache_dir: str = ""
     tensorboard: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on GPU, no on CPU
@@ -258,13 +259,15 @@ def train(config: TrainConfig) -> dict:
                          f"{world} x {config.grad_accum}")
     lr = config.lr or default_lr(config.batch_size)
 
-    # Data: the token cache is built once per node by its first process.
-    if accelerator.is_local_main_process:
-        cache = build_token_cache(config.shards, config.cache_dir or None)
-    accelerator.wait_for_everyone()
-    cache = build_token_cache(config.shards, config.cache_dir or None)
-    dataset = TokenViews(cache, views, config.seed, config.view_match)
-    steps_per_epoch = len(dataset) // config.batch_size
+    if config.loader not in ("map", "stream"):
+        raise ValueError(f"--loader {config.loader!r}: use 'map' (memory-mapped cache) or 'stream' (WebDataset)")
+    if config.loader == "map":  # the token cache is built once per node by its first process
+        if accelerator.is_local_main_process:
+            build_token_cache(config.shards, config.cache_dir or None)
+        accelerator.wait_for_everyone()
+        dataset = TokenViews(build_token_cache(config.shards, config.cache_dir or None), views, config.seed,
+                             config.view_match)
+    steps_per_epoch = manifest.data["num_samples"] // config.batch_size
     total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     if not config.steps and not config.epochs:
         raise ValueError("give --steps or --epochs")
@@ -303,9 +306,14 @@ def train(config: TrainConfig) -> dict:
     student_core = accelerator.unwrap_model(wrapped).student
     student_core = getattr(student_core, "_orig_mod", student_core)
 
-    sampler = EpochBatchSampler(len(dataset), per_rank, rank, world, config.seed, start_batch=start_step * config.grad_accum)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers, collate_fn=collate_views,
-                        pin_memory=use_cuda, persistent_workers=config.workers > 0)
+    if config.loader == "map":
+        sampler = EpochBatchSampler(len(dataset), per_rank, rank, world, config.seed,
+                                    start_batch=start_step * config.grad_accum)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers, collate_fn=collate_views,
+                            pin_memory=use_cuda, persistent_workers=config.workers > 0)
+    else:
+        loader = stream_loader(config.shards, views, per_rank, config.seed + start_step, config.view_match, rank,
+                               config.workers)
 
     resolved = {**asdict(config), "lr": lr, "views": views, "star": star, "star_settings": asdict(settings),
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "world_size": world,
