@@ -7,7 +7,8 @@ bench/results/latest.json with the hardware named.
 - star_step: one ST-AR training step on 2 views vs the plain next-token step on the same 2 views;
 - sample: our KV-cache decoding (attends to the filled part) vs attending over the whole preallocated cache
   (LlamaGen's pattern), same model and batch;
-- loader: batches/s the token loader delivers vs the training steps/s it must feed.
+- loader: batches/s the token loader delivers vs the training steps/s it must feed;
+- train_loop: our trainer's steady-state step (plain, --no-star) vs a bare LlamaGen-style loop, same data.
 """
 from __future__ import annotations
 
@@ -168,12 +169,59 @@ def bench_loader(work: Path) -> dict:
             "target": "far above the trainer's steps/s (one worker process, no GPU)"}
 
 
+def bench_train_loop(work: Path) -> dict:
+    """Our trainer (--no-star, Accelerate, logging, NaN guard) vs a bare LlamaGen-style loop over the same data."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from star.gpt.model import GPT, GPTConfig, drop_class_labels
+    from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
+    from star.train.loop import TrainConfig, train
+
+    shards = work / "loader-shards"  # written by bench_loader
+    model_spec = {"dim": 128, "n_layer": 4, "n_head": 4, "vocab_size": 256, "num_classes": 8, "block_size": 64}
+    (work / "model.json").write_text(json.dumps(model_spec))
+    steps, batch = 60, 32
+    train(TrainConfig(shards=str(shards), out=str(work / "loop-run"), model=str(work / "model.json"), steps=steps,
+                      batch_size=batch, star=False, workers=0, log_every=20, ckpt_every=10**9, progress=False))
+    log = [json.loads(line) for line in (work / "loop-run" / "log.jsonl").read_text().splitlines()]
+    ours = (log[-1]["time"] - log[0]["time"]) / (log[-1]["step"] - log[0]["step"])  # steady state, no start-up
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.resolve(model_spec)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.25e-5, betas=(0.9, 0.95), weight_decay=0.05)
+    dataset = TokenViews(build_token_cache(shards), 1, 0)
+    batches = iter(DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch, 0, 1, 0), num_workers=0,
+                              collate_fn=collate_views))
+
+    def one_step():
+        data = next(batches)
+        tokens = data.tokens[:, 0]  # [B, T]
+        labels = drop_class_labels(data.labels, 0.1, 8)
+        logits = model(tokens[:, :-1], labels).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(20):
+        one_step()
+    start = time.perf_counter()
+    for _ in range(steps - 20):
+        one_step()
+    baseline = (time.perf_counter() - start) / (steps - 20)
+    return {"batch": batch, "ours_s_per_step": ours, "baseline_s_per_step": baseline, "ratio": ours / baseline,
+            "target": "ratio <= 1 (+ noise): the trainer adds no per-step overhead"}
+
+
 def main() -> int:
     results = {"hardware": hardware(), "when": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, fn in (("tokenize", lambda: bench_tokenize(work)), ("star_step", bench_star_step),
-                         ("sample", bench_sample), ("loader", lambda: bench_loader(work))):
+                         ("sample", bench_sample), ("loader", lambda: bench_loader(work)),
+                         ("train_loop", lambda: bench_train_loop(work))):
             results[name] = fn()
             summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()}
             print(f"{name}: {json.dumps(summary)}", flush=True)
