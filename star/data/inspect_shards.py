@@ -62,8 +62,7 @@ def describe_manifest(manifest: Manifest) -> str:
 def decode_preview(folder: str | Path, vq_ckpt: str, vq_config: str | None, out_png: str | Path, samples: int = 4) -> Path:
     """Decode the first few samples' views into one PNG grid: a row per sample, a column per view."""
     import torch
-    from PIL import Image
-
+    from star.images import save_tile_grid
     from star.vq.model import VQConfig, load_vq
 
     folder = Path(folder)
@@ -84,12 +83,6 @@ def decode_preview(folder: str | Path, vq_ckpt: str, vq_config: str | None, out_
     with torch.inference_mode():
         images = model.decode_indices(grids)  # [samples * V, 3, S, S]
     pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    num_views, size = manifest.num_views, pixels.shape[1]
-    canvas = np.full((len(rows) * (size + 2), num_views * (size + 2), 3), 255, np.uint8)
-    for index, tile in enumerate(pixels):
-        row, column = divmod(index, num_views)
-        canvas[row * (size + 2) : row * (size + 2) + size, column * (size + 2) : column * (size + 2) + size] = tile
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out_png)
+    num_views = manifest.num_views
+    save_tile_grid([list(pixels[i : i + num_views]) for i in range(0, len(pixels), num_views)], out_png)
     return out_png

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from star.gpt.generate import generate
 from star.gpt.model import GPT, GPTConfig, load_gpt
+from star.images import save_tile_grid
 from star.io import atomic_path, write_json_atomic
 
 
@@ -106,14 +106,7 @@ def tokens_to_uint8(vq, tokens: torch.Tensor, grid: int, image_size_eval: int = 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 8, max_classes: int = 16) -> Path:
     """A row per class (first `max_classes` classes present), up to `per_class` samples each."""
     classes = list(dict.fromkeys(labels.tolist()))[:max_classes]
-    size = images.shape[1]
-    canvas = np.full((len(classes) * (size + 2), per_class * (size + 2), 3), 255, np.uint8)
-    for row, label in enumerate(classes):
-        for column, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
-            canvas[row * (size + 2) : row * (size + 2) + size, column * (size + 2) : column * (size + 2) + size] = images[index]
-    with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-    return path
+    return save_tile_grid([list(images[np.flatnonzero(labels == label)[:per_class]]) for label in classes], path)
 
 
 def run_sampling(config: SampleConfig) -> dict:

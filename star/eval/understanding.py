@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from star.gpt.model import GPT
+from star.images import save_tile_grid
 
 
 def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -166,20 +167,18 @@ def attention_statistics(weights: torch.Tensor, grid: int) -> dict:
 def save_attention_png(weights: dict[int, torch.Tensor], steps: list[int], grid: int, path: Path, scale: int = 8) -> Path:
     """A panel per (layer, step): the query's attention over the image grid (cells of image tokens, class
     position not drawn), normalised per panel; rows = layers, columns = steps."""
-    panel = grid * scale
     layers = sorted(weights)
-    canvas = np.full((len(layers) * (panel + 4), len(steps) * (panel + 4), 3), 255, np.uint8)
-    for row, layer in enumerate(layers):
-        for column, step in enumerate(steps):
+    rows = []
+    for layer in layers:
+        row = []
+        for step in steps:
             query = step - 1
             cells = torch.zeros(grid * grid)
             cells[: query] = weights[layer][query, 1 : query + 1].cpu()  # keys 1..query are cells 0..query-1
             cells = cells / cells.max().clamp_min(1e-12)
             heat = (cells.reshape(grid, grid).numpy() * 255).astype(np.uint8)
             tile = np.kron(heat, np.ones((scale, scale), np.uint8))
-            coloured = np.stack([tile, (tile * 0.6).astype(np.uint8), 255 - tile], -1)
-            y, x = row * (panel + 4), column * (panel + 4)
-            canvas[y : y + panel, x : x + panel] = coloured
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+            row.append(np.stack([tile, (tile * 0.6).astype(np.uint8), 255 - tile], -1))
+        rows.append(row)
+    save_tile_grid(rows, path, gap=4)
     return path

@@ -1,0 +1,23 @@
+"""Image grids for people to look at (sample grids, shard previews, attention panels)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from star.io import atomic_path
+
+
+def save_tile_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -> Path:
+    """Write rows of equally sized uint8 tiles [S, S, 3] as one PNG, white gaps between tiles (atomically)."""
+    size = next(tile for row in rows for tile in row).shape[0]
+    columns = max(len(row) for row in rows)
+    canvas = np.full((len(rows) * (size + gap), columns * (size + gap), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            canvas[r * (size + gap) : r * (size + gap) + size, c * (size + gap) : c * (size + gap) + size] = tile
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return path
