@@ -74,6 +74,23 @@ def test_checkpoints_are_complete_and_pruned(tiny_shards, tiny_gpt_json, tmp_pat
 
     model = load_gpt(folder)  # our own checkpoint loads for sampling
     assert model.config.block_size == 64
+    from safetensors.torch import load_file
+
+    from star.eval.sample import load_generator
+
+    teacher = load_generator(str(tmp_path / "run"), weights="teacher")  # the newest checkpoint's EMA teacher
+    stored = load_file(folder / "teacher.safetensors")
+    assert all(torch.equal(teacher.state_dict()[k], stored[k]) for k in stored)
+    assert not all(torch.equal(model.state_dict()[k], stored[k]) for k in stored), "teacher lags the student"
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tiny_shards, tiny_gpt_json, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, tensorboard=True))
 
 
 def test_mismatched_model_and_shards_are_errors(tiny_shards, tmp_path):

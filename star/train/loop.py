@@ -7,6 +7,7 @@ of (seed, rank, step), so `--resume` continues exactly where the checkpoint left
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -227,6 +228,9 @@ def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if config.tensorboard and not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        raise ValueError("--tensorboard needs the tensorboard package: `.venv/bin/pip install tensorboard` "
+                         "(log.jsonl is always written)")
     use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
     precision = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if use_cuda else "no")
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
