@@ -57,7 +57,7 @@ def stage_tokenize(vq_ckpt: Path, vq_config: Path) -> dict:
     return summaries
 
 
-def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name: str) -> Path:
+def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name: str, view_match: str = "index") -> Path:
     from star.train.loop import TrainConfig, train
 
     model_json = ROOT / "gpt_config.json"
@@ -65,7 +65,7 @@ def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name:
     out = ROOT / name
     train(TrainConfig(shards=str(ROOT / "shards" / "train"), out=str(out), model=str(model_json), steps=steps,
                       batch_size=batch_size, lr=1e-3, workers=0, log_every=25, ckpt_every=steps, star=star,
-                      resume="auto", projector_hidden=256))
+                      resume="auto", projector_hidden=256, view_match=view_match))
     return out
 
 
@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples-per-class", type=int, default=32)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the --no-star LlamaGen baseline")
+    parser.add_argument("--view-match", default="index", choices=["index", "geometry"],
+                        help="ST-AR's L_view matching: raster index (the paper) or crop geometry")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.time()
@@ -104,8 +106,9 @@ def main(argv=None) -> int:
     timed("tokenize", stage_tokenize, vq_ckpt, vq_config)
 
     banner("4/6 train a small GPT with ST-AR")
-    run = timed("train", stage_train, codebook, args.train_steps, args.batch_size, True, "gpt_star")
-    runs = {"ST-AR": run}
+    name = "gpt_star" if args.view_match == "index" else f"gpt_star_{args.view_match}"
+    run = timed("train", stage_train, codebook, args.train_steps, args.batch_size, True, name, args.view_match)
+    runs = {"ST-AR" if args.view_match == "index" else f"ST-AR ({args.view_match})": run}
     if not args.no_baseline:
         banner("4b/6 train the same GPT without ST-AR (baseline)")
         runs["LlamaGen"] = timed("train_baseline", stage_train, codebook, args.train_steps, args.batch_size, False,
@@ -161,10 +164,15 @@ def vq_ceiling(vq_ckpt: Path, vq_config: Path, compute_metrics) -> dict:
     from star.eval.understanding import shard_tokens
     from star.vq.model import VQConfig, load_vq
 
+    cached = ROOT / "vq" / "ceiling_metrics.json"
+    if cached.is_file() and cached.stat().st_mtime >= vq_ckpt.stat().st_mtime:
+        return json.loads(cached.read_text())
     tokens, _ = shard_tokens(ROOT / "shards" / "val", view=0)
     vq = load_vq(vq_ckpt, VQConfig.resolve(vq_config))
     images = tokens_to_uint8(vq, torch.from_numpy(tokens), int(tokens.shape[1] ** 0.5))
-    return compute_metrics(images, DATA / "val", cache_dir=ROOT / "fid_cache")
+    metrics = compute_metrics(images, DATA / "val", cache_dir=ROOT / "fid_cache")
+    cached.write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def render_summary(results: dict, ceiling: dict, vq_metrics: dict, timings: dict, seconds: float, probe_png: Path,
