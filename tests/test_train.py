@@ -234,3 +234,19 @@ def test_tiny_model_learns_with_the_stream_loader(tiny_shards, tiny_gpt_json, tm
     log = read_log(tmp_path / "run")
     assert log[-1]["loss_ar"] < log[0]["loss_ar"] - 0.3, log
     assert json.loads((tmp_path / "run" / "config.json").read_text())["loader"] == "stream"
+
+
+def test_init_from_an_official_llamagen_checkpoint(tiny_shards, fixtures_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from star.gpt.model import load_llamagen_state_dict
+
+    # The fixture GPT (vocab 512, 10 classes, 8x8 tokens) accepts the tiny shards (codebook 256, 3 classes).
+    train(run_config(tiny_shards, tmp_path / "run", fixtures_dir / "gpt_small.json", steps=1, ckpt_every=1, lr=0.0,
+                     init_from=str(fixtures_dir / "gpt_small.pt")))
+    official = load_llamagen_state_dict(fixtures_dir / "gpt_small.pt")
+    folder = tmp_path / "run" / "checkpoints" / "step-0000001"
+    for name in ("model.safetensors", "teacher.safetensors"):
+        saved = load_file(folder / name)
+        assert saved.keys() == official.keys()
+        assert all(torch.equal(saved[k], official[k]) for k in official), name

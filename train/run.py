@@ -25,7 +25,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--epochs", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=256, help="global batch, in images")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.0, help="default: 1e-4 per 256 images")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 per 256 images")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--class-dropout", type=float, default=0.1)

@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: float = 0.0
     batch_size: int = 256  # global, in images
     grad_accum: int = 1
-    lr: float = 0.0  # 0: 1e-4 per 256 images
+    lr: float | None = None  # None: 1e-4 per 256 images
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -261,7 +261,7 @@ def train(config: TrainConfig) -> dict:
     if per_rank == 0 or leftover:
         raise ValueError(f"--batch-size {config.batch_size} must be a multiple of processes x grad_accum = "
                          f"{world} x {config.grad_accum}")
-    lr = config.lr or default_lr(config.batch_size)
+    lr = config.lr if config.lr is not None else default_lr(config.batch_size)
 
     if config.loader not in ("map", "stream"):
         raise ValueError(f"--loader {config.loader!r}: use 'map' (memory-mapped cache) or 'stream' (WebDataset)")
