@@ -117,8 +117,26 @@ def bench_star_step() -> dict:
     step(wrapped, True), step(plain, False)  # warm-up
     star_s = best_of(lambda: step(wrapped, True), 3)
     plain_s = best_of(lambda: step(plain, False), 3)
+    star_bytes, plain_bytes = activation_bytes(lambda: step(wrapped, True)), activation_bytes(lambda: step(plain, False))
     return {"sequences": 16, "tokens": 256, "ours_s": star_s, "baseline_s": plain_s, "ratio": star_s / plain_s,
-            "target": "ratio <= 1.5 (teacher floor ~1.33)"}
+            "target": "ratio <= 1.5 (teacher floor ~1.33)",
+            "activation_mb": star_bytes / 2**20, "baseline_activation_mb": plain_bytes / 2**20,
+            "activation_ratio": star_bytes / plain_bytes,
+            "activation_target": "<= 1.3 (bytes autograd keeps for backward: the teacher keeps none)"}
+
+
+def activation_bytes(run_step) -> int:
+    """Bytes of distinct tensors autograd saves for backward during one step: the activation memory that
+    dominates a training step's peak, measurable on a CPU (a GPU run should also read max_memory_allocated)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run_step()
+    return sum(seen.values())
 
 
 def bench_sample() -> dict:
