@@ -183,7 +183,7 @@ def render_summary(results: dict, ceiling: dict, vq_metrics: dict, timings: dict
              f"codebook usage {100 * vq_metrics['holdout_codebook_usage']:.1f}%",
              f"shards    : {ROOT / 'shards'}/{{train,val}}",
              "",
-             f"| model | FID vs held-out | Precision | Recall | probe acc. (last step) | final L_AR |",
+             "| model | FID vs held-out | Precision | Recall | probe acc. (last step) | final L_AR |",
              "|---|---|---|---|---|---|"]
     for label, result in results.items():
         m = result["metrics"]

@@ -6,7 +6,6 @@ runs the real shipped weights on a handful of images and compares against clean-
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np

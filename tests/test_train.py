@@ -10,7 +10,6 @@ import torch
 
 from star.train.data import EpochBatchSampler
 from star.train.loop import NonFiniteLoss, TrainConfig, train
-from star.train.objectives import StarSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

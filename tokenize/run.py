@@ -5,7 +5,6 @@
     python tokenize/run.py --inspect shards/NAME [--vq-ckpt ...]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -6,7 +6,6 @@
     python train/run.py ... --resume auto       # continue from the newest checkpoint in --out
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -1,12 +1,11 @@
 """`tokenize/run.py --inspect DIR`: summarise a shard folder, validate every shard, optionally decode a few views."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from star.data.shards import Manifest, decode_sample, iter_shard, sidecar_path
+from star.data.shards import Manifest, decode_sample, iter_shard
 
 
 def validate_shards(folder: str | Path) -> dict:

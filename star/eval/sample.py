@@ -5,7 +5,6 @@ drawn with a generator seeded from (seed, b), so the samples do not depend on th
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -6,8 +6,6 @@ input. The class input is replaced by the null class for probing, so no label le
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
