@@ -9,10 +9,14 @@ DATA ?= data/builtin/train
 SHARDS ?= shards/builtin
 VQ_CKPT ?= runs/demo/vq/vq.pt
 VQ_CONFIG ?= runs/demo/vq/vq.json
-IMAGE_SIZE ?= 64
+IMAGE_SIZE ?= 32
 VIEWS ?= tencrop
-SAMPLES ?= runs/demo/samples/samples.npz
+VQ_OUT ?= runs/vq
+SAMPLES ?= runs/demo/samples/gpt_star/samples.npz
 REF ?= data/builtin/val
+MODEL ?= runs/demo/gpt_config.json
+RUN ?= runs/train
+TRAIN_ARGS ?= --steps 200 --batch-size 16 --lr 1e-3
 
 .PHONY: setup test demo vq tokenize train fid bench clean-demo
 
@@ -33,11 +37,15 @@ demo: setup
 	$(PY) -m star.demo
 
 vq: setup
-	$(PY) tokenize/train_vq.py --data $(DATA) --out $(dir $(VQ_CKPT))
+	$(PY) tokenize/train_vq.py --data $(DATA) --out $(VQ_OUT)
 
 tokenize: setup
 	$(PY) tokenize/run.py --data $(DATA) --out $(SHARDS) --vq-ckpt $(VQ_CKPT) --vq-config $(VQ_CONFIG) \
 		--image-size $(IMAGE_SIZE) --views $(VIEWS)
+
+# One process here; for many GPUs or nodes: accelerate launch train/run.py ... (same flags)
+train: setup
+	$(PY) train/run.py --shards $(SHARDS) --model $(MODEL) --out $(RUN) --resume auto $(TRAIN_ARGS)
 
 fid: setup
 	$(PY) evaluate/run.py fid --samples $(SAMPLES) --ref $(REF)
