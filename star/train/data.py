@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,8 @@ def build_token_cache(shards: str | Path, cache_root: str | Path | None = None) 
     final = cache_root / f"tokens-{manifest_digest(manifest)}"
     if (final / "cache.json").is_file():
         return final
-    staging = cache_root / f".{final.name}.building"
+    # Unique per builder: on a shared filesystem each node's first process may build at the same time.
+    staging = cache_root / f".{final.name}.{socket.gethostname()}.{os.getpid()}.building"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     count, views, (h, w) = manifest.data["num_samples"], manifest.num_views, manifest.grid
