@@ -48,3 +48,9 @@ def tiny_gpt_json(tmp_path):
     path = tmp_path / "tiny_gpt.json"
     path.write_text(json.dumps(TINY_GPT))
     return path
+
+
+# The launch that really starts 2 CPU processes (`--cpu --num_processes 2` silently starts one).
+TWO_CPU_PROCESSES = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]
+CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}

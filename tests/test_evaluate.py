@@ -13,6 +13,8 @@ from star.eval.sample import SampleConfig, run_sampling, sample_labels
 from star.eval.understanding import attention_maps, attention_statistics, linear_probe_accuracy
 from star.gpt.model import GPT, GPTConfig, save_gpt
 
+from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,13 +58,11 @@ def test_official_checkpoint_tokens_only_matches_greedy_fixture(tmp_path, fixtur
 def test_two_process_sampling_equals_one_process(tmp_path, tiny_generator, small_vq):
     common = ["--ckpt", str(tiny_generator), "--vq-ckpt", str(small_vq[0]), "--vq-config", str(small_vq[1]),
               "--num-samples", "6", "--batch-size", "2", "--cfg-scale", "1.5", "--no-progress"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CPU_ENV}
     single = subprocess.run([sys.executable, str(REPO / "evaluate" / "run.py"), "sample", *common, "--out",
                              str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             str(REPO / "evaluate" / "run.py"), "sample", *common, "--out", str(tmp_path / "two")],
+    double = subprocess.run([sys.executable, *TWO_CPU_PROCESSES, str(REPO / "evaluate" / "run.py"), "sample", *common, "--out", str(tmp_path / "two")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-2000:]
     one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")

@@ -15,6 +15,8 @@ from star.data.extract import TokenizeConfig, run_tokenize
 from star.data.inspect_shards import validate_shards
 from star.data.shards import Manifest, decode_sample, iter_shard
 
+from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -177,10 +179,8 @@ def test_webdataset_tar_inputs(tmp_path, small_vq):
 def test_two_processes_write_disjoint_shards(tmp_path, small_vq):
     sources = make_folder(tmp_path / "data", per_class=4)
     ckpt, vq_json = small_vq
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+    env = {**os.environ, **CPU_ENV}
+    command = [sys.executable, *TWO_CPU_PROCESSES, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
                "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32", "--shard-size", "2",
                "--workers", "0", "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -11,6 +11,8 @@ import torch
 from star.train.data import EpochBatchSampler
 from star.train.loop import NonFiniteLoss, TrainConfig, train
 
+from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -157,9 +159,8 @@ def test_ranks_read_disjoint_batches_and_resume_position():
 
 
 def test_two_process_cpu_training(tiny_shards, tiny_gpt_json, tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train" / "run.py"),
+    env = {**os.environ, **CPU_ENV}
+    command = [sys.executable, *TWO_CPU_PROCESSES, str(REPO / "train" / "run.py"),
                "--shards", str(tiny_shards), "--model", str(tiny_gpt_json), "--out", str(tmp_path / "run"),
                "--steps", "4", "--batch-size", "8", "--workers", "0", "--log-every", "2", "--ckpt-every", "4",
                "--projector-hidden", "64", "--no-progress", "--lr", "1e-3"]
