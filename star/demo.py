@@ -57,7 +57,8 @@ def stage_tokenize(vq_ckpt: Path, vq_config: Path) -> dict:
     return summaries
 
 
-def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name: str, view_match: str = "index") -> Path:
+def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name: str, view_match: str = "index",
+                seed: int = 0) -> Path:
     from star.train.loop import TrainConfig, train
 
     model_json = ROOT / "gpt_config.json"
@@ -65,7 +66,7 @@ def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name:
     out = ROOT / name
     train(TrainConfig(shards=str(ROOT / "shards" / "train"), out=str(out), model=str(model_json), steps=steps,
                       batch_size=batch_size, lr=1e-3, workers=0, log_every=25, ckpt_every=steps, star=star,
-                      resume="auto", projector_hidden=256, view_match=view_match))
+                      resume="auto", projector_hidden=256, view_match=view_match, seed=seed))
     return out
 
 
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples-per-class", type=int, default=32)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the --no-star LlamaGen baseline")
+    parser.add_argument("--seed", type=int, default=0, help="training and sampling seed (runs get their own folders)")
     parser.add_argument("--view-match", default="index", choices=["index", "geometry"],
                         help="ST-AR's L_view matching: raster index (the paper) or crop geometry")
     args = parser.parse_args(argv)
@@ -106,13 +108,14 @@ def main(argv=None) -> int:
     timed("tokenize", stage_tokenize, vq_ckpt, vq_config)
 
     banner("4/6 train a small GPT with ST-AR")
-    name = "gpt_star" if args.view_match == "index" else f"gpt_star_{args.view_match}"
-    run = timed("train", stage_train, codebook, args.train_steps, args.batch_size, True, name, args.view_match)
+    suffix = ("" if args.view_match == "index" else f"_{args.view_match}") + (f"_seed{args.seed}" if args.seed else "")
+    run = timed("train", stage_train, codebook, args.train_steps, args.batch_size, True, f"gpt_star{suffix}",
+                args.view_match, args.seed)
     runs = {"ST-AR" if args.view_match == "index" else f"ST-AR ({args.view_match})": run}
     if not args.no_baseline:
         banner("4b/6 train the same GPT without ST-AR (baseline)")
         runs["LlamaGen"] = timed("train_baseline", stage_train, codebook, args.train_steps, args.batch_size, False,
-                                 "gpt_baseline")
+                                 "gpt_baseline" + (f"_seed{args.seed}" if args.seed else ""), "index", args.seed)
 
     from star.eval.metrics import compute_metrics, format_report
     from star.eval.sample import SampleConfig, run_sampling
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
         t = time.time()
         run_sampling(SampleConfig(ckpt=str(run_dir), out=str(sample_dir), vq_ckpt=str(vq_ckpt), vq_config=str(vq_config),
                                   cfg_scale=args.cfg_scale, num_samples=args.samples_per_class * GPT_CONFIG["num_classes"],
-                                  batch_size=64, seed=0))
+                                  batch_size=64, seed=args.seed))
         timings[f"sample_{run_dir.name}"] = time.time() - t
         t = time.time()
         metrics = compute_metrics(sample_dir / "samples.npz", DATA / "val", cache_dir=ROOT / "fid_cache")
