@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         results[label] = {"metrics": metrics, "probe": rows, "final_loss_ar": log[-1]["loss_ar"], "run": str(run_dir),
                           "grid": str(sample_dir / "grid.png"), "samples": str(sample_dir / "samples.npz")}
-    probe_png = plot_curves(curves, ROOT / "probe.png")
+    probe_png = plot_curves(curves, ROOT / f"probe{suffix}.png")
 
     summary = render_summary(results, ceiling, vq_metrics, timings, time.time() - started, probe_png, args)
     (ROOT / "summary.md").write_text(summary + "\n")
