@@ -18,7 +18,7 @@ MODEL ?= runs/demo/gpt_config.json
 RUN ?= runs/train
 TRAIN_ARGS ?= --steps 200 --batch-size 16 --lr 1e-3
 
-.PHONY: setup test demo vq tokenize train fid bench clean-demo
+.PHONY: setup lint test demo vq tokenize train fid bench clean-demo
 
 setup: $(STAMP)
 
@@ -30,7 +30,10 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, torchvision, webdataset, accelerate, cleanfid, safetensors; print('setup ok: torch', torch.__version__)"
 	touch $(STAMP)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest tests
 
 demo: setup

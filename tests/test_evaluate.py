@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
 from star.eval.sample import SampleConfig, run_sampling, sample_labels
 from star.eval.understanding import attention_maps, attention_statistics, linear_probe_accuracy
 from star.gpt.model import GPT, GPTConfig, save_gpt
-
-from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 from PIL import Image
 
 from star.data.extract import TokenizeConfig, run_tokenize
 from star.data.inspect_shards import validate_shards
 from star.data.shards import Manifest, decode_sample, iter_shard
-
-from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
 from star.train.data import EpochBatchSampler
 from star.train.loop import NonFiniteLoss, TrainConfig, train
-
-from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

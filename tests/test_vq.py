@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from star.vq.model import VQ_PRESETS, VQConfig, VQModel, load_vq, save_vq_checkpoint
-from star.vq.train import VQTrainConfig, center_crop_array, evaluate_reconstruction, list_images, split_holdout, train_vq
+from star.vq.train import (
+    VQTrainConfig,
+    center_crop_array,
+    evaluate_reconstruction,
+    list_images,
+    split_holdout,
+    train_vq,
+)
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ def describe_manifest(manifest: Manifest) -> str:
 def decode_preview(folder: str | Path, vq_ckpt: str, vq_config: str | None, out_png: str | Path, samples: int = 4) -> Path:
     """Decode the first few samples' views into one PNG grid: a row per sample, a column per view."""
     import torch
+
     from star.images import save_tile_grid
     from star.vq.model import VQConfig, load_vq
 

@@ -37,8 +37,8 @@ from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, co
 from star.train.objectives import (
     Projector,
     StarSettings,
-    key_mask_bias,
     StudentWithProjector,
+    key_mask_bias,
     make_teacher,
     sample_positions,
     star_losses,
