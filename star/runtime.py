@@ -1,0 +1,46 @@
+"""One place for run-time choices every stage makes: the device, "auto" precision, and seed mixing."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_forced() -> bool:
+    """Accelerate's `--cpu` / ACCELERATE_USE_CPU=true: stay on the CPU even when a GPU is present."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto': CUDA when available (and not forced off), else CPU. A named CUDA device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and not cpu_forced() else "cpu")
+    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise ValueError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' means bf16 on CUDA and fp32 elsewhere; an explicit choice is kept. Returns fp32 | bf16 | fp16."""
+    if requested not in PRECISION_CHOICES:
+        raise ValueError(f"precision {requested!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for a resolved precision (None: run in fp32)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed that depends on every part (seed, rank, step, a key...), stable across runs and machines."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
