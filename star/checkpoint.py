@@ -389,17 +389,23 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
     if lacking:
         raise ValueError(f"checkpoint {path} lacks {' and '.join(lacking)}, which this ST-AR run needs (was it written "
                          "by a --no-star run, or copied incompletely?); resume with the settings it was trained with")
-    try:
-        meta = json.loads((path / META_NAME).read_text())
-        model_config = GPTConfig.resolve(path / CONFIG_NAME)
-        student = _load_tensors(path / WEIGHTS_NAME)
-        teacher = _load_tensors(path / TEACHER_NAME) if need_teacher else None
-        projector = _load_tensors(path / PROJECTOR_NAME) if need_projector else None
-        optimizer = (torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-                     if need_optimizer else None)
-    except Exception as error:  # safetensors, pickle and json raise many types for damaged files
-        raise CorruptCheckpoint(f"{path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") \
-            from error
+    readers = {
+        META_NAME: lambda file: json.loads(file.read_text()),
+        CONFIG_NAME: GPTConfig.resolve,
+        WEIGHTS_NAME: _load_tensors,
+        TEACHER_NAME: _load_tensors if need_teacher else None,
+        PROJECTOR_NAME: _load_tensors if need_projector else None,
+        OPTIMIZER_NAME: (lambda file: torch.load(file, map_location="cpu", weights_only=True)) if need_optimizer else None,
+    }
+    read: dict[str, Any] = {}
+    for name, reader in readers.items():
+        try:
+            read[name] = reader(path / name) if reader is not None else None
+        except Exception as error:  # safetensors, pickle and json raise many types for damaged files
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise CorruptCheckpoint(f"{path / name}: {type(error).__name__}: {first_line}") from error
+    meta, model_config, student = read[META_NAME], read[CONFIG_NAME], read[WEIGHTS_NAME]
+    teacher, projector, optimizer = read[TEACHER_NAME], read[PROJECTOR_NAME], read[OPTIMIZER_NAME]
     return TrainingState(model_config, student, teacher, projector, optimizer, meta)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from star.train.data import geometric_match
+from star.train.token_loader import geometric_match
 from star.train.objectives import (
     info_nce,
     key_mask_bias,
