@@ -384,13 +384,18 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
     """Read a checkpoint folder into memory. Damaged files raise CorruptCheckpoint; an ST-AR part the run needs
     but the folder lacks is a ValueError (a teacher is never silently re-initialised from the student)."""
     path = Path(path)
+    try:
+        meta = json.loads((path / META_NAME).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpoint(f"{path / META_NAME}: {type(error).__name__}: {error}") from error
     lacking = [name for name, needed in ((TEACHER_NAME, need_teacher), (PROJECTOR_NAME, need_projector))
                if needed and not (path / name).is_file()]
-    if lacking:
-        raise ValueError(f"checkpoint {path} lacks {' and '.join(lacking)}, which this ST-AR run needs (was it written "
-                         "by a --no-star run, or copied incompletely?); resume with the settings it was trained with")
+    if lacking and meta.get("star", True):  # a --no-star checkpoint lacks them by design: the caller compares "star"
+        raise ValueError(f"checkpoint {path} lacks {' and '.join(lacking)}, which this ST-AR run needs (copied "
+                         "incompletely?); resume from another checkpoint")
+    need_teacher = need_teacher and (path / TEACHER_NAME).is_file()
+    need_projector = need_projector and (path / PROJECTOR_NAME).is_file()
     readers = {
-        META_NAME: lambda file: json.loads(file.read_text()),
         CONFIG_NAME: GPTConfig.resolve,
         WEIGHTS_NAME: _load_tensors,
         TEACHER_NAME: _load_tensors if need_teacher else None,
@@ -404,7 +409,7 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
         except Exception as error:  # safetensors, pickle and json raise many types for damaged files
             first_line = str(error).splitlines()[0] if str(error) else ""
             raise CorruptCheckpoint(f"{path / name}: {type(error).__name__}: {first_line}") from error
-    meta, model_config, student = read[META_NAME], read[CONFIG_NAME], read[WEIGHTS_NAME]
+    model_config, student = read[CONFIG_NAME], read[WEIGHTS_NAME]
     teacher, projector, optimizer = read[TEACHER_NAME], read[PROJECTOR_NAME], read[OPTIMIZER_NAME]
     return TrainingState(model_config, student, teacher, projector, optimizer, meta)
 

@@ -75,10 +75,15 @@ def test_resume_reader_skips_a_truncated_newest_checkpoint(tmp_path, damaged):
 
 
 def test_star_checkpoint_without_teacher_is_an_error_not_a_fresh_teacher(tmp_path):
-    folder = ckpt.save_training_state(tmp_path, 3, tiny_state(3, teacher=False), keep=0)
+    state = tiny_state(3, teacher=False)
+    state.meta["star"] = True  # an ST-AR checkpoint copied without its teacher and projector
+    folder = ckpt.save_training_state(tmp_path, 3, state, keep=0)
     with pytest.raises(ValueError, match="lacks teacher.safetensors and projector.safetensors"):
         ckpt.read_training_state(folder, need_teacher=True, need_projector=True)
     assert ckpt.read_training_state(folder, need_teacher=False, need_projector=False).teacher is None
+    plain = ckpt.save_training_state(tmp_path / "plain", 3, tiny_state(3, teacher=False), keep=0)
+    # A --no-star checkpoint lacks them by design: read, and the trainer reports "star" as a difference.
+    assert ckpt.read_training_state(plain, need_teacher=True, need_projector=True).teacher is None
 
 
 def test_config_differences_name_every_architecture_field():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
-from star.train.token_loader import EpochBatchSampler
 from star.train.loop import NonFiniteLoss, TrainConfig, train
+from star.train.token_loader import EpochBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

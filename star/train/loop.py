@@ -136,7 +136,7 @@ def _check_stream_shards(accelerator, config: TrainConfig) -> None:
 
         problems = validate_shards(config.shards)["problems"]
         if problems:
-            problem = (f"--shards {config.shards}: {len(problems)} problem(s), e.g. {problems[0]}; run "
+            problem = (f"--shards {config.shards}: {len(problems)} problem(s): {'; '.join(problems[:3])}; run "
                        f"`python tokenize/inspect_shards.py {config.shards}` and re-tokenize the damaged shard")
     _raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: another node found damaged shards")
 
