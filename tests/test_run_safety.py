@@ -246,3 +246,9 @@ def test_stream_loader_refuses_a_truncated_shard_before_training(tiny_shards, ti
     with pytest.raises(ValueError, match=rf"--shards {shards}: .*{victim.name}"):
         train(run_config(shards, tmp_path / "run", tiny_gpt_json, loader="stream"))
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_neither_steps_nor_epochs_is_an_error_before_any_step(tiny_shards, tiny_gpt_json, tmp_path):
+    with pytest.raises(ValueError, match="give --steps or --epochs"):
+        train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=0, epochs=0.0))
+    assert not (tmp_path / "run" / "log.jsonl").exists() and not (tmp_path / "run" / ".lock").exists()

@@ -284,18 +284,18 @@ def _make_loader(plan: ResolvedTrainConfig, accelerator, cache: Path | None):
                       pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0)
 
 
-def _build_cache(accelerator, config: TrainConfig) -> Path | None:
+def _build_cache(accelerator, config: TrainConfig, manifest: Manifest) -> Path | None:
     """The token cache is built once per node by its first process; the others wait and reuse it."""
     if config.loader != "map":
         return None
     problem = ""
     if accelerator.is_local_main_process:
         try:
-            build_token_cache(config.shards, config.cache_dir or None)
+            build_token_cache(config.shards, config.cache_dir or None, manifest)
         except (ValueError, FileNotFoundError) as error:
             problem = str(error)
     _raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: the token cache could not be built")
-    return build_token_cache(config.shards, config.cache_dir or None)
+    return build_token_cache(config.shards, config.cache_dir or None, manifest)
 
 
 def _prepare(plan: ResolvedTrainConfig, parts: Parts, accelerator) -> tuple[nn.Module, GPT, Any]:
@@ -335,7 +335,7 @@ def train(config: TrainConfig) -> dict:
         manifest = Manifest.load(config.shards)
         plan = resolve_config(config, manifest, accelerator.num_processes, precision)
         _check_stream_shards(accelerator, config)
-        cache = _build_cache(accelerator, config)
+        cache = _build_cache(accelerator, config, manifest)
         parts = build_parts(plan, fused=accelerator.device.type == "cuda")
         plan = resume_into(plan, parts)
         wrapped, student, optimizer = _prepare(plan, parts, accelerator)

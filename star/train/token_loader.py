@@ -32,10 +32,13 @@ def manifest_digest(manifest: Manifest) -> str:
                           + manifest.tokenizer_sha256.encode()).hexdigest()[:16]
 
 
-def build_token_cache(shards: str | Path, cache_root: str | Path | None = None) -> Path:
-    """Unpack all shards into `<cache_root>/<digest>/{tokens,labels,boxes,flips}.npy` (once; atomic by rename)."""
+def build_token_cache(shards: str | Path, cache_root: str | Path | None = None,
+                      manifest: Manifest | None = None) -> Path:
+    """Unpack all shards into `<cache_root>/<digest>/{tokens,labels,boxes,flips}.npy` (once; atomic by rename).
+
+    `manifest`: the shards' manifest when the caller has loaded it already."""
     shards = Path(shards)
-    manifest = Manifest.load(shards)
+    manifest = manifest or Manifest.load(shards)
     cache_root = Path(cache_root) if cache_root else shards / "cache"
     final = cache_root / f"tokens-{manifest_digest(manifest)}"
     if (final / "cache.json").is_file():
