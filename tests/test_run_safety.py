@@ -252,3 +252,16 @@ def test_neither_steps_nor_epochs_is_an_error_before_any_step(tiny_shards, tiny_
     with pytest.raises(ValueError, match="give --steps or --epochs"):
         train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=0, epochs=0.0))
     assert not (tmp_path / "run" / "log.jsonl").exists() and not (tmp_path / "run" / ".lock").exists()
+
+
+def test_checkpoints_written_before_this_change_still_resume(tiny_shards, tiny_gpt_json, tmp_path):
+    out = tmp_path / "run"
+    train(run_config(tiny_shards, out, tiny_gpt_json, steps=2))
+    meta_path = out / "checkpoints" / "step-0000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    old = {"step": 2, "tokenizer_sha256": meta["tokenizer_sha256"], "star": True, "views": 2, "seed": 0,
+           "world_size": 1, "batches_consumed_per_process": 2,
+           "model": json.loads((meta_path.parent / "config.json").read_text())["config"]}  # the old meta.json
+    meta_path.write_text(json.dumps(old))
+    summary = train(run_config(tiny_shards, out, tiny_gpt_json, steps=4, resume="auto"))
+    assert summary["steps"] == 4 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
