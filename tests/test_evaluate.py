@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
+from star.checkpoint import save_gpt
 from star.eval.sample import SampleConfig, run_sampling, sample_labels
 from star.eval.understanding import attention_maps, attention_statistics, linear_probe_accuracy
-from star.gpt.model import GPT, GPTConfig, save_gpt
+from star.gpt.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from star.checkpoint import load_gpt, load_llamagen_state_dict, save_gpt
 from star.gpt.model import (
     GPT,
     GPT_PRESETS,
@@ -19,10 +20,7 @@ from star.gpt.model import (
     causal_bias,
     count_parameters,
     drop_class_labels,
-    load_gpt,
-    load_llamagen_state_dict,
     next_token_loss,
-    save_gpt,
 )
 
 FIXTURES = Path(os.environ.get("STAR_LLAMAGEN_FIXTURES", "/work/shared/fixtures/llamagen"))
@@ -267,7 +265,7 @@ def test_wrong_size_checkpoint_gives_clear_error():
         GPT.from_checkpoint(CKPT, GPTConfig.resolve(CONFIG_JSON, vocab_size=1024))
     message = str(error.value)
     assert str(CKPT) in message and "vocab_size=1024" in message
-    assert "tok_embeddings.weight checkpoint (512, 128) vs model (1024, 128)" in message
+    assert "tok_embeddings.weight: checkpoint (512, 128) vs model (1024, 128)" in message
     assert "vocab_size differs (checkpoint 512, config 1024)" in message
     with pytest.raises(ValueError, match=r"num_classes differs .*11 rows"):
         GPT.from_checkpoint(CKPT, GPTConfig.resolve(CONFIG_JSON, num_classes=1000))

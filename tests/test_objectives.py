@@ -4,7 +4,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from star.train.data import geometric_match
 from star.train.objectives import (
     info_nce,
     key_mask_bias,
@@ -13,6 +12,7 @@ from star.train.objectives import (
     update_teacher,
     view_loss,
 )
+from star.train.token_loader import geometric_match
 
 
 def test_mask_keeps_class_column_and_diagonal_and_hides_the_ratio():

@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
-from star.train.data import EpochBatchSampler
 from star.train.loop import NonFiniteLoss, TrainConfig, train
+from star.train.token_loader import EpochBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_config(shards, out, model, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=8, batch_size=8, lr=2e-3, workers=0,
+    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=8, batch_size=8, lr=2e-3, num_workers=0,
                     log_every=1, ckpt_every=4, token_dropout=0.0, dropout=0.0, progress=False, deterministic=True,
                     projector_hidden=64)
     settings.update(overrides)
@@ -41,7 +41,8 @@ def test_tiny_model_loss_falls(tiny_shards, tiny_gpt_json, tmp_path, star):
     else:
         assert all(r["loss_mim"] == r["loss_step"] == r["loss_view"] == 0 for r in log)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["star"] is star and config["lr"] == 2e-3
+    assert (config["star"] is not None) is star and config["lr"] == 2e-3
+    assert config["model"]["n_layer"] == 2 and config["settings"]["steps"] == 30
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_shards, tiny_gpt_json, tmp_path):
@@ -70,13 +71,13 @@ def test_checkpoints_are_complete_and_pruned(tiny_shards, tiny_gpt_json, tmp_pat
                                                    "optimizer.pt", "config.json", "meta.json"}
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["step"] == 6 and len(meta["tokenizer_sha256"]) == 64
-    from star.gpt.model import load_gpt
+    from star.checkpoint import load_gpt
 
     model = load_gpt(folder)  # our own checkpoint loads for sampling
     assert model.config.block_size == 64
     from safetensors.torch import load_file
 
-    from star.eval.sample import load_generator
+    from star.checkpoint import load_generator
 
     teacher = load_generator(str(tmp_path / "run"), weights="teacher")  # the newest checkpoint's EMA teacher
     stored = load_file(folder / "teacher.safetensors")
@@ -135,7 +136,7 @@ def test_non_finite_loss_stops_with_step_and_term(tiny_shards, tiny_gpt_json, tm
         return terms
 
     monkeypatch.setattr(loop, "star_losses", poisoned)
-    with pytest.raises(NonFiniteLoss, match=r"step 3: loss_mim, loss ="):
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss_mim, loss =.*newest checkpoint, \S+step-0000002, was"):
         train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=6, ckpt_every=2))
     # The step-2 checkpoint is intact and nothing later was written.
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
@@ -161,7 +162,7 @@ def test_two_process_cpu_training(tiny_shards, tiny_gpt_json, tmp_path):
     env = {**os.environ, **CPU_ENV}
     command = [sys.executable, *TWO_CPU_PROCESSES, str(REPO / "train" / "run.py"),
                "--shards", str(tiny_shards), "--model", str(tiny_gpt_json), "--out", str(tmp_path / "run"),
-               "--steps", "4", "--batch-size", "8", "--workers", "0", "--log-every", "2", "--ckpt-every", "4",
+               "--steps", "4", "--batch-size", "8", "--num-workers", "0", "--log-every", "2", "--ckpt-every", "4",
                "--projector-hidden", "64", "--no-progress", "--lr", "1e-3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -177,7 +178,7 @@ def test_kill_minus_9_loses_only_the_steps_since_the_last_checkpoint(tiny_shards
 
     out = tmp_path / "run"
     common = [sys.executable, str(REPO / "train" / "run.py"), "--shards", str(tiny_shards), "--model", str(tiny_gpt_json),
-              "--out", str(out), "--batch-size", "8", "--workers", "0", "--log-every", "1", "--ckpt-every", "3",
+              "--out", str(out), "--batch-size", "8", "--num-workers", "0", "--log-every", "1", "--ckpt-every", "3",
               "--projector-hidden", "64", "--no-progress", "--lr", "1e-3", "--deterministic", "--dropout", "0",
               "--token-dropout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -208,7 +209,7 @@ def test_kill_minus_9_loses_only_the_steps_since_the_last_checkpoint(tiny_shards
 
 def test_stream_loader_yields_views_of_real_samples(tiny_shards):
     from star.data.shards import Manifest, decode_sample, iter_shard
-    from star.train.data import stream_loader
+    from star.train.token_loader import stream_loader
 
     manifest = Manifest.load(tiny_shards)
     stored = {}
@@ -232,13 +233,13 @@ def test_tiny_model_learns_with_the_stream_loader(tiny_shards, tiny_gpt_json, tm
                      loader="stream", deterministic=False))
     log = read_log(tmp_path / "run")
     assert log[-1]["loss_ar"] < log[0]["loss_ar"] - 0.3, log
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["loader"] == "stream"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["settings"]["loader"] == "stream"
 
 
 def test_init_from_an_official_llamagen_checkpoint(tiny_shards, fixtures_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from star.gpt.model import load_llamagen_state_dict
+    from star.checkpoint import load_llamagen_state_dict
 
     # The fixture GPT (vocab 512, 10 classes, 8x8 tokens) accepts the tiny shards (codebook 256, 3 classes).
     train(run_config(tiny_shards, tmp_path / "run", fixtures_dir / "gpt_small.json", steps=1, ckpt_every=1, lr=0.0,

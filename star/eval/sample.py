@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from star.checkpoint import load_generator, resolve_checkpoint  # noqa: F401 (moved; imported here for callers)
 from star.gpt.generate import generate
-from star.gpt.model import GPT, GPTConfig, load_gpt
 from star.images import save_tile_grid
 from star.io import atomic_path, write_json_atomic
 
@@ -43,43 +43,6 @@ class SampleConfig:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     progress: bool = True
-
-
-def resolve_checkpoint(ckpt: str, weights: str = "student") -> Path:
-    """A run folder (newest checkpoint), a checkpoint folder, or a file."""
-    path = Path(ckpt)
-    if (path / "checkpoints").is_dir():
-        found = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
-        if not found:
-            raise FileNotFoundError(f"--ckpt {ckpt}: the run folder has no complete checkpoint yet")
-        path = found[-1]
-    if path.is_dir():
-        name = "teacher.safetensors" if weights == "teacher" else "model.safetensors"
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"--ckpt {path}: no {name} (use --weights student, or another checkpoint)")
-        return path / name
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt} not found")
-    return path
-
-
-def load_generator(ckpt: str, model_spec: str = "", weights: str = "student") -> GPT:
-    path = resolve_checkpoint(ckpt, weights)
-    if path.suffix == ".safetensors":
-        in_checkpoint_folder = (path.parent / "config.json").is_file()
-        if path.name == "teacher.safetensors":  # the EMA teacher: same architecture as the student beside it
-            from safetensors.torch import load_file
-
-            from star.gpt.model import load_state_dict_strict
-
-            model = GPT(GPTConfig.resolve(path.parent / "config.json"))
-            load_state_dict_strict(model, load_file(path), str(path))
-            return model.eval()
-        return load_gpt(path.parent if in_checkpoint_folder else path)
-    if not model_spec:
-        raise ValueError(f"--ckpt {ckpt} is an official LlamaGen checkpoint: give --model (e.g. GPT-B, or a JSON "
-                         "with block_size 256 for *_256.pt, 576 for *_384.pt)")
-    return GPT.from_checkpoint(path, GPTConfig.resolve(model_spec)).eval()
 
 
 def sample_labels(num_samples: int, num_classes: int, classes: str) -> torch.Tensor:

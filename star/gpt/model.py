@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -35,8 +33,6 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from star.io import atomic_path, load_torch_weights, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -577,190 +573,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: "GPTConfig | str | Path | Mapping[str, Any]") -> "GPT":
-        """Build a GPT for `config` and load an official LlamaGen checkpoint (or FSDP raw dict) STRICTLY.
+        """An official LlamaGen checkpoint loaded strictly into a GPT for `config` (eval mode).
 
-        The resolution (block_size) is not stored in the weights: a 384-px checkpoint (576 tokens) loads into
-        a 256-px config without a shape error. Pick block_size from the checkpoint name. Returns eval mode.
+        Kept for LlamaGen users; the loading lives in star/checkpoint.py (`load_llamagen_gpt`).
         """
-        config = GPTConfig.resolve(config)
-        _warn_if_name_disagrees_with_block_size(Path(path), config)
-        state_dict = load_llamagen_state_dict(path)
-        model = cls(config)
-        load_state_dict_strict(model, state_dict, source=str(path))
-        return model.eval()
+        from star.checkpoint import load_llamagen_gpt
 
-
-def _warn_if_name_disagrees_with_block_size(path: Path, config: GPTConfig) -> None:
-    match = re.search(r"_(256|384|512)(?:\D|$)", path.name)
-    if match:
-        expected = (int(match.group(1)) // 16) ** 2
-        if expected != config.block_size:
-            warnings.warn(
-                f"{path.name} looks like a {match.group(1)}-px checkpoint ({expected} tokens) but block_size="
-                f"{config.block_size}; resolution is not stored in the weights, so set block_size={expected} "
-                "unless this is intended",
-                stacklevel=3,
-            )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loading and saving
-# ---------------------------------------------------------------------------------------------------------
-
-_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
-
-
-def clean_llamagen_state_dict(raw: Mapping[str, Any], source: str = "<state_dict>") -> dict[str, torch.Tensor]:
-    """Unwrap {"model"|"module"|"state_dict": sd} or a raw sd; strip wrapper prefixes; drop non-weights."""
-    state = raw
-    for container in ("model", "module", "state_dict"):
-        if isinstance(state, Mapping) and isinstance(state.get(container), Mapping):
-            state = state[container]
-            break
-    if not isinstance(state, Mapping) or not state:
-        raise ValueError(f"{source}: no state dict found (expected a dict of tensors or one under 'model')")
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not torch.is_tensor(value):
-            raise ValueError(
-                f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; is this a GPT weights file?"
-            )
-        key = _strip_prefixes(key)
-        if key == "freqs_cis" or key == "causal_mask" or ".kv_cache." in key or key.startswith("kv_cache."):
-            continue  # rebuilt at run time, never weights
-        cleaned[key] = value
-    return cleaned
-
-
-def load_llamagen_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """State dict from an official LlamaGen .pt (DDP {"model": sd}, deepspeed, FSDP raw) or a .safetensors."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        raw = load_file(str(path))
-    else:
-        raw = load_torch_weights(path)
-    return clean_llamagen_state_dict(raw, source=str(path))
-
-
-def _checkpoint_hint(model: GPT, state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Guess which config field differs from the checkpoint's tensor shapes."""
-    c = model.config
-    hints = []
-    tok = state_dict.get("tok_embeddings.weight")
-    if tok is not None and tok.ndim == 2:
-        if tok.shape[0] != c.vocab_size:
-            hints.append(f"vocab_size differs (checkpoint {tok.shape[0]}, config {c.vocab_size})")
-        if tok.shape[1] != c.dim:
-            hints.append(f"dim differs (checkpoint {tok.shape[1]}, config {c.dim}): wrong preset?")
-    cls_table = state_dict.get("cls_embedding.embedding_table.weight")
-    if cls_table is not None and cls_table.shape[0] != c.num_classes + 1:
-        hints.append(
-            f"num_classes differs (checkpoint table has {cls_table.shape[0]} rows = {cls_table.shape[0] - 1} classes "
-            f"+ null, config num_classes={c.num_classes})"
-        )
-    layer_ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"layers\.(\d+)\.", k))}
-    if layer_ids and max(layer_ids) + 1 != c.n_layer:
-        hints.append(f"n_layer differs (checkpoint {max(layer_ids) + 1}, config {c.n_layer}): wrong preset?")
-    w1 = state_dict.get("layers.0.feed_forward.w1.weight")
-    if w1 is not None and w1.shape[0] != c.ffn_hidden_dim and tok is not None and tok.shape[1] == c.dim:
-        hints.append(f"FFN width differs (checkpoint {w1.shape[0]}, config {c.ffn_hidden_dim}): check multiple_of / "
-                     "ffn_dim_multiplier")
-    if not hints:
-        hints.append("the checkpoint is not a LlamaGen c2i GPT of this size (t2i checkpoints have other keys)")
-    return "; ".join(hints)
-
-
-def load_state_dict_strict(model: GPT, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with an error naming the file, the config and the offending keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        c = model.config
-        lines = [
-            f"checkpoint {source} does not fit GPT config (dim={c.dim}, n_layer={c.n_layer}, n_head={c.n_head}, "
-            f"vocab_size={c.vocab_size}, num_classes={c.num_classes}, block_size={c.block_size}):"
-        ]
-        shape = lambda tensor: tuple(tensor.shape)  # noqa: E731
-        if mismatched:
-            listed = ", ".join(
-                f"{k} checkpoint {shape(state_dict[k])} vs model {shape(expected[k])}" for k in mismatched[:4]
-            )
-            lines.append(f"  {len(mismatched)} shape mismatch(es): {listed}")
-        if missing:
-            listed = ", ".join(f"{k} {shape(expected[k])}" for k in missing[:4])
-            lines.append(f"  {len(missing)} missing key(s): {listed}")
-        if unexpected:
-            listed = ", ".join(f"{k} {shape(state_dict[k])}" for k in unexpected[:4])
-            lines.append(f"  {len(unexpected)} unexpected key(s): {listed}")
-        lines.append(f"  likely cause: {_checkpoint_hint(model, state_dict)}")
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
-
-
-_SAVE_FORMAT = "star-gpt"
-_WEIGHTS_NAME = "model.safetensors"
-_CONFIG_NAME = "config.json"
-
-
-def _save_paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights, config) paths: `x.safetensors` + `x.json`, or a folder with model.safetensors + config.json."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return path, path.with_suffix(".json")
-    if path.suffix == ".json":
-        return path.with_suffix(".safetensors"), path
-    return path / _WEIGHTS_NAME, path / _CONFIG_NAME
-
-
-def save_gpt(model: GPT, path: str | Path) -> Path:
-    """Save weights as safetensors plus the config as JSON (a folder, or `name.safetensors` + `name.json`).
-
-    Returns the weights path. Both files are written atomically.
-    """
-    return save_gpt_state(model.config, model.state_dict(), path)
-
-
-def save_gpt_state(config: GPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """`save_gpt` for a state dict gathered elsewhere (e.g. a full state dict from FSDP shards)."""
-    from safetensors.torch import save_file
-
-    weights_path, config_path = _save_paths(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(weights_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "star_format": _SAVE_FORMAT})
-    write_json_atomic(config_path, {"format": _SAVE_FORMAT, "format_version": 1, "config": config.to_dict()})
-    return weights_path
-
-
-def load_gpt(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Load a model written by `save_gpt` (folder, .safetensors or .json path). Strict; returns eval mode."""
-    from safetensors.torch import load_file
-
-    weights_path, config_path = _save_paths(path)
-    for needed in (weights_path, config_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"load_gpt: {needed} not found (expected the pair written by save_gpt)")
-    config = GPTConfig.resolve(config_path)
-    model = GPT(config)
-    state = load_file(str(weights_path), device="cpu")
-    load_state_dict_strict(model, state, source=str(weights_path))
-    return model.to(device).eval()
+        return load_llamagen_gpt(path, config)
 
 
 def count_parameters(model: nn.Module) -> int:

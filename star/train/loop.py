@@ -3,37 +3,47 @@
 One code path from one CPU process to many GPU nodes: Accelerate picks DDP (or FSDP) from its launch config.
 All per-step randomness (dropout, class dropout, MIM masks, contrastive positions, the data order) is a function
 of (seed, rank, step), so `--resume` continues exactly where the checkpoint left off.
+
+Safety: the run folder is locked by the main process and refused if it holds a run without --resume; a step
+whose loss or gradient norm is not finite stops the run before the optimizer applies it, and no checkpoint
+with non-finite weights is written (star/checkpoint.py), so "the newest checkpoint" is always a good one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
-import os
-import re
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from star.data.shards import Manifest
-from star.gpt.model import (
-    GPT,
-    GPTConfig,
-    drop_class_labels,
+from star.checkpoint import (
+    CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_LOG,
+    TrainingState,
+    checkpoint_dirs,
+    config_differences,
     load_llamagen_state_dict,
-    next_token_loss,
-    save_gpt_state,
+    load_state_dict_strict,
+    read_newest_intact,
+    read_training_state,
+    run_holds_a_run,
+    save_training_state,
 )
-from star.io import atomic_path, write_json_atomic
-from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views, stream_loader
+from star.data.shards import Manifest
+from star.gpt.model import GPT, drop_class_labels, next_token_loss
+from star.io import FolderLocked, atomic_path, folder_lock, write_json_atomic
+from star.runtime import pick_device, resolve_precision, step_seed
+from star.train.config import RESUME_AUTO, ResolvedTrainConfig, TrainConfig, resolve_config
 from star.train.objectives import (
     Projector,
     StarSettings,
@@ -45,73 +55,25 @@ from star.train.objectives import (
     total_loss,
     update_teacher,
 )
+from star.train.token_loader import EpochBatchSampler, TokenViews, build_token_cache, collate_views, stream_loader
+
+__all__ = ["TrainConfig", "ResolvedTrainConfig", "NonFiniteLoss", "NonFiniteGradient", "train"]
 
 LOSS_TERMS = ("loss_ar", "loss_mim", "loss_step", "loss_view")
-
-
-@dataclass
-class TrainConfig:
-    shards: str
-    out: str
-    model: str = "GPT-B"
-    steps: int = 0  # 0: derive from epochs
-    epochs: float = 0.0
-    batch_size: int = 256  # global, in images
-    grad_accum: int = 1
-    lr: float | None = None  # None: 1e-4 per 256 images
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
-    class_dropout: float = 0.1
-    token_dropout: float | None = None  # None: the model config's (LlamaGen: 0.1)
-    dropout: float | None = None  # resid and FFN dropout
-    seed: int = 0
-    star: bool = True
-    views: int = 2  # M; 1 with --no-star
-    view_match: str = "index"
-    star_settings: StarSettings = field(default_factory=StarSettings)
-    projector_hidden: int = 0  # 0: min(2048, 4 D)
-    ckpt_every: int = 5000
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    resume: str = ""  # "", "auto" or a checkpoint folder
-    init_from: str = ""
-    deterministic: bool = False
-    compile: bool = False
-    workers: int = 4
-    loader: str = "map"  # map: memory-mapped cache, exact resume; stream: WebDataset, resampled
-    cache_dir: str = ""
-    tensorboard: bool = False
-    mixed_precision: str = "auto"  # auto: bf16 on GPU, no on CPU
-    progress: bool = True
+# Settings a resumed run may change: applied to the optimizer's param groups (and recorded in config.json).
+RESUMABLE_CHANGES = ("lr", "weight_decay", "grad_clip")
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step's loss is NaN/inf: the run stops before the step is applied."""
+
+
+class NonFiniteGradient(NonFiniteLoss):
+    """A step's loss is finite but its gradient norm is not: the run stops before the optimizer applies it."""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checks and set-up
-
-
-def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards: str) -> None:
-    """Mismatched tokenizer/model settings are errors before any step, naming the value that differs."""
-    h, w = manifest.grid
-    problems = []
-    if manifest.codebook_size > model_config.vocab_size:
-        problems.append(f"tokenizer codebook size {manifest.codebook_size} > model vocab_size {model_config.vocab_size}")
-    if h * w != model_config.block_size:
-        problems.append(f"token grid {h}x{w} = {h * w} tokens != model block_size {model_config.block_size} "
-                        f"(image size {manifest.data['image_size']})")
-    if manifest.num_classes > model_config.num_classes:
-        problems.append(f"shards have {manifest.num_classes} classes > model num_classes {model_config.num_classes}")
-    if problems:
-        raise ValueError(f"shards {shards} do not fit the model:\n  " + "\n  ".join(problems)
-                         + "\nPass a --model JSON with matching vocab_size / block_size / num_classes, or re-tokenize.")
-
-
-def default_lr(batch_size: int) -> float:
-    return 1e-4 * batch_size / 256
+# Set-up
 
 
 def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
@@ -122,68 +84,6 @@ def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict
             if parameter.requires_grad:
                 (decay if parameter.dim() >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 4099 + rank) % (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: folders `step-NNNNNNN/` written as `.step-NNNNNNN.tmp/` and renamed when complete.
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoints/step-*") if re.fullmatch(r"step-\d{7}", p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(out: Path, step: int, model_config: GPTConfig, student_state: dict, teacher: nn.Module | None,
-                    projector_state: dict | None, optimizer, meta: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    root = out / "checkpoints"
-    final = root / f"step-{step:07d}"
-    staging = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_gpt_state(model_config, student_state, staging)  # model.safetensors + config.json, as load_gpt reads
-    if teacher is not None:
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, staging / "teacher.safetensors")
-    if projector_state:
-        save_file({k: v.contiguous().cpu() for k, v in projector_state.items()}, staging / "projector.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    write_json_atomic(staging / "meta.json", meta)  # written last: its presence marks a complete checkpoint
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint_into(path: Path, student, teacher, projector, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "meta.json").read_text())
-    student.load_state_dict(load_file(path / "model.safetensors"))
-    if teacher is not None and (path / "teacher.safetensors").is_file():
-        teacher.load_state_dict(load_file(path / "teacher.safetensors"))
-    if projector is not None and (path / "projector.safetensors").is_file():
-        projector.load_state_dict(load_file(path / "projector.safetensors"))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    return meta
-
-
-def resolve_resume(config: TrainConfig, out: Path) -> Path | None:
-    if not config.resume:
-        return None
-    if config.resume == "auto":
-        found = checkpoint_dirs(out)
-        return found[-1] if found else None
-    path = Path(config.resume)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint folder (no meta.json)")
-    return path
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -197,154 +97,269 @@ def trim_log(path: Path, last_step: int) -> None:
 
 def init_weights_from(model: GPT, path: str) -> None:
     """Fine-tune start: an official LlamaGen .pt (any container) or one of our checkpoint folders/safetensors."""
-    from star.gpt.model import load_state_dict_strict
-
     source = Path(path)
     if source.is_dir():
         source = source / "model.safetensors"
-    if source.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    load_state_dict_strict(model, load_llamagen_state_dict(source), str(source))
 
-        state = load_file(source)
-    else:
-        state = load_llamagen_state_dict(source)
-    load_state_dict_strict(model, state, str(source))
+
+def _raise_on_any_rank(accelerator, problem: str, fallback: str) -> None:
+    """A collective check: every process raises ValueError when any one found a problem (none is left waiting)."""
+    failed = accelerator.reduce(torch.tensor(float(bool(problem)), device=accelerator.device), reduction="sum")
+    if problem:
+        raise ValueError(problem)
+    if failed.item() > 0:
+        raise ValueError(fallback)
+
+
+def _claim_run_folder(accelerator, config: TrainConfig, stack: contextlib.ExitStack) -> None:
+    """The main process locks --out for the run's lifetime, then refuses a folder that holds a run unless
+    --resume was given (nothing of an earlier run is overwritten by mistake)."""
+    problem = ""
+    if accelerator.is_main_process:
+        out = Path(config.out)
+        try:
+            stack.enter_context(folder_lock(out, f"train/run.py --out {out}"))
+            if run_holds_a_run(out) and not config.resume:
+                problem = (f"--out {out} already holds a run (config.json, log.jsonl or checkpoints/); pass "
+                           "--resume auto to continue it, or choose a new --out")
+        except FolderLocked as error:
+            problem = str(error)
+    _raise_on_any_rank(accelerator, problem, f"--out {config.out}: the main process could not claim the folder")
+
+
+def _check_stream_shards(accelerator, config: TrainConfig) -> None:
+    """The stream loader reads shards lazily: validate them against the manifest first, naming a damaged one."""
+    problem = ""
+    if config.loader == "stream" and accelerator.is_local_main_process:
+        from star.data.inspect_shards import validate_shards
+
+        problems = validate_shards(config.shards)["problems"]
+        if problems:
+            problem = (f"--shards {config.shards}: {len(problems)} problem(s): {'; '.join(problems[:3])}; run "
+                       f"`python tokenize/inspect_shards.py {config.shards}` and re-tokenize the damaged shard")
+    _raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: another node found damaged shards")
+
+
+@dataclass
+class Parts:
+    """The trainable and EMA modules and the optimizer, before Accelerate wraps them."""
+
+    student: GPT
+    teacher: GPT | None
+    projector: Projector | None
+    optimizer: torch.optim.Optimizer
+
+
+def build_parts(plan: ResolvedTrainConfig, fused: bool) -> Parts:
+    from accelerate.utils import set_seed
+
+    set_seed(plan.settings.seed)
+    student = GPT(plan.model)
+    if plan.settings.init_from:
+        init_weights_from(student, plan.settings.init_from)
+    teacher = make_teacher(student) if plan.needs_teacher else None
+    projector = Projector(plan.model.dim, plan.projector_hidden) if plan.needs_projector else None
+    trainable = [student] + ([projector] if projector is not None else [])
+    optimizer = torch.optim.AdamW(parameter_groups(trainable, plan.settings.weight_decay), lr=plan.lr,
+                                  betas=tuple(plan.settings.betas), fused=fused)
+    return Parts(student, teacher, projector, optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Resume
 
 
-def build_model_config(config: TrainConfig, manifest: Manifest) -> GPTConfig:
-    overrides = {}
-    if config.token_dropout is not None:
-        overrides["token_dropout_p"] = config.token_dropout
-    if config.dropout is not None:
-        overrides["resid_dropout_p"] = config.dropout
-        overrides["ffn_dropout_p"] = config.dropout
-    return GPTConfig.resolve(config.model, **overrides)
+def resume_differences(state: TrainingState, plan: ResolvedTrainConfig) -> list[str]:
+    """What differs between a checkpoint and this run that exact resume depends on (empty: it may continue)."""
+    meta, config = state.meta, plan.settings
+    differences = config_differences(state.model_config, plan.model)
+    if meta.get("tokenizer_sha256") != plan.tokenizer_sha256:
+        differences.append(f"trained on tokenizer {str(meta.get('tokenizer_sha256'))[:12]}, shards {config.shards} "
+                           f"use {plan.tokenizer_sha256[:12]}")
+    now = {"star": plan.star is not None, "views_per_image": plan.views_per_image, "seed": config.seed,
+           "world_size": plan.world_size, "batch_per_process": plan.batch_per_process,
+           "grad_accum": config.grad_accum, "betas": list(config.betas)}
+    saved = {**meta, "views_per_image": meta.get("views_per_image", meta.get("views"))}
+    saved["betas"] = meta.get("optimizer", {}).get("betas")
+    for name, value in now.items():
+        if saved.get(name) is not None and saved[name] != value:  # older checkpoints lack some fields
+            differences.append(f"{name}: checkpoint {saved[name]!r}, now {value!r}")
+    return differences
 
 
-def train(config: TrainConfig) -> dict:
+def _read_resume_state(plan: ResolvedTrainConfig) -> tuple[TrainingState | None, Path | None, list[str]]:
+    config = plan.settings
+    if config.resume == RESUME_AUTO:
+        state, folder, skipped = read_newest_intact(config.out, plan.needs_teacher, plan.needs_projector)
+        if state is None and skipped:
+            raise ValueError(f"--resume auto: every checkpoint in {Path(config.out) / CHECKPOINTS} is damaged "
+                             f"({'; '.join(skipped)}); resume from a copy, or start a new --out")
+        return state, folder, skipped
+    folder = Path(config.resume)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a complete checkpoint folder (no meta.json)")
+    return read_training_state(folder, plan.needs_teacher, plan.needs_projector), folder, []
+
+
+def resume_into(plan: ResolvedTrainConfig, parts: Parts) -> ResolvedTrainConfig:
+    """Load the checkpoint --resume names into `parts` after checking it continues this run exactly; apply the
+    optimizer settings that may change (RESUMABLE_CHANGES) and record them. Returns the plan with start_step."""
+    if not plan.settings.resume:
+        return plan
+    state, folder, skipped = _read_resume_state(plan)
+    if state is None:  # --resume auto on a folder without checkpoints: a fresh start
+        return plan
+    differences = resume_differences(state, plan)
+    if differences:
+        raise ValueError(f"--resume {folder} cannot continue this run exactly:\n  " + "\n  ".join(differences)
+                         + f"\nResume with the checkpoint's settings, or start a new --out. (May change on resume: "
+                         f"{', '.join(RESUMABLE_CHANGES)}.)")
+    parts.student.load_state_dict(state.student)
+    if parts.teacher is not None:
+        parts.teacher.load_state_dict(state.teacher)
+    if parts.projector is not None:
+        parts.projector.load_state_dict(state.projector)
+    parts.optimizer.load_state_dict(state.optimizer)
+    config = plan.settings
+    for group in parts.optimizer.param_groups:  # the saved groups hold the old values: use this run's
+        group["lr"] = plan.lr
+        group["weight_decay"] = config.weight_decay if group["weight_decay"] > 0 else 0.0
+    saved = state.meta.get("optimizer", {})
+    now = {"lr": plan.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip}
+    changed = tuple(f"{name}: checkpoint {saved[name]!r}, now {now[name]!r}" for name in RESUMABLE_CHANGES
+                    if name in saved and saved[name] != now[name])
+    return dataclasses.replace(plan, start_step=int(state.meta["step"]), resumed_from=str(folder),
+                               changed_on_resume=changed, skipped_on_resume=tuple(skipped))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Run:
+    """What the loop needs, prepared once by `train` (instead of a long argument list)."""
+
+    plan: ResolvedTrainConfig
+    accelerator: Any
+    wrapped: nn.Module  # StudentWithProjector, wrapped by Accelerate (DDP/FSDP)
+    student: GPT  # the unwrapped student (the teacher's EMA source)
+    teacher: GPT | None
+    optimizer: Any
+    loader: Any
+    out: Path
+    last_good_checkpoint: str | None = None  # newest checkpoint known to hold finite weights
+
+
+def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     if config.tensorboard and not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
         raise ValueError("--tensorboard needs the tensorboard package: `.venv/bin/pip install tensorboard` "
                          "(log.jsonl is always written)")
-    use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    precision = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if use_cuda else "no")
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
+    device = pick_device("auto")
+    precision = resolve_precision(config.precision, device)
+    accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="no" if precision == "fp32" else precision,
+                              gradient_accumulation_steps=config.grad_accum,
                               log_with="tensorboard" if config.tensorboard else None, project_dir=config.out)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out = Path(config.out)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    elif use_cuda:
+    elif device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return accelerator, precision
 
-    manifest = Manifest.load(config.shards)
-    model_config = build_model_config(config, manifest)
-    check_data_against_model(manifest, model_config, config.shards)
-    star = config.star and config.star_settings.any
-    settings = config.star_settings
-    views = config.views if star else 1
-    if star and settings.contrastive_layer == 0:
-        settings = dataclasses.replace(settings, contrastive_layer=model_config.n_layer // 2)
-    if star and not 1 <= settings.contrastive_layer <= model_config.n_layer:
-        raise ValueError(f"--contrastive-layer {settings.contrastive_layer} outside 1..{model_config.n_layer}")
-    if star and (settings.use_step or settings.use_view) and settings.num_positions > model_config.block_size - 1:
-        raise ValueError(f"K={settings.num_positions} contrastive positions exceed {model_config.block_size - 1} tokens")
 
-    per_rank, leftover = divmod(config.batch_size, world * config.grad_accum)
-    if per_rank == 0 or leftover:
-        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of processes x grad_accum = "
-                         f"{world} x {config.grad_accum}")
-    lr = config.lr if config.lr is not None else default_lr(config.batch_size)
+def _make_loader(plan: ResolvedTrainConfig, accelerator, cache: Path | None):
+    config, rank = plan.settings, accelerator.process_index
+    if config.loader == "stream":
+        return stream_loader(config.shards, plan.views_per_image, plan.batch_per_process,
+                             config.seed + plan.start_step, config.view_match, rank, config.num_workers)
+    dataset = TokenViews(cache, plan.views_per_image, config.seed, config.view_match)
+    sampler = EpochBatchSampler(len(dataset), plan.batch_per_process, rank, plan.world_size, config.seed,
+                                start_batch=plan.start_step * config.grad_accum)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_views,
+                      pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0)
 
-    if config.loader not in ("map", "stream"):
-        raise ValueError(f"--loader {config.loader!r}: use 'map' (memory-mapped cache) or 'stream' (WebDataset)")
-    if config.loader == "map":  # the token cache is built once per node by its first process
-        if accelerator.is_local_main_process:
-            build_token_cache(config.shards, config.cache_dir or None)
-        accelerator.wait_for_everyone()
-        dataset = TokenViews(build_token_cache(config.shards, config.cache_dir or None), views, config.seed,
-                             config.view_match)
-    steps_per_epoch = manifest.data["num_samples"] // config.batch_size
-    total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    if not config.steps and not config.epochs:
-        raise ValueError("give --steps or --epochs")
 
-    set_seed(config.seed)
-    student = GPT(model_config)
-    if config.init_from:
-        init_weights_from(student, config.init_from)
-    teacher = make_teacher(student) if star and (settings.use_mim or settings.use_step or settings.use_view) else None
-    projector = None
-    if star and (settings.use_step or settings.use_view):
-        projector = Projector(model_config.dim, config.projector_hidden or min(2048, 4 * model_config.dim))
-    trainable = [student] + ([projector] if projector is not None else [])
-    optimizer = torch.optim.AdamW(parameter_groups(trainable, config.weight_decay), lr=lr, betas=tuple(config.betas),
-                                  fused=use_cuda)
+def _build_cache(accelerator, config: TrainConfig, manifest: Manifest) -> Path | None:
+    """The token cache is built once per node by its first process; the others wait and reuse it."""
+    if config.loader != "map":
+        return None
+    problem = ""
+    if accelerator.is_local_main_process:
+        try:
+            build_token_cache(config.shards, config.cache_dir or None, manifest)
+        except (ValueError, FileNotFoundError) as error:
+            problem = str(error)
+    _raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: the token cache could not be built")
+    return build_token_cache(config.shards, config.cache_dir or None, manifest)
 
-    resume_from = resolve_resume(config, out)
-    start_step = 0
-    if resume_from is not None:
-        meta = load_checkpoint_into(resume_from, student, teacher, projector, optimizer)
-        if meta["tokenizer_sha256"] != manifest.tokenizer_sha256:
-            raise ValueError(f"--resume {resume_from}: trained on tokenizer {meta['tokenizer_sha256'][:12]}, shards "
-                             f"{config.shards} use {manifest.tokenizer_sha256[:12]}")
-        start_step = int(meta["step"])
 
-    if config.compile:
-        student = torch.compile(student)
+def _prepare(plan: ResolvedTrainConfig, parts: Parts, accelerator) -> tuple[nn.Module, GPT, Any]:
     from accelerate.utils import DistributedType
 
-    if teacher is not None and accelerator.distributed_type == DistributedType.FSDP:
+    if parts.teacher is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("ST-AR's EMA teacher is updated from the student's full parameters, which FSDP shards: "
                          "train ST-AR with DDP (a multi-GPU Accelerate config without FSDP), or use --no-star under FSDP")
-    wrapped, optimizer = accelerator.prepare(StudentWithProjector(student, projector), optimizer)
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    student_core = accelerator.unwrap_model(wrapped).student
-    student_core = getattr(student_core, "_orig_mod", student_core)
-
-    if config.loader == "map":
-        sampler = EpochBatchSampler(len(dataset), per_rank, rank, world, config.seed,
-                                    start_batch=start_step * config.grad_accum)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers, collate_fn=collate_views,
-                            pin_memory=use_cuda, persistent_workers=config.workers > 0)
-    else:
-        loader = stream_loader(config.shards, views, per_rank, config.seed + start_step, config.view_match, rank,
-                               config.workers)
-
-    resolved = {**asdict(config), "lr": lr, "views": views, "star": star, "star_settings": asdict(settings),
-                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "world_size": world,
-                "batch_per_process": per_rank, "mixed_precision": precision, "model_config": model_config.to_dict(),
-                "tokenizer_sha256": manifest.tokenizer_sha256, "tokenizer_checkpoint": manifest.data["tokenizer"]["checkpoint"],
-                "command": " ".join(sys.argv)}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", resolved)
-        (out / "model.json").write_text(json.dumps({"config": model_config.to_dict()}, indent=2))
-        trim_log(out / "log.jsonl", start_step)
-    if config.tensorboard:
-        accelerator.init_trackers("star", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
-
-    return _train_loop(config, accelerator, wrapped, student_core, teacher, optimizer, loader, settings, star, views,
-                       model_config, start_step, total_steps, lr, manifest, out)
+    student = torch.compile(parts.student) if plan.settings.compile else parts.student
+    wrapped, optimizer = accelerator.prepare(StudentWithProjector(student, parts.projector), parts.optimizer)
+    if parts.teacher is not None:
+        parts.teacher.to(accelerator.device)
+    core = accelerator.unwrap_model(wrapped).student
+    return wrapped, getattr(core, "_orig_mod", core), optimizer
 
 
-def _forward_losses(batch, wrapped, teacher, settings: StarSettings, star: bool, model_config: GPTConfig,
-                    class_dropout: float, generator: torch.Generator) -> dict:
+def _write_run_record(run: Run) -> None:
+    plan, out = run.plan, run.out
+    if run.accelerator.is_main_process:
+        write_json_atomic(out / RUN_CONFIG, plan.to_json())
+        trim_log(out / RUN_LOG, plan.start_step)
+        if plan.star is not None:
+            print(f"teacher EMA decay {plan.star.teacher_decay:.6g} (--teacher-decay {plan.settings.star_settings.teacher_decay}, "
+                  f"{plan.total_steps} steps)", flush=True)
+        for change in plan.changed_on_resume:
+            print(f"resume: {change} (applied)", flush=True)
+    if plan.settings.tensorboard:
+        flat = {k: v for k, v in dataclasses.asdict(plan.settings).items() if isinstance(v, (int, float, str, bool))}
+        run.accelerator.init_trackers("star", config={**flat, "lr": plan.lr, "total_steps": plan.total_steps})
+
+
+def train(config: TrainConfig) -> dict:
+    """Train one run (see TrainConfig); returns {"steps", "out", "last_checkpoint", "seconds", "rank"}."""
+    accelerator, precision = _make_accelerator(config)
+    with contextlib.ExitStack() as held:
+        _claim_run_folder(accelerator, config, held)
+        manifest = Manifest.load(config.shards)
+        plan = resolve_config(config, manifest, accelerator.num_processes, precision)
+        _check_stream_shards(accelerator, config)
+        cache = _build_cache(accelerator, config, manifest)
+        parts = build_parts(plan, fused=accelerator.device.type == "cuda")
+        plan = resume_into(plan, parts)
+        wrapped, student, optimizer = _prepare(plan, parts, accelerator)
+        run = Run(plan, accelerator, wrapped, student, parts.teacher, optimizer, _make_loader(plan, accelerator, cache),
+                  Path(config.out), last_good_checkpoint=plan.resumed_from)
+        _write_run_record(run)
+        return _train_loop(run)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One step
+
+
+def _forward_losses(batch, wrapped, teacher, settings: StarSettings | None, model_config, generator) -> dict:
+    """Loss terms of one micro-batch: L_AR, and with ST-AR settings L_MIM, L_step, L_view and their total."""
     tokens = batch.tokens  # [B, M, T]
     B, M, T = tokens.shape
     cls = model_config.cls_token_num
     S = cls + T - 1
-    labels = drop_class_labels(batch.labels, class_dropout, model_config.null_class, generator)  # once per image
+    labels = drop_class_labels(batch.labels, model_config.class_dropout_prob, model_config.null_class,
+                               generator)  # once per image
     flat_tokens = tokens.reshape(B * M, T)
     flat_labels = labels.repeat_interleave(M)  # [B M]
+    star = settings is not None
     bias, layer, positions = None, None, None
     if star and settings.use_mim:
         bias = key_mask_bias(B * M, S, settings.mask_ratio, generator, tokens.device, cls_token_num=cls)
@@ -354,21 +369,69 @@ def _forward_losses(batch, wrapped, teacher, settings: StarSettings, star: bool,
     output, projected = wrapped(flat_tokens[:, :-1], flat_labels, attn_bias=bias, layer=layer, positions=positions,
                                 return_final_hidden=star)
     terms = {"loss_ar": next_token_loss(output.logits, flat_tokens, cls)}
-    if star:
-        with torch.no_grad():
-            teacher_out = teacher(flat_tokens[:, :-1], flat_labels, return_layers=(layer,) if layer else (),
-                                  return_final_hidden=True)
-        shape = (B, M, S, -1)
-        terms.update(star_losses(
-            settings, output.final_hidden.reshape(shape),
-            projected.reshape(B, M, -1, projected.shape[-1]) if projected is not None else None, positions,
-            teacher_out.final_hidden.reshape(shape), teacher_out.hidden[layer].reshape(shape) if layer else None,
-            batch.view_match, cls))
-        terms["loss"] = total_loss(settings, terms)
-    else:
+    if not star:
         zero = terms["loss_ar"].new_zeros(())
-        terms.update({"loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": terms["loss_ar"]})
+        return {**terms, "loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": terms["loss_ar"]}
+    with torch.no_grad():
+        teacher_out = teacher(flat_tokens[:, :-1], flat_labels, return_layers=(layer,) if layer else (),
+                              return_final_hidden=True)
+    shape = (B, M, S, -1)
+    terms.update(star_losses(
+        settings, output.final_hidden.reshape(shape),
+        projected.reshape(B, M, -1, projected.shape[-1]) if projected is not None else None, positions,
+        teacher_out.final_hidden.reshape(shape), teacher_out.hidden[layer].reshape(shape) if layer else None,
+        batch.view_match, cls))
+    terms["loss"] = total_loss(settings, terms)
     return terms
+
+
+def _check_losses(run: Run, values: torch.Tensor, step: int) -> None:
+    """Every process stops together when any process's loss is not finite (before backward and the update)."""
+    bad = run.accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum")
+    if bad.item() > 0:
+        local = dict(zip((*LOSS_TERMS, "loss"), values.tolist()))
+        culprits = [name for name, v in local.items() if not math.isfinite(v)] or ["(another process)"]
+        raise NonFiniteLoss(f"non-finite loss at step {step + 1}: {', '.join(culprits)} = "
+                            f"{[local[c] for c in culprits if c in local]}; the step was not applied. "
+                            f"{_last_good(run)} Lower --lr or check the data.")
+
+
+def _last_good(run: Run) -> str:
+    if run.last_good_checkpoint:
+        return f"The newest checkpoint, {run.last_good_checkpoint}, was written before this step with finite weights."
+    return "No checkpoint of this run was written yet."
+
+
+def _train_step(run: Run, data, step: int) -> tuple[torch.Tensor, float]:
+    """One optimizer step (grad_accum micro-batches). Returns (mean loss terms [5], gradient norm before clip)."""
+    plan, accelerator = run.plan, run.accelerator
+    config, device = plan.settings, accelerator.device
+    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
+    grad_norm = float("nan")
+    for micro in range(config.grad_accum):
+        batch = next(data).to(device)
+        seed = step_seed(config.seed, step * config.grad_accum + micro, accelerator.process_index)
+        torch.manual_seed(seed)  # dropout
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with accelerator.accumulate(run.wrapped):
+            with accelerator.autocast():
+                terms = _forward_losses(batch, run.wrapped, run.teacher, plan.star, plan.model, generator)
+            values = torch.stack([terms[name].detach().float() for name in (*LOSS_TERMS, "loss")])
+            _check_losses(run, values, step)
+            accelerator.backward(terms["loss"])
+            if accelerator.sync_gradients:
+                grad_norm = float(accelerator.clip_grad_norm_(run.wrapped.parameters(), config.grad_clip))
+                if not math.isfinite(grad_norm):  # DDP/FSDP: the norm is global, so every process stops here
+                    raise NonFiniteGradient(
+                        f"non-finite gradient norm ({grad_norm}) at step {step + 1} with a finite loss "
+                        f"({values[-1].item():.4f}); the step was not applied. {_last_good(run)} Lower --lr or "
+                        "--grad-clip, or check the data.")
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        sums += values.cpu().double() / config.grad_accum
+    if run.teacher is not None:
+        update_teacher(run.teacher, run.student, plan.star.teacher_decay)
+    return sums, grad_norm
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -382,84 +445,77 @@ def _memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
-def _train_loop(config, accelerator, wrapped, student_core, teacher, optimizer, loader, settings, star, views,
-                model_config, start_step, total_steps, lr, manifest, out) -> dict:
-    rank = accelerator.process_index
-    device = accelerator.device
-    log_path = out / "log.jsonl"
-    wrapped.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+def _log(run: Run, step: int, sums: torch.Tensor, interval: tuple[int, float, float], grad_norm: float) -> dict:
+    """Average the interval's losses over processes and append one record to log.jsonl."""
+    interval_steps, interval_start, started = interval
+    accelerator, plan = run.accelerator, run.plan
+    elapsed = max(time.time() - interval_start, 1e-9)
+    averaged = accelerator.reduce(sums.float().to(accelerator.device), reduction="mean").tolist()
+    record = {"step": step, **{n: round(v / interval_steps, 6) for n, v in zip((*LOSS_TERMS, "loss"), averaged)}}
+    images_per_second = interval_steps * plan.settings.batch_size / elapsed
+    record.update({"grad_norm": round(grad_norm, 4), "lr": run.optimizer.param_groups[0]["lr"],
+                   "images_per_s": round(images_per_second, 2),
+                   "tokens_per_s": round(images_per_second * plan.model.block_size * plan.views_per_image, 1),
+                   "memory_gb": round(_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2)})
+    if accelerator.is_main_process:
+        with open(run.out / RUN_LOG, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    if plan.settings.tensorboard:
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+    return record
+
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint (every process takes part in gathering; the main process writes)."""
+    accelerator, plan = run.accelerator, run.plan
+    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(run.wrapped)  # every rank takes part (FSDP gathers shards)
+    if accelerator.is_main_process:
+        student = {k.removeprefix("student.").removeprefix("_orig_mod."): v for k, v in full_state.items()
+                   if k.startswith("student.")}
+        projector = {k.removeprefix("projector."): v for k, v in full_state.items() if k.startswith("projector.")}
+        config = plan.settings
+        meta = {"step": step, "tokenizer_sha256": plan.tokenizer_sha256, "star": plan.star is not None,
+                "views_per_image": plan.views_per_image, "seed": config.seed, "world_size": plan.world_size,
+                "batch_per_process": plan.batch_per_process, "grad_accum": config.grad_accum,
+                "batches_consumed_per_process": step * config.grad_accum,
+                "optimizer": {"lr": plan.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
+                              "betas": list(config.betas)}}
+        teacher = run.teacher.state_dict() if run.teacher is not None else None
+        state = TrainingState(plan.model, student, teacher, projector or None, run.optimizer.state_dict(), meta)
+        run.last_good_checkpoint = str(save_training_state(run.out, step, state, config.keep_checkpoints))
+    accelerator.wait_for_everyone()
+
+
+def _train_loop(run: Run) -> dict:
+    plan, accelerator = run.plan, run.accelerator
+    config, total_steps = plan.settings, plan.total_steps
+    run.wrapped.train()
+    bar = tqdm(total=total_steps, initial=plan.start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
-    sums = {name: 0.0 for name in (*LOSS_TERMS, "loss")}
+    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
     interval_steps, interval_start = 0, time.time()
-    tokens_per_image = model_config.block_size * views
-    step = start_step
-    last_checkpoint = None
-    data = iter(loader)
-    started = time.time()
+    step, started = plan.start_step, time.time()
+    data = iter(run.loader)
     while step < total_steps:
-        for _micro in range(config.grad_accum):
-            batch = next(data).to(device)
-            seed = step_seed(config.seed, step * config.grad_accum + _micro, rank)
-            torch.manual_seed(seed)  # dropout
-            generator = torch.Generator(device=device).manual_seed(seed)
-            with accelerator.accumulate(wrapped), accelerator.autocast():
-                terms = _forward_losses(batch, wrapped, teacher, settings, star, model_config, config.class_dropout,
-                                        generator)
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            values = torch.stack([terms[name].detach().float() for name in (*LOSS_TERMS, "loss")])
-            bad = accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum")
-            if bad.item() > 0:
-                local = {name: float(v) for name, v in zip((*LOSS_TERMS, "loss"), values.tolist())}
-                culprits = [name for name, v in local.items() if not math.isfinite(v)] or ["(another process)"]
-                raise NonFiniteLoss(f"non-finite loss at step {step + 1}: {', '.join(culprits)} = "
-                                    f"{[local[c] for c in culprits if c in local]}. The last good checkpoint "
-                                    f"({last_checkpoint or 'none yet'}) is intact; lower --lr or check the data.")
-            for name, value in zip((*LOSS_TERMS, "loss"), values.tolist()):
-                sums[name] += value / config.grad_accum
-        if teacher is not None:
-            update_teacher(teacher, student_core, settings.teacher_decay)
+        step_sums, grad_norm = _train_step(run, data, step)
+        sums += step_sums
         step += 1
         interval_steps += 1
         bar.update(1)
         if step % config.log_every == 0 or step == total_steps:
-            elapsed = max(time.time() - interval_start, 1e-9)
-            averaged = accelerator.reduce(torch.tensor([sums[n] for n in sums], device=device), reduction="mean")
-            record = {"step": step, **{n: round(v / interval_steps, 6) for n, v in zip(sums, averaged.tolist())}}
-            images_per_second = interval_steps * config.batch_size / elapsed
-            record.update({"grad_norm": round(float(grad_norm), 4), "lr": lr,
-                           "images_per_s": round(images_per_second, 2),
-                           "tokens_per_s": round(images_per_second * tokens_per_image, 1),
-                           "memory_gb": round(_memory_gb(device), 3), "time": round(time.time() - started, 2)})
-            if accelerator.is_main_process:
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['loss_ar']:.4f}",
-                                img_s=f"{images_per_second:.1f}")
-            if config.tensorboard:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            sums = {name: 0.0 for name in sums}
+            record = _log(run, step, sums, (interval_steps, interval_start, started), grad_norm)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['loss_ar']:.4f}",
+                            img_s=f"{record['images_per_s']:.1f}")
+            sums.zero_()
             interval_steps, interval_start = 0, time.time()
         if step % config.ckpt_every == 0 or step == total_steps:
-            accelerator.wait_for_everyone()
-            full_state = accelerator.get_state_dict(wrapped)  # every rank takes part (FSDP gathers shards)
-            if accelerator.is_main_process:
-                student_state = {k.removeprefix("student.").removeprefix("_orig_mod."): v
-                                 for k, v in full_state.items() if k.startswith("student.")}
-                projector_state = {k.removeprefix("projector."): v for k, v in full_state.items()
-                                   if k.startswith("projector.")}
-                meta = {"step": step, "tokenizer_sha256": manifest.tokenizer_sha256, "model": model_config.to_dict(),
-                        "star": star, "views": views, "seed": config.seed, "world_size": accelerator.num_processes,
-                        "batches_consumed_per_process": step * config.grad_accum}
-                last_checkpoint = save_checkpoint(out, step, model_config, student_state, teacher, projector_state,
-                                                  optimizer, meta, config.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            _save(run, step)
     bar.close()
     if config.tensorboard:
         accelerator.end_training()
-    return {"steps": step, "out": str(out), "last_checkpoint": str(checkpoint_dirs(out)[-1]) if checkpoint_dirs(out) else None,
-            "seconds": round(time.time() - started, 2), "rank": rank}
+    newest = checkpoint_dirs(run.out)
+    return {"steps": step, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
+            "seconds": round(time.time() - started, 2), "rank": accelerator.process_index,
+            "teacher_decay": plan.star.teacher_decay if plan.star is not None else None}
+

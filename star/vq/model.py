@@ -462,11 +462,6 @@ def _unwrap_state_dict(checkpoint: Any, ckpt_path: Path) -> dict[str, torch.Tens
     return state_dict
 
 
-def _describe_keys(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
 def load_vq(
     ckpt_path: str | os.PathLike,
     config: "VQConfig | str | os.PathLike | Mapping[str, Any] | None" = None,
@@ -490,26 +485,14 @@ def load_vq(
 
     model = VQModel(config)
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict and key != _USAGE_BUFFER_KEY]
-    unexpected = [key for key in state_dict if key not in expected and key != _USAGE_BUFFER_KEY]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state_dict and state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_describe_keys(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_describe_keys(mismatched, limit=3)}")
-        raise ValueError(
-            f"VQ checkpoint {ckpt_path} does not match the VQ config {config.to_dict()}: " + "; ".join(parts)
-            + ". Check --vq-config: it must be the config the checkpoint was trained with "
-            "(VQ-16 for vq_ds16_c2i.pt, VQ-8 for vq_ds8_c2i.pt, the JSON written beside a checkpoint you trained)."
-        )
+    from star.checkpoint import raise_if_mismatched
+
+    raise_if_mismatched(
+        expected, state_dict, ignore=(_USAGE_BUFFER_KEY,),
+        header=f"VQ checkpoint {ckpt_path} does not match the VQ config {config.to_dict()}",
+        advice="Check --vq-config: it must be the config the checkpoint was trained with (VQ-16 for "
+        "vq_ds16_c2i.pt, VQ-8 for vq_ds8_c2i.pt, the JSON written beside a checkpoint you trained).",
+    )
     state_dict = {key: value for key, value in state_dict.items() if key in expected}
     model.load_state_dict(state_dict, strict=False)  # completeness was checked above
     return model.eval()

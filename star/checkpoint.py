@@ -1,0 +1,438 @@
+"""One owner for weights on disk: official LlamaGen `.pt` files, our safetensors, and the trainer's run folders.
+
+A run folder (`train/run.py --out RUN`):
+
+    RUN/config.json                      the resolved training settings, model config included (once)
+    RUN/log.jsonl                        one record per logged step
+    RUN/.lock                            held by the running trainer (star.io.folder_lock)
+    RUN/checkpoints/step-NNNNNNN/        a complete checkpoint (written as .step-NNNNNNN.tmp/, then renamed)
+        model.safetensors + config.json  the student, loadable alone (`load_gpt`)
+        teacher.safetensors              ST-AR's EMA teacher (same architecture)
+        projector.safetensors            ST-AR's student-only projector
+        optimizer.pt                     AdamW state (torch.save of tensors and numbers: weights_only loads it)
+        meta.json                        step, tokenizer hash, what exact resume depends on; written last
+
+Checkpoint folders are found one way (`checkpoint_dirs`, sorted by step number, never as text).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from star.gpt.model import GPT, GPTConfig
+from star.io import atomic_path, load_torch_weights, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "config.json"
+RUN_LOG = "log.jsonl"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TEACHER_NAME = "teacher.safetensors"
+PROJECTOR_NAME = "projector.safetensors"
+OPTIMIZER_NAME = "optimizer.pt"
+META_NAME = "meta.json"
+SAVE_FORMAT = "star-gpt"
+_STEP_DIR = re.compile(r"step-(\d{7,})")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint folder that is present but cannot be read (truncated or damaged files)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the staging folder was removed."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """Weights about to be saved hold NaN/inf: the checkpoint is refused so no poisoned state reaches disk."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Strict state-dict loading with errors that name the keys (shared by the GPT and the VQ)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any],
+                        ignore: Sequence[str] = ()) -> list[str]:
+    """One line per kind of problem (shape mismatches, missing keys, unexpected keys); empty when it fits."""
+    def shape(tensor) -> tuple:
+        return tuple(tensor.shape)
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (", ..." if len(items) > 4 else "")
+
+    missing = [k for k in expected if k not in given and k not in ignore]
+    unexpected = [k for k in given if k not in expected and k not in ignore]
+    mismatched = [k for k in expected if k in given and shape(given[k]) != shape(expected[k])]
+    lines = []
+    if mismatched:
+        lines.append(f"  shape mismatches: {len(mismatched)} ("
+                     + listed([f"{k}: checkpoint {shape(given[k])} vs model {shape(expected[k])}" for k in mismatched]) + ")")
+    if missing:
+        lines.append(f"  missing keys: {len(missing)} (" + listed([f"{k} {shape(expected[k])}" for k in missing]) + ")")
+    if unexpected:
+        lines.append(f"  unexpected keys: {len(unexpected)} (" + listed([f"{k} {shape(given[k])}" for k in unexpected])
+                     + ")")
+    return lines
+
+
+def raise_if_mismatched(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any], header: str, advice: str,
+                        ignore: Sequence[str] = ()) -> None:
+    """ValueError("header:\\n  <problems>\\n  advice") unless `given` has exactly `expected`'s keys and shapes."""
+    problems = state_dict_mismatch(expected, given, ignore)
+    if problems:
+        raise ValueError("\n".join([f"{header}:", *problems, f"  {advice}"]))
+
+
+def _gpt_mismatch_hint(config: GPTConfig, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Guess which config field differs from the checkpoint's tensor shapes."""
+    hints = []
+    tok = state_dict.get("tok_embeddings.weight")
+    if tok is not None and tok.ndim == 2:
+        if tok.shape[0] != config.vocab_size:
+            hints.append(f"vocab_size differs (checkpoint {tok.shape[0]}, config {config.vocab_size})")
+        if tok.shape[1] != config.dim:
+            hints.append(f"dim differs (checkpoint {tok.shape[1]}, config {config.dim}): wrong preset?")
+    cls_table = state_dict.get("cls_embedding.embedding_table.weight")
+    if cls_table is not None and cls_table.shape[0] != config.num_classes + 1:
+        hints.append(f"num_classes differs (checkpoint table has {cls_table.shape[0]} rows = {cls_table.shape[0] - 1} "
+                     f"classes + null, config num_classes={config.num_classes})")
+    layer_ids = {int(m.group(1)) for k in state_dict if (m := re.match(r"layers\.(\d+)\.", k))}
+    if layer_ids and max(layer_ids) + 1 != config.n_layer:
+        hints.append(f"n_layer differs (checkpoint {max(layer_ids) + 1}, config {config.n_layer}): wrong preset?")
+    w1 = state_dict.get("layers.0.feed_forward.w1.weight")
+    if w1 is not None and w1.shape[0] != config.ffn_hidden_dim and tok is not None and tok.shape[1] == config.dim:
+        hints.append(f"FFN width differs (checkpoint {w1.shape[0]}, config {config.ffn_hidden_dim}): check "
+                     "multiple_of / ffn_dim_multiplier")
+    if not hints:
+        hints.append("the checkpoint is not a LlamaGen c2i GPT of this size (t2i checkpoints have other keys)")
+    return "; ".join(hints)
+
+
+def load_state_dict_strict(model: GPT, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with an error naming the file, the config and the offending keys."""
+    c = model.config
+    raise_if_mismatched(model.state_dict(), state_dict,
+                        header=f"checkpoint {source} does not fit GPT config (dim={c.dim}, n_layer={c.n_layer}, "
+                               f"n_head={c.n_head}, vocab_size={c.vocab_size}, num_classes={c.num_classes}, "
+                               f"block_size={c.block_size})",
+                        advice=f"likely cause: {_gpt_mismatch_hint(c, state_dict)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Official LlamaGen checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key.replace("._fsdp_wrapped_module.", ".").replace("._checkpoint_wrapped_module.", ".")
+
+
+def clean_llamagen_state_dict(raw: Mapping[str, Any], source: str = "<state_dict>") -> dict[str, torch.Tensor]:
+    """Unwrap {"model"|"module"|"state_dict": sd} or a raw sd; strip wrapper prefixes; drop non-weights."""
+    state = raw
+    for container in ("model", "module", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(container), Mapping):
+            state = state[container]
+            break
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(f"{source}: no state dict found (expected a dict of tensors or one under 'model')")
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; is this a GPT "
+                             "weights file?")
+        key = _strip_prefixes(key)
+        if key == "freqs_cis" or key == "causal_mask" or ".kv_cache." in key or key.startswith("kv_cache."):
+            continue  # rebuilt at run time, never weights
+        cleaned[key] = value
+    return cleaned
+
+
+def load_llamagen_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict from an official LlamaGen .pt (DDP {"model": sd}, deepspeed, FSDP raw) or a .safetensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        raw = load_file(str(path))
+    else:
+        raw = load_torch_weights(path)
+    return clean_llamagen_state_dict(raw, source=str(path))
+
+
+def _warn_if_name_disagrees_with_block_size(path: Path, config: GPTConfig) -> None:
+    match = re.search(r"_(256|384|512)(?:\D|$)", path.name)
+    if match:
+        expected = (int(match.group(1)) // 16) ** 2
+        if expected != config.block_size:
+            warnings.warn(f"{path.name} looks like a {match.group(1)}-px checkpoint ({expected} tokens) but "
+                          f"block_size={config.block_size}; resolution is not stored in the weights, so set "
+                          f"block_size={expected} unless this is intended", stacklevel=3)
+
+
+def load_llamagen_gpt(path: str | Path, config: GPTConfig | str | Path | Mapping[str, Any]) -> GPT:
+    """Build a GPT for `config` and load an official LlamaGen checkpoint (or FSDP raw dict) STRICTLY.
+
+    The resolution (block_size) is not stored in the weights: a 384-px checkpoint (576 tokens) loads into
+    a 256-px config without a shape error. Pick block_size from the checkpoint name. Returns eval mode.
+    """
+    config = GPTConfig.resolve(config)
+    _warn_if_name_disagrees_with_block_size(Path(path), config)
+    state_dict = load_llamagen_state_dict(path)
+    model = GPT(config)
+    load_state_dict_strict(model, state_dict, source=str(path))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our safetensors: weights + config side by side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights, config) paths: `x.safetensors` + `x.json`, or a folder with model.safetensors + config.json."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors"), path
+    return path / WEIGHTS_NAME, path / CONFIG_NAME
+
+
+def save_gpt(model: GPT, path: str | Path) -> Path:
+    """Save weights as safetensors plus the config as JSON (a folder, or `name.safetensors` + `name.json`).
+
+    Returns the weights path. Both files are written atomically.
+    """
+    return save_gpt_state(model.config, model.state_dict(), path)
+
+
+def save_gpt_state(config: GPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """`save_gpt` for a state dict gathered elsewhere (e.g. a full state dict from FSDP shards)."""
+    weights_path, config_path = _save_paths(path)
+    _save_tensors(state_dict, weights_path)
+    write_json_atomic(config_path, {"format": SAVE_FORMAT, "format_version": 1, "config": config.to_dict()})
+    return weights_path
+
+
+def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "star_format": SAVE_FORMAT})
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def load_gpt(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Load a model written by `save_gpt` (folder, .safetensors or .json path). Strict; returns eval mode."""
+    weights_path, config_path = _save_paths(path)
+    for needed in (weights_path, config_path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"load_gpt: {needed} not found (expected the pair written by save_gpt)")
+    model = GPT(GPTConfig.resolve(config_path))
+    load_state_dict_strict(model, _load_tensors(weights_path), source=str(weights_path))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights for sampling: a run folder, a checkpoint folder, our safetensors or an official .pt
+# ---------------------------------------------------------------------------------------------------------
+
+WEIGHT_CHOICES = ("student", "teacher")
+
+
+def resolve_checkpoint(ckpt: str, weights: str = "student") -> Path:
+    """The weights file for a run folder (its newest checkpoint), a checkpoint folder, or a file."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
+    path = Path(ckpt)
+    if (path / CHECKPOINTS).is_dir():
+        found = checkpoint_dirs(path)
+        if not found:
+            raise FileNotFoundError(f"--ckpt {ckpt}: the run folder has no complete checkpoint yet")
+        path = found[-1]
+    if path.is_dir():
+        name = TEACHER_NAME if weights == "teacher" else WEIGHTS_NAME
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"--ckpt {path}: no {name} (use --weights student, or another checkpoint)")
+        return path / name
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt} not found")
+    if weights == "teacher":
+        raise ValueError(f"--weights teacher needs a run or checkpoint folder (with {TEACHER_NAME}), not the file {ckpt}")
+    return path
+
+
+def load_generator(ckpt: str, model_spec: str = "", weights: str = "student") -> GPT:
+    """A GPT for sampling (eval mode, CPU): our run/checkpoint folders (student or EMA teacher), our
+    safetensors, or an official LlamaGen .pt (then `model_spec` gives the architecture)."""
+    path = resolve_checkpoint(ckpt, weights)
+    if path.suffix == ".safetensors":
+        if path.name == TEACHER_NAME:  # the EMA teacher: same architecture as the student beside it
+            model = GPT(GPTConfig.resolve(path.parent / CONFIG_NAME))
+            load_state_dict_strict(model, _load_tensors(path), str(path))
+            return model.eval()
+        in_checkpoint_folder = (path.parent / CONFIG_NAME).is_file() and path.name == WEIGHTS_NAME
+        return load_gpt(path.parent if in_checkpoint_folder else path)
+    if not model_spec:
+        raise ValueError(f"--ckpt {ckpt} is an official LlamaGen checkpoint: give --model (e.g. GPT-B, or a JSON "
+                         "with block_size 256 for *_256.pt, 576 for *_384.pt)")
+    return load_llamagen_gpt(path, GPTConfig.resolve(model_spec))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training state in a run folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(run: str | Path) -> list[Path]:
+    """Complete checkpoints of a run folder (meta.json present), oldest first, sorted by step number."""
+    found = [p for p in (Path(run) / CHECKPOINTS).glob("step-*")
+             if _STEP_DIR.fullmatch(p.name) and (p / META_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def run_holds_a_run(run: str | Path) -> bool:
+    """Whether a folder already holds (part of) a training run: a config, a log or checkpoints."""
+    run = Path(run)
+    return any((run / name).exists() for name in (RUN_CONFIG, RUN_LOG, CHECKPOINTS))
+
+
+@dataclass
+class TrainingState:
+    """What one checkpoint holds, as CPU state dicts (None for parts a run does not have)."""
+
+    model_config: GPTConfig
+    student: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor] | None
+    projector: dict[str, torch.Tensor] | None
+    optimizer: dict | None
+    meta: dict
+
+
+def _non_finite(state: Mapping[str, torch.Tensor] | None) -> list[str]:
+    return [k for k, v in (state or {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def save_training_state(run: str | Path, step: int, state: TrainingState, keep: int) -> Path:
+    """Write `checkpoints/step-NNNNNNN/` through a staging folder; prune to the newest `keep` (0: keep all).
+
+    Refuses non-finite weights (NonFiniteWeights) so a poisoned model never becomes "the last checkpoint". A
+    failed write (disk full, ...) removes the staging folder and raises CheckpointWriteError with one line.
+    """
+    bad = _non_finite(state.student) + _non_finite(state.teacher) + _non_finite(state.projector)
+    if bad:
+        raise NonFiniteWeights(f"refusing to write the step-{step} checkpoint: {len(bad)} tensors hold NaN/inf "
+                               f"(e.g. {bad[0]})")
+    root = Path(run) / CHECKPOINTS
+    final = root / f"step-{step:07d}"
+    staging = root / f".step-{step:07d}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        save_gpt_state(state.model_config, state.student, staging)  # model.safetensors + config.json
+        if state.teacher is not None:
+            _save_tensors(state.teacher, staging / TEACHER_NAME)
+        if state.projector is not None:
+            _save_tensors(state.projector, staging / PROJECTOR_NAME)
+        if state.optimizer is not None:
+            with atomic_path(staging / OPTIMIZER_NAME) as tmp:
+                torch.save(state.optimizer, tmp)
+        write_json_atomic(staging / META_NAME, state.meta)  # written last: its presence marks a complete checkpoint
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise CheckpointWriteError(error.errno, f"could not write checkpoint {final}: {reason}; the staging folder "
+                                   f"was removed and earlier checkpoints are intact. Free space (or fix the folder) "
+                                   f"and resume with --resume auto") from error
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for old in checkpoint_dirs(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_training_state(path: str | Path, need_teacher: bool, need_projector: bool,
+                        need_optimizer: bool = True) -> TrainingState:
+    """Read a checkpoint folder into memory. Damaged files raise CorruptCheckpoint; an ST-AR part the run needs
+    but the folder lacks is a ValueError (a teacher is never silently re-initialised from the student)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_NAME).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpoint(f"{path / META_NAME}: {type(error).__name__}: {error}") from error
+    lacking = [name for name, needed in ((TEACHER_NAME, need_teacher), (PROJECTOR_NAME, need_projector))
+               if needed and not (path / name).is_file()]
+    if lacking and meta.get("star", True):  # a --no-star checkpoint lacks them by design: the caller compares "star"
+        raise ValueError(f"checkpoint {path} lacks {' and '.join(lacking)}, which this ST-AR run needs (copied "
+                         "incompletely?); resume from another checkpoint")
+    need_teacher = need_teacher and (path / TEACHER_NAME).is_file()
+    need_projector = need_projector and (path / PROJECTOR_NAME).is_file()
+    readers = {
+        CONFIG_NAME: GPTConfig.resolve,
+        WEIGHTS_NAME: _load_tensors,
+        TEACHER_NAME: _load_tensors if need_teacher else None,
+        PROJECTOR_NAME: _load_tensors if need_projector else None,
+        OPTIMIZER_NAME: (lambda file: torch.load(file, map_location="cpu", weights_only=True)) if need_optimizer else None,
+    }
+    read: dict[str, Any] = {}
+    for name, reader in readers.items():
+        try:
+            read[name] = reader(path / name) if reader is not None else None
+        except Exception as error:  # safetensors, pickle and json raise many types for damaged files
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise CorruptCheckpoint(f"{path / name}: {type(error).__name__}: {first_line}") from error
+    model_config, student = read[CONFIG_NAME], read[WEIGHTS_NAME]
+    teacher, projector, optimizer = read[TEACHER_NAME], read[PROJECTOR_NAME], read[OPTIMIZER_NAME]
+    return TrainingState(model_config, student, teacher, projector, optimizer, meta)
+
+
+def read_newest_intact(run: str | Path, need_teacher: bool, need_projector: bool) -> tuple[TrainingState | None,
+                                                                                             Path | None, list[str]]:
+    """The newest checkpoint of a run that reads back whole: (state, its folder, the damaged ones skipped).
+
+    (None, None, skipped) when the run has no readable checkpoint. Each skipped one is also a warning.
+    """
+    skipped = []
+    for folder in reversed(checkpoint_dirs(run)):
+        try:
+            state = read_training_state(folder, need_teacher, need_projector)
+        except CorruptCheckpoint as error:
+            skipped.append(str(error))
+            warnings.warn(f"--resume auto: skipping damaged checkpoint {error}", stacklevel=2)
+            continue
+        return state, folder, skipped
+    return None, None, skipped
+
+
+def config_differences(saved: GPTConfig, wanted: GPTConfig) -> list[str]:
+    """'field: checkpoint X, now Y' for every GPTConfig field that differs (architecture and dropouts)."""
+    old, new = dataclasses.asdict(saved), dataclasses.asdict(wanted)
+    return [f"model {name}: checkpoint {old[name]!r}, now {new[name]!r}" for name in old if old[name] != new[name]]

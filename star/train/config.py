@@ -1,0 +1,210 @@
+"""Stage two's settings, declared once: `TrainConfig` (the flags of train/run.py, checked on construction) and
+`ResolvedTrainConfig`, everything a run derives from them once (written as the run's config.json)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from star.cli import check, setting
+from star.data.shards import Manifest
+from star.gpt.model import GPT_PRESETS, GPTConfig
+from star.runtime import PRECISION_CHOICES
+from star.train.objectives import StarSettings, resolve_teacher_decay
+from star.train.token_loader import VIEW_MATCH_CHOICES
+
+LOADER_CHOICES = ("map", "stream")  # map: memory-mapped token cache, exact resume; stream: WebDataset, resampled
+RESUME_AUTO = "auto"
+
+
+def _fraction(value: float | None, flag: str, upper_open: bool = False) -> None:
+    """None (unset) or a number in [0, 1] (or [0, 1) when upper_open); NaN fails every comparison."""
+    if value is None:
+        return
+    inside = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+    check(inside, f"{flag} {value}: must be in [0, 1{')' if upper_open else ']'}")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; each is a flag of train/run.py (see `star.cli`)."""
+
+    shards: str = setting(help="token-shard folder written by tokenize/run.py")
+    out: str = setting(help="run folder: config.json, log.jsonl, checkpoints/ (refused if it holds a run, unless "
+                            "--resume)")
+    model: str = setting("GPT-B", help=f"a preset ({', '.join(GPT_PRESETS)}) or a JSON file of LlamaGen ModelArgs")
+    steps: int = setting(0, help="optimizer steps; 0: derive from --epochs")
+    epochs: float = setting(0.0, help="passes over the shards (used when --steps is 0)")
+    batch_size: int = setting(256, help="global batch, in images (each with --views-per-image views)")
+    grad_accum: int = setting(1, help="micro-batches per optimizer step")
+    lr: float | None = setting(None, help="AdamW learning rate; None: 1e-4 per 256 images of --batch-size")
+    weight_decay: float = setting(0.05, help="AdamW weight decay on 2-D weights (LlamaGen's rule)")
+    betas: tuple[float, float] = setting((0.9, 0.95), help="AdamW betas")
+    grad_clip: float = setting(1.0, help="clip the global gradient norm to this (> 0)")
+    class_dropout: float | None = setting(None, help="probability of replacing a label by the null class (CFG); "
+                                                     "None: the model config's class_dropout_prob (LlamaGen: 0.1)")
+    token_dropout: float | None = setting(None, help="None: the model config's token_dropout_p (LlamaGen: 0.1)")
+    dropout: float | None = setting(None, help="residual and FFN dropout; None: the model config's (LlamaGen: 0.1)")
+    seed: int = setting(0, help="seed of the weights, data order and every per-step random choice")
+    star: bool = setting(True, help="ST-AR's self-guided losses; --no-star: the plain LlamaGen baseline")
+    views_per_image: int = setting(2, help="M views of each image per batch for ST-AR (>= 2 with L_view); 1 with "
+                                           "--no-star")
+    view_match: str = setting("index", choices=VIEW_MATCH_CHOICES,
+                              help="L_view's token pairs: index (the paper) or geometry (same source point)")
+    star_settings: StarSettings = setting(default_factory=StarSettings)
+    projector_hidden: int = setting(0, help="hidden width of the contrastive projector; 0: min(2048, 4 x dim)")
+    ckpt_every: int = setting(5000, help="steps between checkpoints (the last step is always saved)")
+    keep_checkpoints: int = setting(3, help="newest checkpoints kept; 0: keep all")
+    log_every: int = setting(10, help="steps between log.jsonl records")
+    resume: str = setting("", help="'auto' (newest intact checkpoint in --out) or a checkpoint folder")
+    init_from: str = setting("", help="start from these weights (LlamaGen .pt or our checkpoint) to fine-tune")
+    deterministic: bool = setting(False, help="deterministic kernels (slower)")
+    compile: bool = setting(False, help="torch.compile the student")
+    num_workers: int = setting(4, help="DataLoader worker processes")
+    loader: str = setting("map", choices=LOADER_CHOICES,
+                          help="map: memory-mapped token cache, exact resume; stream: WebDataset, resampled")
+    cache_dir: str = setting("", help="where the token cache goes (default: <shards>/cache)")
+    tensorboard: bool = setting(False, help="also log to TensorBoard (log.jsonl is always written)")
+    precision: str = setting("auto", choices=PRECISION_CHOICES, help="auto: bf16 on CUDA, fp32 on CPU")
+    progress: bool = setting(True, help="tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        check(bool(self.shards), "--shards: give the token-shard folder")
+        check(bool(self.out), "--out: give the run folder")
+        check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
+        check(self.steps >= 0, f"--steps {self.steps}: must be >= 0 (0: use --epochs)")
+        check(self.epochs >= 0 and math.isfinite(self.epochs), f"--epochs {self.epochs}: must be a finite number >= 0")
+        check(self.grad_accum >= 1, f"--grad-accum {self.grad_accum}: must be >= 1")
+        check(self.lr is None or (self.lr >= 0 and math.isfinite(self.lr)), f"--lr {self.lr}: must be >= 0")
+        check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+              f"--weight-decay {self.weight_decay}: must be >= 0")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"--betas {self.betas}: two "
+              "numbers in [0, 1)")
+        check(self.grad_clip > 0 and math.isfinite(self.grad_clip), f"--grad-clip {self.grad_clip}: must be > 0")
+        _fraction(self.class_dropout, "--class-dropout")
+        _fraction(self.token_dropout, "--token-dropout", upper_open=True)
+        _fraction(self.dropout, "--dropout", upper_open=True)
+        check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
+        check(self.views_per_image >= 1, f"--views-per-image {self.views_per_image}: must be >= 1")
+        check(not (self.star and self.star_settings.use_view) or self.views_per_image >= 2,
+              f"--views-per-image {self.views_per_image}: ST-AR's L_view contrasts views of one image, so it needs "
+              ">= 2 (or pass --no-view)")
+        check(self.view_match in VIEW_MATCH_CHOICES, f"--view-match {self.view_match!r}: choose one of "
+              f"{', '.join(VIEW_MATCH_CHOICES)}")
+        check(self.loader in LOADER_CHOICES, f"--loader {self.loader!r}: choose one of {', '.join(LOADER_CHOICES)}")
+        check(self.precision in PRECISION_CHOICES, f"--precision {self.precision!r}: choose one of "
+              f"{', '.join(PRECISION_CHOICES)}")
+        check(self.projector_hidden >= 0, f"--projector-hidden {self.projector_hidden}: must be >= 0")
+        check(self.ckpt_every >= 1, f"--ckpt-every {self.ckpt_every}: must be >= 1")
+        check(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0 (0: all)")
+        check(self.log_every >= 1, f"--log-every {self.log_every}: must be >= 1")
+        check(self.num_workers >= 0, f"--num-workers {self.num_workers}: must be >= 0")
+
+    @property
+    def uses_star(self) -> bool:
+        return self.star and self.star_settings.any
+
+
+@dataclass(frozen=True)
+class ResolvedTrainConfig:
+    """Everything a run uses, resolved once from a TrainConfig, the shards and the launch (config.json)."""
+
+    settings: TrainConfig  # as given
+    model: GPTConfig  # architecture and dropouts used, class_dropout_prob included (the model config, once)
+    star: StarSettings | None  # resolved (contrastive layer, numeric teacher decay); None: plain LlamaGen
+    views_per_image: int  # M as used (1 without ST-AR)
+    lr: float
+    precision: str  # fp32 | bf16 | fp16
+    world_size: int
+    batch_per_process: int
+    total_steps: int
+    steps_per_epoch: int
+    tokenizer_sha256: str
+    tokenizer_checkpoint: str
+    command: str
+    start_step: int = 0
+    resumed_from: str | None = None
+    changed_on_resume: tuple[str, ...] = ()  # optimizer settings the resumed run changed (applied)
+    skipped_on_resume: tuple[str, ...] = ()  # damaged checkpoints `--resume auto` passed over
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.star is not None
+
+    @property
+    def needs_projector(self) -> bool:
+        return self.star is not None and (self.star.use_step or self.star.use_view)
+
+    @property
+    def projector_hidden(self) -> int:
+        return self.settings.projector_hidden or min(2048, 4 * self.model.dim)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_model_config(config: TrainConfig) -> GPTConfig:
+    """The --model config with the dropout flags applied; a flag left unset keeps the JSON's (or preset's) value,
+    so a --model JSON's class_dropout_prob is honoured unless --class-dropout overrides it."""
+    overrides: dict[str, float] = {}
+    if config.class_dropout is not None:
+        overrides["class_dropout_prob"] = config.class_dropout
+    if config.token_dropout is not None:
+        overrides["token_dropout_p"] = config.token_dropout
+    if config.dropout is not None:
+        overrides["resid_dropout_p"] = config.dropout
+        overrides["ffn_dropout_p"] = config.dropout
+    model = GPTConfig.resolve(config.model, **overrides)
+    _fraction(model.class_dropout_prob, f"--model {config.model}: class_dropout_prob")
+    return model
+
+
+def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards: str) -> None:
+    """Mismatched tokenizer/model settings are errors before any step, naming the value that differs."""
+    h, w = manifest.grid
+    problems = []
+    if manifest.codebook_size > model_config.vocab_size:
+        problems.append(f"tokenizer codebook size {manifest.codebook_size} > model vocab_size {model_config.vocab_size}")
+    if h * w != model_config.block_size:
+        problems.append(f"token grid {h}x{w} = {h * w} tokens != model block_size {model_config.block_size} "
+                        f"(image size {manifest.data['image_size']})")
+    if manifest.num_classes > model_config.num_classes:
+        problems.append(f"shards have {manifest.num_classes} classes > model num_classes {model_config.num_classes}")
+    if problems:
+        raise ValueError(f"shards {shards} do not fit the model:\n  " + "\n  ".join(problems)
+                         + "\nPass a --model JSON with matching vocab_size / block_size / num_classes, or re-tokenize.")
+
+
+def _resolve_star(config: TrainConfig, model: GPTConfig, total_steps: int) -> StarSettings | None:
+    if not config.uses_star:
+        return None
+    star = config.star_settings
+    layer = star.contrastive_layer or model.n_layer // 2
+    check(1 <= layer <= model.n_layer, f"--contrastive-layer {star.contrastive_layer}: outside 1..{model.n_layer}")
+    check(not (star.use_step or star.use_view) or star.num_positions <= model.block_size - 1,
+          f"--num-positions {star.num_positions}: more than the {model.block_size - 1} image positions")
+    return dataclasses.replace(star, contrastive_layer=layer,
+                               teacher_decay=resolve_teacher_decay(star.teacher_decay, total_steps))
+
+
+def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> ResolvedTrainConfig:
+    """Resolve once: model config, batch split, run length, lr, ST-AR settings. ValueError names the flag."""
+    model = build_model_config(config)
+    check_data_against_model(manifest, model, config.shards)
+    batch_per_process, leftover = divmod(config.batch_size, world_size * config.grad_accum)
+    check(batch_per_process > 0 and not leftover, f"--batch-size {config.batch_size} must be a multiple of processes "
+          f"x grad_accum = {world_size} x {config.grad_accum}")
+    check(config.steps > 0 or config.epochs > 0, "give --steps or --epochs (both are 0)")
+    steps_per_epoch = manifest.data["num_samples"] // config.batch_size
+    check(steps_per_epoch > 0, f"--batch-size {config.batch_size}: more than the {manifest.data['num_samples']} "
+          f"images in {config.shards}")
+    total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    star = _resolve_star(config, model, total_steps)
+    return ResolvedTrainConfig(
+        settings=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
+        lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
+        world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256,
+        tokenizer_checkpoint=manifest.data["tokenizer"]["checkpoint"], command=" ".join(sys.argv))

@@ -1,0 +1,245 @@
+"""Stage two's loader: token shards -> a memory-mapped token cache -> batches of M distinct views per image.
+
+The WebDataset shards are the portable, streamable format; for training they are unpacked once into flat
+memory-mapped arrays (ImageNet with ten views is ~6.5 GB of uint16), which makes an epoch a seeded permutation
+and the data position a pure function of the step: resume is exact, for any number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from star.data.shards import Manifest, decode_sample, iter_shard
+from star.io import write_json_atomic
+
+CACHE_VERSION = 1
+VIEW_MATCH_CHOICES = ("index", "geometry")  # index: the paper's same-raster-index pairs; geometry: same source point
+_BUILDING = re.compile(r"\.tokens-[0-9a-f]+\.(?P<host>.+)\.(?P<pid>\d+)\.building")
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    return hashlib.sha256(json.dumps(manifest.data["shards"], sort_keys=True).encode()
+                          + manifest.tokenizer_sha256.encode()).hexdigest()[:16]
+
+
+def build_token_cache(shards: str | Path, cache_root: str | Path | None = None,
+                      manifest: Manifest | None = None) -> Path:
+    """Unpack all shards into `<cache_root>/<digest>/{tokens,labels,boxes,flips}.npy` (once; atomic by rename).
+
+    `manifest`: the shards' manifest when the caller has loaded it already."""
+    shards = Path(shards)
+    manifest = manifest or Manifest.load(shards)
+    cache_root = Path(cache_root) if cache_root else shards / "cache"
+    final = cache_root / f"tokens-{manifest_digest(manifest)}"
+    if (final / "cache.json").is_file():
+        return final
+    remove_stale_builds(cache_root)
+    # Unique per builder: on a shared filesystem each node's first process may build at the same time.
+    staging = cache_root / f".{final.name}.{socket.gethostname()}.{os.getpid()}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    count, views, (h, w) = manifest.data["num_samples"], manifest.num_views, manifest.grid
+    dtype = np.dtype(manifest.data["token_dtype"])
+    tokens = np.lib.format.open_memmap(staging / "tokens.npy", "w+", dtype, (count, views, h, w))
+    labels = np.zeros(count, np.int64)
+    boxes = np.zeros((count, views, 4), np.float32)
+    flips = np.zeros((count, views), bool)
+    index = 0
+    for shard in manifest.shard_paths(shards):
+        for members in iter_shard(shard):
+            sample = decode_sample(members)
+            if index >= count:
+                raise ValueError(f"{shards}: shards hold more samples than the manifest's {count}; re-run tokenize")
+            tokens[index] = sample.tokens
+            labels[index] = sample.class_id
+            boxes[index] = [view["box"] for view in sample.views]
+            flips[index] = [view["flip"] for view in sample.views]
+            index += 1
+    if index != count:
+        raise ValueError(f"{shards}: shards hold {index} samples, the manifest says {count}; run "
+                         f"`python tokenize/inspect_shards.py {shards}` to find the damaged shard")
+    tokens.flush()
+    del tokens
+    np.save(staging / "labels.npy", labels)
+    np.save(staging / "boxes.npy", boxes)
+    np.save(staging / "flips.npy", flips)
+    write_json_atomic(staging / "cache.json", {"version": CACHE_VERSION, "samples": count, "grid": [h, w],
+                                               "views": views, "tokenizer_sha256": manifest.tokenizer_sha256})
+    try:
+        staging.rename(final)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def remove_stale_builds(cache_root: Path) -> list[Path]:
+    """Delete `.tokens-*.HOST.PID.building` folders left by failed or killed builds on this host (their pid is
+    gone). Builds from other hosts are left alone: their liveness cannot be checked from here."""
+    from star.io import _pid_alive
+
+    removed = []
+    host = socket.gethostname()
+    for folder in cache_root.glob(".tokens-*.building") if cache_root.is_dir() else []:
+        match = _BUILDING.fullmatch(folder.name)
+        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def geometric_match(box_a, flip_a: bool, box_b, flip_b: bool, grid: tuple[int, int]) -> np.ndarray:
+    """For each token of view a (raster order), the index of view b's token covering the same source point.
+
+    A token's cell centre is mapped through view a's crop box (un-mirrored if a was flipped) to source pixels,
+    then into view b (mirrored if b was flipped). Points outside view b get -1. Returns int64 [h * w].
+    """
+    h, w = grid
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    u = (cols.ravel() + 0.5) / w  # horizontal position within view a's pixels, 0..1
+    v = (rows.ravel() + 0.5) / h
+    if flip_a:
+        u = 1.0 - u
+    ax0, ay0, ax1, ay1 = box_a
+    bx0, by0, bx1, by1 = box_b
+    source_x = ax0 + u * (ax1 - ax0)
+    source_y = ay0 + v * (ay1 - ay0)
+    u_b = (source_x - bx0) / (bx1 - bx0)
+    v_b = (source_y - by0) / (by1 - by0)
+    inside = (u_b >= 0) & (u_b < 1) & (v_b >= 0) & (v_b < 1)
+    if flip_b:
+        u_b = 1.0 - u_b
+    col_b = np.clip(np.floor(u_b * w), 0, w - 1).astype(np.int64)
+    row_b = np.clip(np.floor(v_b * h), 0, h - 1).astype(np.int64)
+    return np.where(inside, row_b * w + col_b, -1)
+
+
+@dataclass
+class TokenBatch:
+    tokens: torch.Tensor  # [B, M, T] int64, the M views' token grids in raster order
+    labels: torch.Tensor  # [B] int64
+    view_match: torch.Tensor  # [B, M, T] int64: token of view (m+1) % M matching token t of view m, or -1
+    indices: torch.Tensor  # [B] sample indices, for tests and debugging
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.view_match, self.indices)))
+
+
+class TokenViews(Dataset):
+    """Item `epoch * N + i` = sample i with M distinct views drawn by a generator seeded from (seed, epoch, i)."""
+
+    def __init__(self, cache_dir: str | Path, views_per_sample: int, seed: int, view_match: str = "index"):
+        cache_dir = Path(cache_dir)
+        self.tokens = np.load(cache_dir / "tokens.npy", mmap_mode="r")  # [N, V, h, w]
+        self.labels = np.load(cache_dir / "labels.npy")
+        self.boxes = np.load(cache_dir / "boxes.npy")
+        self.flips = np.load(cache_dir / "flips.npy")
+        self.num_samples, self.num_views = self.tokens.shape[:2]
+        self.grid = tuple(self.tokens.shape[2:])
+        if not 1 <= views_per_sample <= self.num_views:
+            raise ValueError(f"views per sample M={views_per_sample}, but the shards store {self.num_views} views per "
+                             "image: tokenize with more views (e.g. --view-policy tencrop) or lower --views-per-image")
+        if view_match not in VIEW_MATCH_CHOICES:
+            raise ValueError(f"--view-match {view_match!r}: use 'index' (the paper) or 'geometry'")
+        self.views_per_sample, self.seed, self.view_match = views_per_sample, seed, view_match
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, item: int):
+        epoch, index = divmod(int(item), self.num_samples)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        tokens, match = select_views(self.tokens[index], self.boxes[index], self.flips[index], self.views_per_sample,
+                                     self.view_match, rng)
+        return tokens, int(self.labels[index]), match, index
+
+
+def select_views(grids: np.ndarray, boxes: np.ndarray, flips: np.ndarray, views_per_sample: int, view_match: str,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """M distinct stored views of one image: tokens [M, T] int64 and, per view m, the token of view (m+1) % M
+    matching each of its tokens [M, T] (raster index, or crop geometry with -1 where nothing matches)."""
+    num_views, h, w = grids.shape
+    chosen = rng.choice(num_views, size=views_per_sample, replace=False)
+    tokens = np.asarray(grids[chosen]).reshape(views_per_sample, h * w).astype(np.int64)  # [M, T]
+    if view_match == "index" or views_per_sample == 1:
+        return tokens, np.tile(np.arange(h * w), (views_per_sample, 1))
+    match = np.stack([geometric_match(boxes[a], flips[a], boxes[b], flips[b], (h, w))
+                      for a, b in zip(chosen, np.roll(chosen, -1))])
+    return tokens, match
+
+
+def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int, seed: int, view_match: str,
+                  rank: int, workers: int, shuffle_buffer: int = 2000):
+    """WebDataset streaming for data that does not fit a node: shards resampled at random per rank and worker
+    (no node splitter), a sample shuffle buffer, M views per sample, batches for this rank. Endless; resuming
+    starts a fresh random stream (only the map-style loader resumes exactly)."""
+    import random
+
+    import webdataset as wds
+
+    manifest = Manifest.load(shards)
+    urls = [str(path) for path in manifest.shard_paths(shards)]
+    if views_per_sample > manifest.num_views:
+        raise ValueError(f"views per sample M={views_per_sample}, but {shards} stores {manifest.num_views} per image")
+    state = {}
+
+    def to_item(members: dict):
+        if "rng" not in state:  # one generator per worker process, distinct across ranks and workers
+            info = torch.utils.data.get_worker_info()
+            state["rng"] = np.random.default_rng([seed, rank, info.id if info else 0, random.getrandbits(32)])
+        sample = decode_sample(members)
+        boxes = np.array([view["box"] for view in sample.views], np.float32)
+        flips = np.array([view["flip"] for view in sample.views], bool)
+        tokens, match = select_views(sample.tokens, boxes, flips, views_per_sample, view_match, state["rng"])
+        return tokens, sample.class_id, match, -1
+
+    dataset = (wds.WebDataset(urls, resampled=True, nodesplitter=None, shardshuffle=False, seed=seed * 1000 + rank,
+                              empty_check=False)
+               .shuffle(shuffle_buffer)
+               .map(to_item)
+               .batched(batch_per_rank, collation_fn=collate_views, partial=False))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+
+
+def collate_views(items) -> TokenBatch:
+    tokens, labels, matches, indices = zip(*items)
+    return TokenBatch(torch.from_numpy(np.stack(tokens)), torch.tensor(labels), torch.from_numpy(np.stack(matches)),
+                      torch.tensor(indices))
+
+
+class EpochBatchSampler(Sampler):
+    """Endless batches for one rank: each epoch a seeded permutation, cut into world * batch slices (tail dropped).
+
+    Starting at `start_batch` (batches already consumed by this rank) makes a resumed run read exactly what an
+    uninterrupted run would have read.
+    """
+
+    def __init__(self, num_samples: int, batch_per_rank: int, rank: int, world: int, seed: int, start_batch: int = 0):
+        self.batches_per_epoch = num_samples // (batch_per_rank * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
+                             f"({batch_per_rank} x {world} processes): lower --batch-size")
+        self.num_samples, self.batch_per_rank, self.rank, self.world = num_samples, batch_per_rank, rank, world
+        self.seed, self.start_batch = seed, start_batch
+
+    def __iter__(self):
+        batch = self.start_batch
+        while True:
+            epoch, within = divmod(batch, self.batches_per_epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+            span = self.batch_per_rank * self.world
+            for position in range(within, self.batches_per_epoch):
+                chunk = order[position * span : (position + 1) * span]
+                mine = chunk[self.rank * self.batch_per_rank : (self.rank + 1) * self.batch_per_rank]
+                yield (mine + epoch * self.num_samples).tolist()
+            batch = (epoch + 1) * self.batches_per_epoch
