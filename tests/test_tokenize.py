@@ -38,7 +38,7 @@ def make_folder(root: Path, per_class: int = 3, classes=("bird", "cat", "dog")) 
 def config_for(data, out, small_vq, **overrides) -> TokenizeConfig:
     ckpt, vq_json = small_vq
     settings = dict(data=str(data), out=str(out), vq_ckpt=str(ckpt), vq_config=str(vq_json), image_size=32,
-                    views="tencrop", shard_size=2, batch_size=3, workers=0, progress=False)
+                    view_policy="tencrop", shard_size=2, batch_size=3, num_workers=0, progress=False)
     settings.update(overrides)
     return TokenizeConfig(**settings)
 
@@ -90,20 +90,35 @@ def test_folder_round_trip(tmp_path, small_vq):
 
 
 def test_rerun_after_crash_redoes_only_missing_shards(tmp_path, small_vq):
+    import socket
+
     make_folder(tmp_path / "data")
     config = config_for(tmp_path / "data", tmp_path / "out", small_vq)
     run_tokenize(config)
     out = tmp_path / "out"
-    # A process killed mid-run leaves: a shard with a tar but no sidecar, a shard with neither, a stale temp file.
+    # A process killed mid-run leaves: a shard with a tar but no sidecar, a shard with neither, its temp files.
     (out / "shard-000001.json").unlink()
     (out / "shard-000003.json").unlink()
     (out / "shard-000003.tar").unlink()
-    (out / ".shard-000004.tar.abc123.tmp").write_bytes(b"partial")
-    untouched = (out / "shard-000000.tar").stat().st_mtime_ns
-    summary = run_tokenize(config)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()
+    (out / f".shard-000004.tar.pid{dead_pid}@{host}.tmp").write_bytes(b"partial")
+    (out / f".shard-000001.json.pid{dead_pid}@{host}.tmp").write_bytes(b"partial")
+    # Temporaries this run must not touch: a live process's, another host's, and a name tokenize never writes.
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        kept = [out / f".shard-000002.tar.pid{live.pid}@{host}.tmp", out / f".shard-000002.tar.pid{dead_pid}@elsewhere.tmp",
+                out / ".shard-000004.tar.abc123.tmp"]
+        for path in kept:
+            path.write_bytes(b"someone else's")
+        untouched = (out / "shard-000000.tar").stat().st_mtime_ns
+        summary = run_tokenize(config)
+    finally:
+        live.kill()
+        live.wait()
     assert summary["shards_now"] == 2 and summary["images_now"] == 4
     assert (out / "shard-000000.tar").stat().st_mtime_ns == untouched
-    assert not list(out.glob("*.tmp"))
+    assert sorted(out.glob(".*.tmp")) == sorted(kept) and all(p.read_bytes() == b"someone else's" for p in kept)
     assert len(read_all(out)) == 9
 
 
@@ -167,7 +182,7 @@ def test_webdataset_tar_inputs(tmp_path, small_vq):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    summary = run_tokenize(config_for(tars, tmp_path / "out", small_vq, views="random:2"))
+    summary = run_tokenize(config_for(tars, tmp_path / "out", small_vq, view_policy="random:2"))
     assert summary["images"] == 6 and summary["shards"] == 2
     manifest = Manifest.load(tmp_path / "out")
     assert manifest.num_classes == 4 and manifest.num_views == 2
@@ -181,7 +196,7 @@ def test_two_processes_write_disjoint_shards(tmp_path, small_vq):
     env = {**os.environ, **CPU_ENV}
     command = [sys.executable, *TWO_CPU_PROCESSES, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
                "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32", "--shard-size", "2",
-               "--workers", "0", "--no-progress"]
+               "--num-workers", "0", "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -196,7 +211,7 @@ def test_inspect_validates_and_previews(tmp_path, small_vq):
     make_folder(tmp_path / "data")
     out = tmp_path / "out"
     run_tokenize(config_for(tmp_path / "data", out, small_vq))
-    command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--inspect", str(out), "--vq-ckpt", str(small_vq[0]),
+    command = [sys.executable, str(REPO / "tokenize" / "inspect_shards.py"), str(out), "--vq-ckpt", str(small_vq[0]),
                "--vq-config", str(small_vq[1]), "--preview", str(tmp_path / "preview.png")]
     healthy = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert healthy.returncode == 0, healthy.stderr[-2000:]
@@ -206,7 +221,7 @@ def test_inspect_validates_and_previews(tmp_path, small_vq):
     # A truncated shard is found and named.
     shard = out / "shard-000002.tar"
     shard.write_bytes(shard.read_bytes()[:700])
-    broken = subprocess.run(command[:4], capture_output=True, text=True, timeout=300)
+    broken = subprocess.run(command[:3], capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1
     assert "shard-000002.tar" in broken.stdout and "problems" in broken.stdout
 
@@ -219,7 +234,7 @@ def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
     ckpt, vq_json = small_vq
     command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out",
                str(tmp_path / "out"), "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32",
-               "--shard-size", "2", "--batch-size", "1", "--workers", "0", "--no-progress"]
+               "--shard-size", "2", "--batch-size", "1", "--num-workers", "0", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
