@@ -14,7 +14,7 @@ from PIL import Image
 
 from star.data.extract import TokenizeConfig, run_tokenize
 from star.data.inspect_shards import describe_manifest, validate_shards
-from star.data.shards import Manifest, decode_sample, iter_shard
+from star.data.shards import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,11 +46,9 @@ def config_for(data, out, small_vq, **overrides) -> TokenizeConfig:
 def read_all(out: Path) -> dict:
     manifest = Manifest.load(out)
     samples = {}
-    for shard in manifest.shard_paths(out):
-        for members in iter_shard(shard):
-            sample = decode_sample(members)
-            assert sample.key not in samples, f"{sample.key} written twice"
-            samples[sample.key] = sample
+    for sample in manifest.iter_samples():
+        assert sample.key not in samples, f"{sample.key} written twice"
+        samples[sample.key] = sample
     return samples
 
 
@@ -59,7 +57,7 @@ def test_folder_round_trip(tmp_path, small_vq):
     summary = run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
     assert summary["images"] == 9 and summary["shards"] == 5 and summary["rejected"] == 0
     manifest = Manifest.load(tmp_path / "out")
-    assert manifest.data["classes"] == {"bird": 0, "cat": 1, "dog": 2}
+    assert manifest.classes == {"bird": 0, "cat": 1, "dog": 2}
     assert manifest.grid == (8, 8) and manifest.codebook_size == 256 and manifest.num_views == 10
     samples = read_all(tmp_path / "out")
     assert sorted(s.source for s in samples.values()) == sorted(sources)
@@ -138,7 +136,7 @@ def test_bad_inputs_are_skipped_and_listed(tmp_path, small_vq):
     summary = run_tokenize(config_for(data, tmp_path / "out", small_vq, shard_size=4))
     assert summary["images"] == 7 and summary["rejected"] == 2
     manifest = Manifest.load(tmp_path / "out")
-    reasons = {item["path"]: item["reason"] for item in manifest.data["rejected"]}
+    reasons = {item.path: item.reason for item in manifest.rejected}
     assert set(reasons) == {"a/notes.txt", "a/truncated.jpg"}
     assert all("not a readable image" in reason for reason in reasons.values())
     assert validate_shards(tmp_path / "out")["problems"] == []
