@@ -353,8 +353,15 @@ def test_bf16_is_honoured_and_recorded(tmp_path, small_vq):
     make_folder(tmp_path / "data", per_class=1)
     run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, precision="bf16"))
     assert Manifest.load(tmp_path / "out").precision == "bf16"
+    with pytest.raises(ValueError, match="precision: folder has 'bf16', this run has 'fp32'"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, precision="fp32"))
     run_tokenize(config_for(tmp_path / "data", tmp_path / "out32", small_vq))
     assert Manifest.load(tmp_path / "out32").precision == "fp32"  # auto on CPU
+    # A folder whose plan.json predates the precision record is still accepted for a rerun.
+    plan_path = tmp_path / "out32" / "plan.json"
+    plan_path.write_text(json.dumps({k: v for k, v in json.loads(plan_path.read_text()).items() if k != "precision"}))
+    assert run_tokenize(config_for(tmp_path / "data", tmp_path / "out32", small_vq))["shards_now"] == 0
+    assert json.loads(plan_path.read_text())["precision"] == "fp32"
 
 
 # ---------------------------------------------------------------------------------------------------------------

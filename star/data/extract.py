@@ -233,7 +233,8 @@ def check_output_folder(out: Path, expected: dict) -> None:
     if existing is None:
         return
     differences = [f"{name}: folder has {existing.get(name)!r}, this run has {value!r}"
-                   for name, value in expected.items() if existing.get(name) != value]
+                   for name, value in expected.items()
+                   if existing.get(name) != value and not (name in PLAN_KEYS_ADDED_LATER and name not in existing)]
     if differences:
         raise ValueError(
             f"--out {out} holds shards made with different settings:\n  " + "\n  ".join(differences)
@@ -241,19 +242,25 @@ def check_output_folder(out: Path, expected: dict) -> None:
         )
 
 
-def _plan_record(config: TokenizeConfig, plan: InputPlan, tokenizer: dict, grid: tuple[int, int], codebook_size: int) -> dict:
+# Keys a plan.json written by an earlier version lacks: such a folder is not refused for them.
+PLAN_KEYS_ADDED_LATER = ("precision",)
+
+
+def _plan_record(config: TokenizeConfig, plan: InputPlan, encoder: Encoder) -> dict:
+    side = config.image_size // encoder.vq_config.downsample
     return {  # the key "views" holds the view policy: plan.json files written before the flag rename still match
         "input_fingerprint": plan.fingerprint,
         "input_kind": plan.kind,
         "num_units": plan.num_units,
-        "tokenizer_sha256": tokenizer["checkpoint_sha256"],
+        "tokenizer_sha256": encoder.tokenizer["checkpoint_sha256"],
         "image_size": config.image_size,
-        "grid": list(grid),
-        "codebook_size": codebook_size,
+        "grid": [side, side],
+        "codebook_size": encoder.vq_config.codebook_size,
         "views": config.view_policy,
         "crop_range": config.crop_range,
         "seed": config.seed,
         "shard_size": config.shard_size,
+        "precision": encoder.precision,  # bf16 and fp32 tokens may differ: one folder holds one kind
     }
 
 
@@ -397,8 +404,7 @@ def run_tokenize(config: TokenizeConfig) -> dict:
         device = state.device  # one GPU per process under accelerate launch / torchrun
     plan = plan_inputs(config.data, config.shard_size)
     encoder = _load_encoder(config, device)
-    side = config.image_size // encoder.vq_config.downsample
-    expected = _plan_record(config, plan, encoder.tokenizer, (side, side), encoder.vq_config.codebook_size)
+    expected = _plan_record(config, plan, encoder)
 
     with contextlib.ExitStack() as held:
         if state.is_main_process:  # rank 0 holds the folder for the whole run (see the module docstring)
