@@ -15,10 +15,6 @@ from star.io import atomic_path
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
 
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def save_tile_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -> Path:
     """Write rows of equally sized uint8 tiles [S, S, 3] as one PNG, white gaps between tiles (atomically)."""
     size = next(tile for row in rows for tile in row).shape[0]

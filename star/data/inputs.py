@@ -20,7 +20,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from star.data.shards import iter_tar_groups  # noqa: F401  (the one grouper; re-exported for old imports)
 from star.images import IMAGE_EXTENSIONS
 
 # Members of an input tar tried as the image and as the class id, in this order.

@@ -127,9 +127,6 @@ def tencrop_views(image: Image.Image, size: int, crop_range: float) -> list[View
     return views
 
 
-view_seed = key_seed  # the seed of one image's random views (older name)
-
-
 def random_views(
     image: Image.Image,
     size: int,
@@ -140,7 +137,7 @@ def random_views(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> list[View]:
     """Random-resized crops (area fraction in `scale`, aspect in `ratio`) with random flips, seeded by (seed, key)."""
-    rng = random.Random(view_seed(key, seed))
+    rng = random.Random(key_seed(key, seed))  # the image's own stream: a rerun reproduces its views
     width, height = image.size
     views = []
     for _ in range(count):
