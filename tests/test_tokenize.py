@@ -222,6 +222,8 @@ def test_inspect_validates_and_previews(tmp_path, small_vq):
     broken = subprocess.run(command[:3], capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1
     assert "shard-000002.tar" in broken.stdout and "problems" in broken.stdout
+    not_shards = subprocess.run(command[:2] + [str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    assert not_shards.returncode == 2 and "manifest.json not found" in not_shards.stderr.splitlines()[-1]
 
 
 def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
@@ -382,6 +384,9 @@ def test_out_that_is_not_a_shard_folder_is_refused(tmp_path, small_vq):
         run_tokenize(config_for(tmp_path / "data", run_folder, small_vq))
     assert sorted(p.name for p in photos.iterdir()) == ["holiday.jpg"]
     assert sorted(p.name for p in run_folder.iterdir()) == ["config.json", "log.jsonl"]
+    with pytest.raises(ValueError, match="is inside --data"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "data" / "shards", small_vq))
+    assert not (tmp_path / "data" / "shards").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_tokenize(config_for(tmp_path / "data", empty, small_vq))["images"] == 3  # an empty folder is fine

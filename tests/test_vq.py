@@ -218,6 +218,10 @@ def test_training_reduces_loss_and_checkpoint_reloads_identically(tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text()) == metrics
     assert json.loads((run / "train_config.json").read_text())["steps"] == 40
+    before = (run / "vq.pt").read_bytes()
+    with pytest.raises(ValueError, match="already holds a trained VQ"):  # a rerun into the same --out
+        train_vq(config)
+    assert (run / "vq.pt").read_bytes() == before
 
     # the written checkpoint is official-format and reproduces the trainer's own held-out numbers exactly
     assert set(torch.load(run / "vq.pt", weights_only=True)) == {"model"}

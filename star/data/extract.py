@@ -204,6 +204,14 @@ class ExitWithParent:
 RUN_FOLDER_MARKERS = ("config.json", "log.jsonl", "checkpoints")
 
 
+def refuse_out_inside_data(out: Path, data: str) -> None:
+    """Shards written inside the input tree would be listed as a class folder by the next run."""
+    source = Path(data).resolve()
+    if source.is_dir() and (out.resolve() == source or source in out.resolve().parents):
+        raise ValueError(f"--out {out} is inside --data {data}: the shards would become part of the input; "
+                         "choose a folder outside the input tree")
+
+
 def refuse_foreign_folder(out: Path) -> None:
     """Before any work: `--out` must be absent, empty, or a token-shard folder (never a run or other folder)."""
     if out.exists() and not out.is_dir():
@@ -397,6 +405,7 @@ def run_tokenize(config: TokenizeConfig) -> dict:
     """Run stage one; returns the run summary (rank 0 also writes the merged manifest)."""
     started = time.time()
     out = Path(config.out)
+    refuse_out_inside_data(out, config.data)
     refuse_foreign_folder(out)
     device = pick_device(config.device)
     state = _distributed_state(device)

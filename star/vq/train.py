@@ -266,6 +266,9 @@ def train_vq(config: VQTrainConfig) -> dict[str, Any]:
         list_images(config.data_root), config.holdout_fraction, config.max_holdout_images, config.seed
     )
     with folder_lock(config.out_dir, "tokenize/train_vq.py"):
+        if (Path(config.out_dir) / "vq.pt").exists():  # shards made with it name its hash: never replace it by mistake
+            raise ValueError(f"--out {config.out_dir} already holds a trained VQ (vq.pt); choose a new --out folder, "
+                             "or delete that folder to retrain there")
         torch.manual_seed(config.seed)
         dataset = RandomCropImages(train_paths, config.image_size, config.min_crop_fraction, config.seed)
         holdout_pixels = torch.from_numpy(
