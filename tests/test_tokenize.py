@@ -347,7 +347,7 @@ def test_command_line_exits_2_with_one_line(tmp_path, small_vq):
     assert result.returncode == 2
     assert "unknown view policy 'TenCrop': choose one of tencrop, center, random:N" in result.stderr.splitlines()[-1]
     old_flag = subprocess.run(command[:-2] + ["--views", "tencrop"], capture_output=True, text=True, timeout=120)
-    assert old_flag.returncode == 2 and "unrecognized arguments: --views" in old_flag.stderr
+    assert old_flag.returncode == 2 and old_flag.stderr == "error: --views was renamed; use --view-policy\n"
     assert not (tmp_path / "out").exists()
 
 
