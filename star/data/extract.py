@@ -235,7 +235,10 @@ def check_output_folder(out: Path, expected: dict) -> None:
     refuse_foreign_folder(out)
     existing = None
     if (out / PLAN_NAME).is_file():
-        existing = json.loads((out / PLAN_NAME).read_text())
+        try:
+            existing = json.loads((out / PLAN_NAME).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--out {out}: {PLAN_NAME} is damaged ({error}); use a new --out folder") from error
     elif (out / MANIFEST_NAME).is_file() or any(out.glob("*.tar")):
         raise ValueError(f"--out {out} already holds shards not made by this tool's current format; use an empty folder")
     if existing is None:
