@@ -166,6 +166,9 @@ def test_output_of_another_size_or_tokenizer_is_refused(tmp_path, small_vq):
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, vq_ckpt=str(other_ckpt)))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    (tmp_path / "out" / "plan.json").write_text("{half a pla")
+    with pytest.raises(ValueError, match="plan.json is damaged"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
 
 
 def test_webdataset_tar_inputs(tmp_path, small_vq):
