@@ -17,6 +17,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
@@ -101,17 +102,24 @@ class _FolderLister:
         self._seen[identity] = self._relative(path)
         return True
 
-    def walk_class(self, directory: str, class_id: int) -> None:
-        entries = self.scan(directory)
-        for entry in entries or ():
+    def entries(self, directory: str) -> Iterator[tuple[os.DirEntry, bool]]:
+        """(entry, is_directory) for the usable entries of `directory`, sorted: hidden names skipped, broken links
+        rejected, a directory only on its first visit."""
+        for entry in self.scan(directory) or ():
             if _hidden(entry.name):
                 continue
             problem = _link_problem(entry.path) if entry.is_symlink() else None
             if problem:
                 self.reject(entry.path, problem)
-            elif entry.is_dir():
-                if self.first_visit(entry.path):
-                    self.walk_class(entry.path, class_id)
+            elif not entry.is_dir():
+                yield entry, False
+            elif self.first_visit(entry.path):
+                yield entry, True
+
+    def walk_class(self, directory: str, class_id: int) -> None:
+        for entry, is_directory in self.entries(directory):
+            if is_directory:
+                self.walk_class(entry.path, class_id)
             else:
                 self.items.append(FolderItem(self._relative(entry.path), class_id, entry.stat().st_size))
 
@@ -119,15 +127,9 @@ class _FolderLister:
         """The root's class folders; everything else at the top level is rejected with a reason."""
         self.first_visit(str(self.root))
         folders = []
-        for entry in self.scan(str(self.root)) or ():
-            if _hidden(entry.name):
-                continue
-            problem = _link_problem(entry.path) if entry.is_symlink() else None
-            if problem:
-                self.reject(entry.path, problem)
-            elif entry.is_dir():
-                if self.first_visit(entry.path):
-                    folders.append(entry)
+        for entry, is_directory in self.entries(str(self.root)):
+            if is_directory:
+                folders.append(entry)
             else:
                 self.reject(entry.path, "file at the top level beside the class folders: it has no class; "
                                         "move it into a class folder")
