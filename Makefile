@@ -44,7 +44,7 @@ vq: setup
 
 tokenize: setup
 	$(PY) tokenize/run.py --data $(DATA) --out $(SHARDS) --vq-ckpt $(VQ_CKPT) --vq-config $(VQ_CONFIG) \
-		--image-size $(IMAGE_SIZE) --views $(VIEWS)
+		--image-size $(IMAGE_SIZE) --view-policy $(VIEWS)
 
 # One process here; for many GPUs or nodes: accelerate launch train/run.py ... (same flags)
 train: setup

@@ -65,7 +65,7 @@ def bench_tokenize(work: Path) -> dict:
     def ours():
         out = work / f"shards-{time.perf_counter_ns()}"
         run_tokenize(TokenizeConfig(data=str(work / "data" / "train"), out=str(out), vq_ckpt=str(vq_ckpt),
-                                    vq_config=str(vq_json), image_size=32, batch_size=32, workers=1, progress=False))
+                                    vq_config=str(vq_json), image_size=32, batch_size=32, num_workers=1, progress=False))
 
     vq = load_vq(vq_ckpt, VQConfig.resolve(vq_json))
 
@@ -172,7 +172,7 @@ def bench_loader(work: Path) -> dict:
 
     out = work / "loader-shards"
     run_tokenize(TokenizeConfig(data=str(work / "data" / "train"), out=str(out), vq_ckpt=str(FIXTURES / "vq_small.pt"),
-                                vq_config=str(FIXTURES / "vq_small.json"), image_size=32, workers=0, progress=False))
+                                vq_config=str(FIXTURES / "vq_small.json"), image_size=32, num_workers=0, progress=False))
     dataset = TokenViews(build_token_cache(out), 2, 0, "geometry")
     loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), 32, 0, 1, 0), num_workers=0,
                         collate_fn=collate_views)

@@ -51,7 +51,7 @@ def stage_tokenize(vq_ckpt: Path, vq_config: Path) -> dict:
     for split, views in (("train", "tencrop"), ("val", "center")):
         summary = run_tokenize(TokenizeConfig(data=str(DATA / split), out=str(ROOT / "shards" / split),
                                               vq_ckpt=str(vq_ckpt), vq_config=str(vq_config), image_size=IMAGE_SIZE,
-                                              views=views, shard_size=256, batch_size=32, workers=0))
+                                              view_policy=views, shard_size=256, batch_size=32, num_workers=0))
         print(format_summary(summary))
         summaries[split] = summary
     return summaries

@@ -1,4 +1,5 @@
-"""Image grids for people to look at (sample grids, shard previews, attention panels)."""
+"""Image files: the one list of image extensions every stage accepts, and grids for people to look at
+(sample grids, shard previews, attention panels)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,11 @@ import numpy as np
 from PIL import Image
 
 from star.io import atomic_path
+
+# The file extensions read as images, everywhere (tokenize's folder and tar inputs, the VQ trainer).
+# Files with other extensions inside a class folder are still offered to the decoder and, if unreadable,
+# listed as rejected with a reason: the list decides what counts as an image, never what is silently dropped.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
 
 def save_tile_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2) -> Path:

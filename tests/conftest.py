@@ -37,7 +37,7 @@ def tiny_shards(tmp_path_factory, small_vq):
     build_builtin_dataset(root / "data", train_per_class=8, val_per_class=2, image_size=40,
                           classes=("astronaut", "coffee", "rocket"))
     run_tokenize(TokenizeConfig(data=str(root / "data" / "train"), out=str(root / "shards"), vq_ckpt=str(small_vq[0]),
-                                vq_config=str(small_vq[1]), image_size=32, shard_size=10, workers=0, progress=False))
+                                vq_config=str(small_vq[1]), image_size=32, shard_size=10, num_workers=0, progress=False))
     return root / "shards"
 
 

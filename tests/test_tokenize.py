@@ -13,8 +13,8 @@ from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 from PIL import Image
 
 from star.data.extract import TokenizeConfig, run_tokenize
-from star.data.inspect_shards import validate_shards
-from star.data.shards import Manifest, decode_sample, iter_shard
+from star.data.inspect_shards import describe_manifest, validate_shards
+from star.data.shards import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def make_folder(root: Path, per_class: int = 3, classes=("bird", "cat", "dog")) 
 def config_for(data, out, small_vq, **overrides) -> TokenizeConfig:
     ckpt, vq_json = small_vq
     settings = dict(data=str(data), out=str(out), vq_ckpt=str(ckpt), vq_config=str(vq_json), image_size=32,
-                    views="tencrop", shard_size=2, batch_size=3, workers=0, progress=False)
+                    view_policy="tencrop", shard_size=2, batch_size=3, num_workers=0, progress=False)
     settings.update(overrides)
     return TokenizeConfig(**settings)
 
@@ -46,11 +46,9 @@ def config_for(data, out, small_vq, **overrides) -> TokenizeConfig:
 def read_all(out: Path) -> dict:
     manifest = Manifest.load(out)
     samples = {}
-    for shard in manifest.shard_paths(out):
-        for members in iter_shard(shard):
-            sample = decode_sample(members)
-            assert sample.key not in samples, f"{sample.key} written twice"
-            samples[sample.key] = sample
+    for sample in manifest.iter_samples():
+        assert sample.key not in samples, f"{sample.key} written twice"
+        samples[sample.key] = sample
     return samples
 
 
@@ -59,7 +57,7 @@ def test_folder_round_trip(tmp_path, small_vq):
     summary = run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
     assert summary["images"] == 9 and summary["shards"] == 5 and summary["rejected"] == 0
     manifest = Manifest.load(tmp_path / "out")
-    assert manifest.data["classes"] == {"bird": 0, "cat": 1, "dog": 2}
+    assert manifest.classes == {"bird": 0, "cat": 1, "dog": 2}
     assert manifest.grid == (8, 8) and manifest.codebook_size == 256 and manifest.num_views == 10
     samples = read_all(tmp_path / "out")
     assert sorted(s.source for s in samples.values()) == sorted(sources)
@@ -90,20 +88,35 @@ def test_folder_round_trip(tmp_path, small_vq):
 
 
 def test_rerun_after_crash_redoes_only_missing_shards(tmp_path, small_vq):
+    import socket
+
     make_folder(tmp_path / "data")
     config = config_for(tmp_path / "data", tmp_path / "out", small_vq)
     run_tokenize(config)
     out = tmp_path / "out"
-    # A process killed mid-run leaves: a shard with a tar but no sidecar, a shard with neither, a stale temp file.
+    # A process killed mid-run leaves: a shard with a tar but no sidecar, a shard with neither, its temp files.
     (out / "shard-000001.json").unlink()
     (out / "shard-000003.json").unlink()
     (out / "shard-000003.tar").unlink()
-    (out / ".shard-000004.tar.abc123.tmp").write_bytes(b"partial")
-    untouched = (out / "shard-000000.tar").stat().st_mtime_ns
-    summary = run_tokenize(config)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()
+    (out / f".shard-000004.tar.pid{dead_pid}@{host}.tmp").write_bytes(b"partial")
+    (out / f".shard-000001.json.pid{dead_pid}@{host}.tmp").write_bytes(b"partial")
+    # Temporaries this run must not touch: a live process's, another host's, and a name tokenize never writes.
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        kept = [out / f".shard-000002.tar.pid{live.pid}@{host}.tmp", out / f".shard-000002.tar.pid{dead_pid}@elsewhere.tmp",
+                out / ".shard-000004.tar.abc123.tmp"]
+        for path in kept:
+            path.write_bytes(b"someone else's")
+        untouched = (out / "shard-000000.tar").stat().st_mtime_ns
+        summary = run_tokenize(config)
+    finally:
+        live.kill()
+        live.wait()
     assert summary["shards_now"] == 2 and summary["images_now"] == 4
     assert (out / "shard-000000.tar").stat().st_mtime_ns == untouched
-    assert not list(out.glob("*.tmp"))
+    assert sorted(out.glob(".*.tmp")) == sorted(kept) and all(p.read_bytes() == b"someone else's" for p in kept)
     assert len(read_all(out)) == 9
 
 
@@ -123,7 +136,7 @@ def test_bad_inputs_are_skipped_and_listed(tmp_path, small_vq):
     summary = run_tokenize(config_for(data, tmp_path / "out", small_vq, shard_size=4))
     assert summary["images"] == 7 and summary["rejected"] == 2
     manifest = Manifest.load(tmp_path / "out")
-    reasons = {item["path"]: item["reason"] for item in manifest.data["rejected"]}
+    reasons = {item.path: item.reason for item in manifest.rejected}
     assert set(reasons) == {"a/notes.txt", "a/truncated.jpg"}
     assert all("not a readable image" in reason for reason in reasons.values())
     assert validate_shards(tmp_path / "out")["problems"] == []
@@ -153,6 +166,9 @@ def test_output_of_another_size_or_tokenizer_is_refused(tmp_path, small_vq):
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, vq_ckpt=str(other_ckpt)))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    (tmp_path / "out" / "plan.json").write_text("{half a pla")
+    with pytest.raises(ValueError, match="plan.json is damaged"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
 
 
 def test_webdataset_tar_inputs(tmp_path, small_vq):
@@ -167,7 +183,7 @@ def test_webdataset_tar_inputs(tmp_path, small_vq):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    summary = run_tokenize(config_for(tars, tmp_path / "out", small_vq, views="random:2"))
+    summary = run_tokenize(config_for(tars, tmp_path / "out", small_vq, view_policy="random:2"))
     assert summary["images"] == 6 and summary["shards"] == 2
     manifest = Manifest.load(tmp_path / "out")
     assert manifest.num_classes == 4 and manifest.num_views == 2
@@ -181,7 +197,7 @@ def test_two_processes_write_disjoint_shards(tmp_path, small_vq):
     env = {**os.environ, **CPU_ENV}
     command = [sys.executable, *TWO_CPU_PROCESSES, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
                "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32", "--shard-size", "2",
-               "--workers", "0", "--no-progress"]
+               "--num-workers", "0", "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -196,7 +212,7 @@ def test_inspect_validates_and_previews(tmp_path, small_vq):
     make_folder(tmp_path / "data")
     out = tmp_path / "out"
     run_tokenize(config_for(tmp_path / "data", out, small_vq))
-    command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--inspect", str(out), "--vq-ckpt", str(small_vq[0]),
+    command = [sys.executable, str(REPO / "tokenize" / "inspect_shards.py"), str(out), "--vq-ckpt", str(small_vq[0]),
                "--vq-config", str(small_vq[1]), "--preview", str(tmp_path / "preview.png")]
     healthy = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert healthy.returncode == 0, healthy.stderr[-2000:]
@@ -206,9 +222,11 @@ def test_inspect_validates_and_previews(tmp_path, small_vq):
     # A truncated shard is found and named.
     shard = out / "shard-000002.tar"
     shard.write_bytes(shard.read_bytes()[:700])
-    broken = subprocess.run(command[:4], capture_output=True, text=True, timeout=300)
+    broken = subprocess.run(command[:3], capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1
     assert "shard-000002.tar" in broken.stdout and "problems" in broken.stdout
+    not_shards = subprocess.run(command[:2] + [str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    assert not_shards.returncode == 2 and "manifest.json not found" in not_shards.stderr.splitlines()[-1]
 
 
 def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
@@ -219,7 +237,7 @@ def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
     ckpt, vq_json = small_vq
     command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out",
                str(tmp_path / "out"), "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32",
-               "--shard-size", "2", "--batch-size", "1", "--workers", "0", "--no-progress"]
+               "--shard-size", "2", "--batch-size", "1", "--num-workers", "0", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -227,8 +245,13 @@ def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
+    from star.io import FolderLocked
+
+    with pytest.raises(FolderLocked, match=f"pid {process.pid} on this host"):  # a second tokenizer meanwhile
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, shard_size=2, batch_size=1))
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert (tmp_path / "out" / ".lock").is_file()  # left by the killed run: stale, taken over by the rerun
     done_before = {p.name for p in (tmp_path / "out").glob("shard-*.json")}
     assert 3 <= len(done_before) < 30, "the run was killed mid-way"
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -237,3 +260,234 @@ def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
     assert shards_now == 30 - len(done_before)
     assert sorted(s.source for s in read_all(tmp_path / "out").values()) == sorted(sources)
     assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def _descendants(pid: int) -> set[int]:
+    """Pids of all live descendants of `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; only its exit status is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_minus_9_leaves_no_dataloader_workers(tmp_path, small_vq):
+    import signal
+    import time
+
+    make_folder(tmp_path / "data", per_class=20)
+    ckpt, vq_json = small_vq
+    command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path / "data"), "--out",
+               str(tmp_path / "out"), "--vq-ckpt", str(ckpt), "--vq-config", str(vq_json), "--image-size", "32",
+               "--shard-size", "2", "--batch-size", "1", "--num-workers", "2", "--no-progress"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not list((tmp_path / "out").glob("shard-*.json")):  # workers are up and shards are being written
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    workers = _descendants(process.pid)
+    assert len(workers) >= 2, "expected the DataLoader worker processes"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 5
+    while any(_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"DataLoader workers {left} outlived the killed tokenizer"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings are validated before any work (issue 10)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    ({"image_size": 0}, "--image-size must be > 0"),
+    ({"image_size": -32}, "--image-size must be > 0"),
+    ({"crop_range": 0.9}, "--crop-range must be a finite number >= 1"),
+    ({"crop_range": float("nan")}, "--crop-range must be a finite number >= 1"),
+    ({"crop_range": float("inf")}, "--crop-range must be a finite number >= 1"),
+    ({"shard_size": 0}, "--shard-size must be > 0"),
+    ({"batch_size": -1}, "--batch-size must be > 0"),
+    ({"num_workers": -1}, "--num-workers must be >= 0"),
+    ({"view_policy": "random:0"}, "integer from 1 to 64"),
+    ({"view_policy": "random:65"}, "integer from 1 to 64"),
+    ({"view_policy": "random:many"}, "integer from 1 to 64"),
+    ({"view_policy": "TenCrop"}, "choose one of tencrop, center, random:N"),
+    ({"view_policy": "Center"}, "choose one of tencrop, center, random:N"),
+    ({"precision": "fp16"}, "--precision 'fp16': choose one of auto, fp32, bf16"),
+    ({"device": "gpu"}, "--device 'gpu'"),
+])
+def test_bad_settings_are_refused_by_the_config(tmp_path, small_vq, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        config_for(tmp_path / "data", tmp_path / "out", small_vq, **overrides)
+    assert config_for(tmp_path / "data", tmp_path / "out", small_vq, view_policy="random:64").policy.num_views == 64
+
+
+def test_command_line_exits_2_with_one_line(tmp_path, small_vq):
+    command = [sys.executable, str(REPO / "tokenize" / "run.py"), "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+               "--vq-ckpt", str(small_vq[0]), "--view-policy", "TenCrop"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown view policy 'TenCrop': choose one of tencrop, center, random:N" in result.stderr.splitlines()[-1]
+    old_flag = subprocess.run(command[:-2] + ["--views", "tencrop"], capture_output=True, text=True, timeout=120)
+    assert old_flag.returncode == 2 and old_flag.stderr == "error: --views was renamed; use --view-policy\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_is_honoured_and_recorded(tmp_path, small_vq):
+    make_folder(tmp_path / "data", per_class=1)
+    run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, precision="bf16"))
+    assert Manifest.load(tmp_path / "out").precision == "bf16"
+    with pytest.raises(ValueError, match="precision: folder has 'bf16', this run has 'fp32'"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, precision="fp32"))
+    run_tokenize(config_for(tmp_path / "data", tmp_path / "out32", small_vq))
+    assert Manifest.load(tmp_path / "out32").precision == "fp32"  # auto on CPU
+    # A folder whose plan.json predates the precision record is still accepted for a rerun.
+    plan_path = tmp_path / "out32" / "plan.json"
+    plan_path.write_text(json.dumps({k: v for k, v in json.loads(plan_path.read_text()).items() if k != "precision"}))
+    assert run_tokenize(config_for(tmp_path / "data", tmp_path / "out32", small_vq))["shards_now"] == 0
+    assert json.loads(plan_path.read_text())["precision"] == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders are never clobbered (issue 10)
+# ---------------------------------------------------------------------------------------------------------------
+def test_out_that_is_not_a_shard_folder_is_refused(tmp_path, small_vq):
+    make_folder(tmp_path / "data", per_class=1)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "config.json").write_text("{}")
+    (run_folder / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is not empty .*holiday.jpg.* and is not a token-shard folder"):
+        run_tokenize(config_for(tmp_path / "data", photos, small_vq))
+    with pytest.raises(ValueError, match="is a training run folder"):
+        run_tokenize(config_for(tmp_path / "data", run_folder, small_vq))
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.jpg"]
+    assert sorted(p.name for p in run_folder.iterdir()) == ["config.json", "log.jsonl"]
+    with pytest.raises(ValueError, match="is inside --data"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "data" / "shards", small_vq))
+    assert not (tmp_path / "data" / "shards").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_tokenize(config_for(tmp_path / "data", empty, small_vq))["images"] == 3  # an empty folder is fine
+
+
+def test_a_second_tokenizer_on_the_same_out_is_refused_naming_the_holder(tmp_path, small_vq):
+    import socket
+
+    from star.io import FolderLocked
+
+    make_folder(tmp_path / "data", per_class=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                               "purpose": "tokenize/run.py (rank 0 of 1)"}))
+        with pytest.raises(FolderLocked, match=f"in use by tokenize/run.py .*pid {holder.pid} on this host"):
+            run_tokenize(config_for(tmp_path / "data", out, small_vq))
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone (kill -9 leaves the lock file), the next run takes the lock over and releases it at the end.
+    assert run_tokenize(config_for(tmp_path / "data", out, small_vq))["images"] == 3
+    assert not (out / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs are listed, never silently dropped (issue 10)
+# ---------------------------------------------------------------------------------------------------------------
+def test_listing_problems_are_rejected_with_reasons_not_fatal(tmp_path, small_vq, monkeypatch):
+    data = tmp_path / "data"
+    make_folder(data, per_class=2, classes=("cat", "dog"))
+    noise_image(50).save(data / "stray.png")  # beside the class folders: it has no class
+    (data / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # dangling
+    (data / "cat" / "self.png").symlink_to(data / "cat" / "self.png")  # a loop
+    (data / "dog" / "again").symlink_to(data / "dog")  # a directory loop
+    (data / "kitty").symlink_to(data / "cat")  # the cat folder a second time
+    (data / "locked").mkdir()
+    noise_image(51).save(data / "locked" / "x.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # tests run as root, where chmod 000 does not stop reading
+        if Path(path) == data / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = run_tokenize(config_for(data, tmp_path / "out", small_vq))
+    manifest = Manifest.load(tmp_path / "out")
+    reasons = {item.path: item.reason for item in manifest.rejected}
+    assert summary["images"] == 4 and summary["rejected"] == len(reasons) == 6
+    assert "top level" in reasons["stray.png"]
+    assert reasons["cat/gone.png"].startswith("dangling symlink")
+    assert reasons["cat/self.png"] == "symlink loop"
+    assert reasons["dog/again"].startswith("symlink loop")
+    assert reasons["kitty"].startswith("same directory as cat/") and "counted once" in reasons["kitty"]
+    assert reasons["locked"] == "unreadable directory: Permission denied"
+    # the locked folder is still a class (its images could not be listed), the duplicate is not
+    assert manifest.classes == {"cat": 0, "dog": 1, "locked": 2}
+    assert sorted(s.source for s in read_all(tmp_path / "out").values()) == [
+        "cat/img.0.png", "cat/img.1.png", "dog/img.0.png", "dog/img.1.png"]
+    assert "rejected inputs: 6" in describe_manifest(manifest)
+
+
+def test_images_only_at_the_top_level_get_a_hint(tmp_path, small_vq):
+    (tmp_path / "data").mkdir()
+    noise_image(1).save(tmp_path / "data" / "a.png")
+    with pytest.raises(ValueError, match="holds images but no class folders"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manifest object
+# ---------------------------------------------------------------------------------------------------------------
+def test_manifest_round_trip_old_manifests_and_shard_verification(tmp_path, small_vq):
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    run_tokenize(config_for(tmp_path / "data", out, small_vq))
+    manifest = Manifest.load(out)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert manifest.to_dict() == on_disk and manifest.num_samples == on_disk["num_samples"] == 9
+    # A manifest written before `precision` existed (and one with a field from a newer writer) still loads.
+    old = {key: value for key, value in on_disk.items() if key != "precision"}
+    (out / "manifest.json").write_text(json.dumps({**old, "future_field": [1, 2]}))
+    reloaded = Manifest.load(out)
+    assert reloaded.precision is None and reloaded.extra == {"future_field": [1, 2]}
+    assert reloaded.to_dict() == {**old, "future_field": [1, 2]}  # written back unchanged
+    assert [s.key for s in reloaded.iter_samples()] == [s.key for s in read_all(out).values()]
+    reloaded.verify()  # healthy: no error
+    # A truncated shard is named by the cheap check (headers only), before any training.
+    shard = out / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.raises(ValueError, match=r"1 damaged shard.*shard-000002\.tar: truncated"):
+        reloaded.verify()
+    (out / "shard-000004.tar").unlink()
+    assert [p.split(":")[0] for p in reloaded.shard_problems()] == [str(shard), str(out / "shard-000004.tar")]
+    (out / "manifest.json").write_text(json.dumps({**old, "shards": "nonsense"}))
+    with pytest.raises(ValueError, match="manifest.json is damaged or incomplete"):
+        Manifest.load(out)

@@ -79,3 +79,15 @@ def test_every_mode_becomes_rgb(mode):
 def test_transparent_pixels_become_white():
     rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     assert np.asarray(to_rgb(rgba)).min() == 255
+
+
+def test_view_policy_names_are_exact_and_random_n_is_bounded():
+    assert ViewPolicy.parse("tencrop").num_views == 10 and ViewPolicy.parse("center").num_views == 1
+    assert ViewPolicy.parse("random:1").num_views == 1 and ViewPolicy.parse("random:64").num_views == 64
+    assert str(ViewPolicy.parse("random:7")) == "random:7"
+    for spec in ("TenCrop", " tencrop", "CENTER", "Random:4"):
+        with pytest.raises(ValueError, match="choose one of tencrop, center, random:N"):
+            ViewPolicy.parse(spec)
+    for spec in ("random:0", "random:65", "random:-1", "random:1e3", "random:²"):
+        with pytest.raises(ValueError, match="integer from 1 to 64"):
+            ViewPolicy.parse(spec)

@@ -218,6 +218,10 @@ def test_training_reduces_loss_and_checkpoint_reloads_identically(tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text()) == metrics
     assert json.loads((run / "train_config.json").read_text())["steps"] == 40
+    before = (run / "vq.pt").read_bytes()
+    with pytest.raises(ValueError, match="already holds a trained VQ"):  # a rerun into the same --out
+        train_vq(config)
+    assert (run / "vq.pt").read_bytes() == before
 
     # the written checkpoint is official-format and reproduces the trainer's own held-out numbers exactly
     assert set(torch.load(run / "vq.pt", weights_only=True)) == {"model"}
@@ -228,3 +232,62 @@ def test_training_reduces_loss_and_checkpoint_reloads_identically(tmp_path):
     again = evaluate_reconstruction(reloaded, pixels.permute(0, 3, 1, 2))
     assert again["psnr"] == pytest.approx(metrics["holdout_psnr"], abs=1e-9)
     assert again["codes_used"] == metrics["holdout_codes_used"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 0}, "--batch-size must be > 0"),
+    ({"steps": -5}, "--steps must be > 0"),
+    ({"image_size": 0}, "--image-size must be > 0"),
+    ({"lr": float("nan")}, "--lr must be a finite number > 0"),
+    ({"grad_clip": -1.0}, "--grad-clip must be a finite number >= 0"),
+    ({"holdout_fraction": 1.0}, r"--holdout-fraction must be in \[0, 1\)"),
+    ({"precision": "fp16"}, "--precision 'fp16': choose one of auto, fp32, bf16"),
+    ({"num_workers": -1}, "--num-workers must be >= 0"),
+])
+def test_trainer_settings_are_validated_in_the_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        VQTrainConfig(data_root="images", **overrides)
+
+
+def test_trainer_command_line_flags_come_from_the_config(tmp_path):
+    from star.cli import parse_config
+
+    config = parse_config(VQTrainConfig, ["--data", "imgs", "--out", str(tmp_path), "--config", "VQ-8", "--steps", "7",
+                                          "--precision", "fp32", "--no-progress", "--num-workers", "2"])
+    assert (config.data_root, config.out_dir, config.vq_config, config.steps) == ("imgs", str(tmp_path), "VQ-8", 7)
+    assert (config.precision, config.progress, config.num_workers) == ("fp32", False, 2)
+    with pytest.raises(SystemExit) as caught:
+        parse_config(VQTrainConfig, ["--data", "imgs", "--batch-size", "-3"])
+    assert caught.value.code == 2
+
+
+def test_trainer_lists_every_image_extension_of_the_project(tmp_path):
+    from star.images import IMAGE_EXTENSIONS
+
+    for index, extension in enumerate(IMAGE_EXTENSIONS):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{index}{extension.upper() if index % 2 else extension}").write_bytes(b"x")
+    (tmp_path / "c" / "notes.txt").write_text("no")
+    assert len(list_images(tmp_path)) == len(IMAGE_EXTENSIONS)
+
+
+def test_a_second_trainer_on_the_same_out_is_refused(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from star.io import FolderLocked
+
+    _write_smooth_images(tmp_path / "images", 4)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                            "purpose": "tokenize/train_vq.py"}))
+        with pytest.raises(FolderLocked, match=f"tokenize/train_vq.py .*pid {holder.pid}"):
+            train_vq(VQTrainConfig(data_root=str(tmp_path / "images"), out_dir=str(tmp_path / "run"), vq_config="VQ-tiny",
+                                   image_size=16, steps=1, device="cpu", progress=False))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]

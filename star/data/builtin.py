@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from star.io import write_json_atomic
+
 PHOTO_CLASSES = ("astronaut", "chelsea", "coffee", "rocket", "hubble", "ihc", "china", "flower")
 
 
@@ -55,5 +57,5 @@ def build_builtin_dataset(root: str | Path, train_per_class: int = 64, val_per_c
             folder.mkdir(parents=True, exist_ok=True)
             for index, crop in enumerate(chunk):
                 crop.save(folder / f"{index:04d}.png")
-    stamp.write_text(json.dumps(spec, indent=2))
+    write_json_atomic(stamp, spec)  # written last and atomically: a crash mid-build means a rebuild, not a half set
     return spec

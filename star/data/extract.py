@@ -3,13 +3,24 @@
 Decoding and cropping run in DataLoader workers; all views of an image are encoded in one batch; each process
 (under `accelerate launch` or `torchrun`) takes the shards whose index is its rank modulo the world size; rank 0
 merges the manifest at the end. A rerun of the same command redoes only shards without a complete sidecar.
+
+Safety: `--out` must be empty, absent, or a shard folder made with the same settings; rank 0 holds the folder's
+lock (`star.io.folder_lock`) for the whole run, so a second tokenizer on the same folder is refused naming the
+holder. One lock per run, taken by rank 0, and not one per rank: every run has a rank 0, so it excludes any
+second run whatever its world size, and the one holder it names is the process to look for; per-rank locks
+would let a 1-process run and a 2-process run interleave on the shards of rank 1.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import ctypes
+import math
+import os
 import platform
+import signal
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,47 +31,69 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from star.data.inputs import (
-    InputPlan,
-    class_member,
-    image_member,
-    iter_tar_groups,
-    open_rgb_image,
-    plan_inputs,
-)
+from star.cli import check, setting
+from star.data.inputs import InputPlan, class_member, image_member, open_rgb_image, plan_inputs
 from star.data.shards import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     PLAN_NAME,
+    SHARD_PATTERN,
+    Manifest,
+    RejectedInput,
+    ShardEntry,
     ShardSample,
     ShardWriter,
+    ViewsRecord,
+    iter_tar_groups,
     normalise_key,
+    read_sidecar,
+    remove_dead_writers_temporaries,
     shard_is_complete,
     shard_name,
-    sidecar_path,
     token_dtype,
 )
-from star.data.views import ViewPolicy, make_views
-from star.io import sha256_file, write_json_atomic
+from star.data.views import VIEW_POLICY_CHOICES, ViewPolicy, make_views
+from star.io import folder_lock, sha256_file, write_json_atomic
+from star.runtime import autocast_dtype, pick_device, resolve_precision
+
+TOKENIZE_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 is not offered: the VQ encoder was trained in fp32/bf16
 
 
 @dataclass
 class TokenizeConfig:
-    data: str
-    out: str
-    vq_ckpt: str
-    vq_config: str = "VQ-16"
-    image_size: int = 256
-    views: str = "tencrop"
-    crop_range: float = 1.1
-    seed: int = 0
-    shard_size: int = 1000
-    batch_size: int = 16  # images per encoder batch (each brings all its views)
-    workers: int = 4
-    device: str = "auto"
-    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    progress: bool = True
+    data: str = setting(help="ImageFolder tree (class/*.jpg) or WebDataset tars of images with `cls`")
+    out: str = setting(help="output shard folder: absent, empty, or a shard folder made with the same settings")
+    vq_ckpt: str = setting(help="VQ checkpoint (official LlamaGen format: {'model': state_dict})")
+    vq_config: str = setting("VQ-16", help="VQ preset (VQ-16, VQ-8) or JSON file")
+    image_size: int = setting(256, help="side of each view in pixels (a multiple of the VQ's downsampling)")
+    view_policy: str = setting("tencrop", metavar="POLICY",
+                               help=f"crop policy: {' | '.join(VIEW_POLICY_CHOICES)} (1 <= N <= 64)")
+    crop_range: float = setting(1.1, help="ADM centre-crop frame = crop_range x image size (>= 1)")
+    seed: int = setting(0, help="seed of the random:N views")
+    shard_size: int = setting(1000, help="images per shard (folder inputs)")
+    batch_size: int = setting(16, help="images per encoder batch (each brings all its views)")
+    num_workers: int = setting(4, help="DataLoader workers for decoding and cropping")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    precision: str = setting("auto", choices=TOKENIZE_PRECISIONS, help="encoder precision; auto = bf16 on CUDA, fp32 elsewhere")
+    progress: bool = setting(True, help="tqdm progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("data", "out", "vq_ckpt"):
+            check(bool(getattr(self, name)), f"--{name.replace('_', '-')} is required")
+        check(self.image_size > 0, f"--image-size must be > 0, got {self.image_size}")
+        check(math.isfinite(self.crop_range) and self.crop_range >= 1.0,
+              f"--crop-range must be a finite number >= 1 (the ten crops are taken inside that frame), got {self.crop_range}")
+        check(self.shard_size > 0, f"--shard-size must be > 0, got {self.shard_size}")
+        check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        check(self.precision in TOKENIZE_PRECISIONS,
+              f"--precision {self.precision!r}: choose one of {', '.join(TOKENIZE_PRECISIONS)}")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        ViewPolicy.parse(self.view_policy)  # raises ValueError naming the choices
+
+    @property
+    def policy(self) -> ViewPolicy:
+        return ViewPolicy.parse(self.view_policy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,7 +111,7 @@ def _views_payload(image, key: str, config: TokenizeConfig, policy: ViewPolicy) 
 
 class FolderViews(Dataset):
     def __init__(self, plan: InputPlan, shard_indices: list[int], config: TokenizeConfig):
-        self.root, self.config, self.policy = plan.root, config, ViewPolicy.parse(config.views)
+        self.root, self.config, self.policy = plan.root, config, config.policy
         self.items: list[tuple[int, Any]] = []  # (shard index, FolderItem or None = end of shard)
         for shard_index in shard_indices:
             self.items.extend((shard_index, item) for item in plan.units[shard_index])
@@ -104,7 +137,20 @@ class FolderViews(Dataset):
 class TarViews(IterableDataset):
     def __init__(self, plan: InputPlan, shard_indices: list[int], config: TokenizeConfig):
         self.tars, self.shard_indices = plan.units, shard_indices
-        self.config, self.policy = config, ViewPolicy.parse(config.views)
+        self.config, self.policy = config, config.policy
+
+    def _record(self, shard_index: int, tar_path: Path, key: str, members: dict) -> dict:
+        record = {"shard": shard_index, "source": f"{tar_path.name}:{key}", "key": normalise_key(f"{tar_path.stem}/{key}")}
+        try:
+            class_id = class_member(members)
+            payload = image_member(members)
+            if class_id is None or payload is None:
+                raise ValueError("sample has no image member or no `cls` member")
+            record["class_id"] = class_id
+            record.update(_views_payload(open_rgb_image(payload), record["key"], self.config, self.policy))
+        except ValueError as error:
+            record["error"] = str(error)
+        return record
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -113,18 +159,7 @@ class TarViews(IterableDataset):
             tar_path = self.tars[shard_index]
             try:
                 for key, members in iter_tar_groups(tar_path):
-                    source = f"{tar_path.name}:{key}"
-                    record = {"shard": shard_index, "source": source, "key": normalise_key(f"{tar_path.stem}/{key}")}
-                    try:
-                        class_id = class_member(members)
-                        payload = image_member(members)
-                        if class_id is None or payload is None:
-                            raise ValueError("sample has no image member or no `cls` member")
-                        record["class_id"] = class_id
-                        record.update(_views_payload(open_rgb_image(payload), record["key"], self.config, self.policy))
-                    except ValueError as error:
-                        record["error"] = str(error)
-                    yield record
+                    yield self._record(shard_index, tar_path, key, members)
             except (tarfile.TarError, EOFError, OSError) as error:
                 yield {"shard": shard_index, "source": str(tar_path), "key": "", "error": f"input tar unreadable: {error}"}
             yield {"shard": shard_index, "end": True}
@@ -134,13 +169,233 @@ def _collate(records: list[dict]) -> list[dict]:
     return records
 
 
+class ExitWithParent:
+    """DataLoader `worker_init_fn`: a worker dies with the process that started it, even after `kill -9`.
+
+    Without this a worker blocked flushing its result queue outlives a killed tokenizer indefinitely. On Linux
+    the kernel delivers SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls
+    the parent pid once a second. Either way, a parent already gone before the worker got here ends it at once.
+    """
+
+    PR_SET_PDEATHSIG = 1
+
+    def __init__(self, parent_pid: int):
+        self.parent_pid = parent_pid
+
+    def __call__(self, worker_id: int = 0) -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(self.PR_SET_PDEATHSIG, signal.SIGKILL)
+        else:
+            threading.Thread(target=self._watch, daemon=True, name="exit-with-parent").start()
+        if os.getppid() != self.parent_pid:
+            os._exit(1)
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+
 # ----------------------------------------------------------------------------------------------------------
+# The output folder
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+RUN_FOLDER_MARKERS = ("config.json", "log.jsonl", "checkpoints")
+
+
+def refuse_out_inside_data(out: Path, data: str) -> None:
+    """Shards written inside the input tree would be listed as a class folder by the next run."""
+    source = Path(data).resolve()
+    if source.is_dir() and (out.resolve() == source or source in out.resolve().parents):
+        raise ValueError(f"--out {out} is inside --data {data}: the shards would become part of the input; "
+                         "choose a folder outside the input tree")
+
+
+def refuse_foreign_folder(out: Path) -> None:
+    """Before any work: `--out` must be absent, empty, or a token-shard folder (never a run or other folder)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder for the shards")
+    if not out.is_dir():
+        return
+    names = sorted(entry.name for entry in os.scandir(out) if not entry.name.startswith("."))
+    if not names or PLAN_NAME in names or MANIFEST_NAME in names or any(SHARD_PATTERN.match(n) for n in names):
+        return
+    if any(marker in names for marker in RUN_FOLDER_MARKERS):
+        raise ValueError(f"--out {out} is a training run folder, not a shard folder; choose a new folder for the shards")
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise ValueError(f"--out {out} is not empty ({shown}) and is not a token-shard folder; "
+                     "choose an empty or new folder so nothing in it is overwritten")
+
+
+def check_output_folder(out: Path, expected: dict) -> None:
+    """Refuse, before any work, an output folder made with another tokenizer, size, view policy or input set."""
+    import json
+
+    refuse_foreign_folder(out)
+    existing = None
+    if (out / PLAN_NAME).is_file():
+        try:
+            existing = json.loads((out / PLAN_NAME).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--out {out}: {PLAN_NAME} is damaged ({error}); use a new --out folder") from error
+    elif (out / MANIFEST_NAME).is_file() or any(out.glob("*.tar")):
+        raise ValueError(f"--out {out} already holds shards not made by this tool's current format; use an empty folder")
+    if existing is None:
+        return
+    differences = [f"{name}: folder has {existing.get(name)!r}, this run has {value!r}"
+                   for name, value in expected.items()
+                   if existing.get(name) != value and not (name in PLAN_KEYS_ADDED_LATER and name not in existing)]
+    if differences:
+        raise ValueError(
+            f"--out {out} holds shards made with different settings:\n  " + "\n  ".join(differences)
+            + "\nUse a new --out folder (or delete this one) to tokenize with these settings."
+        )
+
+
+# Keys a plan.json written by an earlier version lacks: such a folder is not refused for them.
+PLAN_KEYS_ADDED_LATER = ("precision",)
+
+
+def _plan_record(config: TokenizeConfig, plan: InputPlan, encoder: Encoder) -> dict:
+    side = config.image_size // encoder.vq_config.downsample
+    return {  # the key "views" holds the view policy: plan.json files written before the flag rename still match
+        "input_fingerprint": plan.fingerprint,
+        "input_kind": plan.kind,
+        "num_units": plan.num_units,
+        "tokenizer_sha256": encoder.tokenizer["checkpoint_sha256"],
+        "image_size": config.image_size,
+        "grid": [side, side],
+        "codebook_size": encoder.vq_config.codebook_size,
+        "views": config.view_policy,
+        "crop_range": config.crop_range,
+        "seed": config.seed,
+        "shard_size": config.shard_size,
+        "precision": encoder.precision,  # bf16 and fp32 tokens may differ: one folder holds one kind
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+@dataclass
+class Encoder:
+    """The VQ encoder as stage one uses it: model, device and the resolved precision."""
+
+    model: torch.nn.Module
+    device: torch.device
+    precision: str  # fp32 | bf16
+    vq_config: Any
+    tokenizer: dict  # the manifest's `tokenizer` record
+
+    @torch.inference_mode()
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return encode_views(self.model, pixels, self.device, autocast_dtype(self.precision))
+
+
+def _load_encoder(config: TokenizeConfig, device: torch.device) -> Encoder:
+    from star.vq.model import VQConfig, load_vq
+
+    vq_config = VQConfig.resolve(config.vq_config)
+    if config.image_size % vq_config.downsample:
+        raise ValueError(f"--image-size {config.image_size} is not a multiple of the tokenizer's downsampling "
+                         f"{vq_config.downsample}")
+    model = load_vq(config.vq_ckpt, vq_config).to(device).eval()
+    tokenizer = {
+        "config": vq_config.to_dict(),
+        "config_source": str(config.vq_config),
+        "checkpoint": str(Path(config.vq_ckpt).resolve()),
+        "checkpoint_sha256": sha256_file(config.vq_ckpt),
+    }
+    return Encoder(model, device, resolve_precision(config.precision, device), vq_config, tokenizer)
+
+
+@torch.inference_mode()
+def encode_views(model, pixels: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> np.ndarray:
+    """[N, S, S, 3] uint8 -> token grids [N, h, w] int64, LlamaGen's pixel convention (x / 127.5 - 1).
+
+    dtype: the autocast dtype (None: fp32)."""
+    images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # [N, 3, S, S]
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        indices = model.encode_indices(images)  # [N, h, w]
+    return indices.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the records of the DataLoader into their shards
+
+
+class ShardAssembler:
+    """Takes the loader's records in order: samples and rejects go to their shard's writer; an end marker
+    closes that shard (tar, then sidecar). `abort()` removes every unfinished shard's temporary file."""
+
+    def __init__(self, out: Path, process_index: int, dtype: np.dtype, bar: tqdm):
+        self.out, self.process_index, self.dtype, self.bar = out, process_index, dtype, bar
+        self.writers: dict[int, ShardWriter] = {}
+        self.counts = {"images": 0, "views": 0, "rejected": 0, "shards_written": 0}
+
+    def _writer(self, shard: int) -> ShardWriter:
+        if shard not in self.writers:
+            self.writers[shard] = ShardWriter(self.out / shard_name(shard), self.process_index)
+        return self.writers[shard]
+
+    def add_batch(self, batch: list[dict], encoder: Encoder) -> None:
+        good = [r for r in batch if not r.get("end") and "error" not in r]
+        tokens = None
+        if good:
+            pixels = np.concatenate([r["pixels"] for r in good])  # [sum V, S, S, 3]
+            tokens = encoder.encode(pixels).astype(self.dtype)  # [sum V, h, w]
+        offset = 0
+        for record in batch:
+            offset += self.add(record, tokens, offset)
+
+    def add(self, record: dict, tokens: np.ndarray | None, offset: int) -> int:
+        """Handle one record; returns how many rows of `tokens` it used."""
+        writer = self._writer(record["shard"])
+        if record.get("end"):
+            self.writers.pop(record["shard"]).close()
+            self.counts["shards_written"] += 1
+            return 0
+        self.bar.update(1)
+        if "error" in record:
+            writer.reject(record["source"], record["error"])
+            self.counts["rejected"] += 1
+            return 0
+        num_views = len(record["views"])
+        writer.write(ShardSample(record["key"], tokens[offset : offset + num_views], record["class_id"],
+                                 record["views"], tuple(record["source_size"]), record["source"]))
+        self.counts["images"] += 1
+        self.counts["views"] += num_views
+        return num_views
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _encode_pending(config: TokenizeConfig, plan: InputPlan, encoder: Encoder, out: Path, state) -> dict:
+    """Tokenize this process's shards that are not complete yet; returns the counts of this run."""
+    mine = [i for i in range(plan.num_units) if i % state.num_processes == state.process_index]
+    pending = [i for i in mine if not shard_is_complete(out / shard_name(i))]
+    dataset = (FolderViews if plan.kind == "folder" else TarViews)(plan, pending, config)
+    workers = config.num_workers if plan.kind == "folder" else min(config.num_workers, len(pending))
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=2 if workers > 0 else None, persistent_workers=False,
+                        worker_init_fn=ExitWithParent(os.getpid()) if workers > 0 else None)
+    total_images = sum(len(plan.units[i]) for i in pending) if plan.kind == "folder" else None
+    bar = tqdm(total=total_images, unit="img", desc=f"tokenize[{state.process_index}]", dynamic_ncols=True,
+               disable=not (config.progress and state.is_main_process))
+    assembler = ShardAssembler(out, state.process_index, token_dtype(encoder.vq_config.codebook_size), bar)
+    try:
+        for batch in loader:
+            assembler.add_batch(batch, encoder)
+    except BaseException:
+        assembler.abort()
+        raise
+    finally:
+        bar.close()
+    return assembler.counts
 
 
 def _distributed_state(device: torch.device):
@@ -149,191 +404,69 @@ def _distributed_state(device: torch.device):
     return PartialState(cpu=device.type == "cpu")
 
 
-def _plan_record(config: TokenizeConfig, plan: InputPlan, tokenizer: dict, grid: tuple[int, int], codebook_size: int) -> dict:
-    return {
-        "input_fingerprint": plan.fingerprint,
-        "input_kind": plan.kind,
-        "num_units": plan.num_units,
-        "tokenizer_sha256": tokenizer["checkpoint_sha256"],
-        "image_size": config.image_size,
-        "grid": list(grid),
-        "codebook_size": codebook_size,
-        "views": config.views,
-        "crop_range": config.crop_range,
-        "seed": config.seed,
-        "shard_size": config.shard_size,
-    }
-
-
-def check_output_folder(out: Path, expected: dict) -> None:
-    """Refuse, before any work, an output folder made with another tokenizer, size, view policy or input set."""
-    existing = None
-    if (out / PLAN_NAME).is_file():
-        existing = json.loads((out / PLAN_NAME).read_text())
-    elif (out / MANIFEST_NAME).is_file() or any(out.glob("*.tar")):
-        raise ValueError(f"--out {out} already holds shards not made by this tool's current format; use an empty folder")
-    if existing is None:
-        return
-    differences = [f"{name}: folder has {existing.get(name)!r}, this run has {value!r}"
-                   for name, value in expected.items() if existing.get(name) != value]
-    if differences:
-        raise ValueError(
-            f"--out {out} holds shards made with different settings:\n  " + "\n  ".join(differences)
-            + "\nUse a new --out folder (or delete this one) to tokenize with these settings."
-        )
-
-
-def _clean_temporaries(out: Path) -> None:
-    for stale in out.glob(".shard-*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _load_tokenizer(config: TokenizeConfig, device: torch.device):
-    from star.vq.model import VQConfig, load_vq
-
-    vq_config = VQConfig.resolve(config.vq_config)
-    model = load_vq(config.vq_ckpt, vq_config).to(device).eval()
-    tokenizer = {
-        "config": vq_config.to_dict(),
-        "config_source": str(config.vq_config),
-        "checkpoint": str(Path(config.vq_ckpt).resolve()),
-        "checkpoint_sha256": sha256_file(config.vq_ckpt),
-    }
-    return model, vq_config, tokenizer
-
-
-@torch.inference_mode()
-def encode_views(model, pixels: np.ndarray, device: torch.device, use_bf16: bool) -> np.ndarray:
-    """[N, S, S, 3] uint8 -> token grids [N, h, w] int64, LlamaGen's pixel convention (x / 127.5 - 1)."""
-    images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # [N, 3, S, S]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        indices = model.encode_indices(images)  # [N, h, w]
-    return indices.cpu().numpy()
-
-
 def run_tokenize(config: TokenizeConfig) -> dict:
     """Run stage one; returns the run summary (rank 0 also writes the merged manifest)."""
     started = time.time()
     out = Path(config.out)
-    policy = ViewPolicy.parse(config.views)
-    device = resolve_device(config.device)
+    refuse_out_inside_data(out, config.data)
+    refuse_foreign_folder(out)
+    device = pick_device(config.device)
     state = _distributed_state(device)
-    if state.device.type == "cuda":
-        device = state.device
-    use_bf16 = device.type == "cuda" and config.precision in ("auto", "bf16")
-
+    if state.num_processes > 1 and state.device.type == "cuda":
+        device = state.device  # one GPU per process under accelerate launch / torchrun
     plan = plan_inputs(config.data, config.shard_size)
-    model, vq_config, tokenizer = _load_tokenizer(config, device)
-    downsample = vq_config.downsample
-    if config.image_size % downsample:
-        raise ValueError(f"--image-size {config.image_size} is not a multiple of the tokenizer's downsampling {downsample}")
-    grid = (config.image_size // downsample, config.image_size // downsample)
-    expected = _plan_record(config, plan, tokenizer, grid, vq_config.codebook_size)
-    check_output_folder(out, expected)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _clean_temporaries(out)
-        write_json_atomic(out / PLAN_NAME, expected)
-    state.wait_for_everyone()
+    encoder = _load_encoder(config, device)
+    expected = _plan_record(config, plan, encoder)
 
-    mine = [i for i in range(plan.num_units) if i % state.num_processes == state.process_index]
-    pending = [i for i in mine if not shard_is_complete(out / shard_name(i))]
-    dataset = (FolderViews if plan.kind == "folder" else TarViews)(plan, pending, config)
-    workers = config.workers if plan.kind == "folder" else min(config.workers, len(pending))
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=_collate,
-                        prefetch_factor=2 if workers > 0 else None, persistent_workers=False)
-    dtype = token_dtype(vq_config.codebook_size)
-    counts = {"images": 0, "views": 0, "rejected": 0, "shards_written": 0}
-    writers: dict[int, ShardWriter] = {}
-    total_images = sum(len(plan.units[i]) for i in pending) if plan.kind == "folder" else None
-    bar = tqdm(total=total_images, unit="img", desc=f"tokenize[{state.process_index}]", dynamic_ncols=True,
-               disable=not (config.progress and state.is_main_process))
-    try:
-        for batch in loader:
-            good = [r for r in batch if not r.get("end") and "error" not in r]
-            if good:
-                pixels = np.concatenate([r["pixels"] for r in good])  # [sum V, S, S, 3]
-                tokens = encode_views(model, pixels, device, use_bf16).astype(dtype)  # [sum V, h, w]
-                offset = 0
-            for record in batch:
-                writer = writers.get(record["shard"])
-                if writer is None:
-                    writer = writers[record["shard"]] = ShardWriter(out / shard_name(record["shard"]),
-                                                                          state.process_index)
-                if record.get("end"):
-                    writers.pop(record["shard"]).close()
-                    counts["shards_written"] += 1
-                    continue
-                bar.update(1)
-                if "error" in record:
-                    writer.reject(record["source"], record["error"])
-                    counts["rejected"] += 1
-                    continue
-                num_views = len(record["views"])
-                writer.write(ShardSample(record["key"], tokens[offset : offset + num_views], record["class_id"],
-                                         record["views"], tuple(record["source_size"]), record["source"]))
-                offset += num_views
-                counts["images"] += 1
-                counts["views"] += num_views
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        bar.close()
-
-    state.wait_for_everyone()
-    seconds = time.time() - started
-    summary = {"process": state.process_index, "images_now": counts["images"], "rejected_now": counts["rejected"],
-               "shards_now": counts["shards_written"], "seconds": round(seconds, 2),
-               "images_per_second": round(counts["images"] / max(seconds, 1e-9), 2)}
-    if state.is_main_process:
-        manifest = merge_manifest(out, plan, config, tokenizer, grid, vq_config.codebook_size, policy)
-        summary.update({
-            "images": manifest["num_samples"], "rejected": manifest["num_rejected"],
-            "views": manifest["num_samples"] * policy.num_views, "shards": len(manifest["shards"]),
-            "out": str(out),
-        })
+    with contextlib.ExitStack() as held:
+        if state.is_main_process:  # rank 0 holds the folder for the whole run (see the module docstring)
+            held.enter_context(folder_lock(out, f"tokenize/run.py (rank 0 of {state.num_processes})"))
+            check_output_folder(out, expected)
+            remove_dead_writers_temporaries(out)
+            write_json_atomic(out / PLAN_NAME, expected)
+        state.wait_for_everyone()
+        counts = _encode_pending(config, plan, encoder, out, state)
+        state.wait_for_everyone()
+        seconds = time.time() - started
+        summary = {"process": state.process_index, "images_now": counts["images"], "rejected_now": counts["rejected"],
+                   "shards_now": counts["shards_written"], "seconds": round(seconds, 2),
+                   "images_per_second": round(counts["images"] / max(seconds, 1e-9), 2)}
+        if state.is_main_process:
+            manifest = merge_manifest(out, plan, config, encoder)
+            summary.update({"images": manifest.num_samples, "rejected": manifest.num_rejected,
+                            "views": manifest.num_samples * manifest.num_views, "shards": len(manifest.shards),
+                            "out": str(out)})
     return summary
 
 
-def merge_manifest(out: Path, plan: InputPlan, config: TokenizeConfig, tokenizer: dict, grid, codebook_size: int,
-                   policy: ViewPolicy) -> dict:
-    shards, rejected, class_ids = [], [], set()
+def merge_manifest(out: Path, plan: InputPlan, config: TokenizeConfig, encoder: Encoder) -> Manifest:
+    """Rank 0, after every shard is complete: the sidecars and the listing's rejects become `manifest.json`."""
+    shards, class_ids = [], set()
+    rejected = [RejectedInput(item["path"], item["reason"]) for item in plan.rejected]
     for index in range(plan.num_units):
         tar_path = out / shard_name(index)
         if not shard_is_complete(tar_path):
             raise RuntimeError(f"shard {tar_path} is missing after all processes finished; rerun the same command")
-        sidecar = json.loads(sidecar_path(tar_path).read_text())
-        shards.append({"file": tar_path.name, "samples": sidecar["samples"]})
-        rejected.extend(sidecar["rejected"])
+        sidecar = read_sidecar(tar_path)
+        shards.append(ShardEntry(tar_path.name, int(sidecar["samples"])))
+        rejected.extend(RejectedInput(item["path"], item["reason"]) for item in sidecar["rejected"])
         class_ids.update(sidecar["class_ids"])
     classes = plan.classes
     if plan.kind == "tars":  # tars carry ids only: name each class by its id, 0..max
         classes = {str(i): i for i in range(max(class_ids, default=-1) + 1)}
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tokenizer": tokenizer,
-        "image_size": config.image_size,
-        "grid": list(grid),
-        "codebook_size": codebook_size,
-        "token_dtype": str(token_dtype(codebook_size)),
-        "views": {"policy": str(policy), "num_views": policy.num_views, "crop_range": config.crop_range,
-                  "seed": config.seed},
-        "classes": classes,
-        "num_classes": len(classes),
-        "num_samples": sum(s["samples"] for s in shards),
-        "num_rejected": len(rejected),
-        "shards": shards,
-        "rejected": rejected,
-        "source": {"kind": plan.kind, "data": str(Path(config.data).resolve()), "fingerprint": plan.fingerprint},
-        "command": " ".join(sys.argv),
-        "config": asdict(config),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    policy, vq_config = config.policy, encoder.vq_config
+    side = config.image_size // vq_config.downsample
+    manifest = Manifest(
+        tokenizer=encoder.tokenizer, image_size=config.image_size, grid=(side, side),
+        codebook_size=vq_config.codebook_size, token_dtype=str(token_dtype(vq_config.codebook_size)),
+        views=ViewsRecord(str(policy), policy.num_views, config.crop_range, config.seed),
+        classes=classes, shards=shards, rejected=rejected,
+        source={"kind": plan.kind, "data": str(Path(config.data).resolve()), "fingerprint": plan.fingerprint},
+        command=" ".join(sys.argv), config=asdict(config),
+        versions={"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), precision=encoder.precision,
+    )
+    manifest.write(out)
     return manifest
 
 

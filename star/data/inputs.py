@@ -3,27 +3,36 @@
 Inputs are listed in a fixed order and cut into work units, one output shard each: chunks of `shard_size`
 images for a folder, one input tar for tars. The order is a pure function of the input, so every process of a
 run, and every rerun after a crash, agrees on which image goes to which shard.
+
+Nothing is dropped silently: what the listing cannot use (a file at the top level beside the class folders, an
+unreadable directory, a dangling symlink, a symlink loop, a folder reached a second time through a symlink) is
+kept in `InputPlan.rejected` with a reason, and ends in the manifest's rejected inputs.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
 import os
-import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+from star.images import IMAGE_EXTENSIONS
+
+# Members of an input tar tried as the image and as the class id, in this order.
+TAR_IMAGE_MEMBERS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS) + ("img",)
+TAR_CLASS_MEMBERS = ("cls", "cls.txt", "cls2", "label")
 
 
 @dataclass(frozen=True)
 class FolderItem:
     relative_path: str  # "class_name/sub/file.jpg"
     class_id: int
+    size: int = 0  # bytes, for the input fingerprint
 
 
 @dataclass
@@ -33,6 +42,7 @@ class InputPlan:
     classes: dict[str, int]  # class name -> id (sorted folder names; for tars, str(id))
     units: list  # folder: list[list[FolderItem]]; tars: list[Path]
     fingerprint: str  # changes whenever the set of inputs changes
+    rejected: list[dict] = field(default_factory=list)  # [{"path", "reason"}] found while listing
 
     @property
     def num_units(self) -> int:
@@ -43,19 +53,98 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_image_folder(root: Path) -> tuple[dict[str, int], list[FolderItem]]:
-    """Every non-hidden file under each class folder (recursively): non-images are rejected later, with a reason."""
-    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _hidden(entry.name))
-    classes = {name: index for index, name in enumerate(class_names)}
-    items = []
-    for name in class_names:
-        for directory, subdirs, files in os.walk(root / name):
-            subdirs[:] = sorted(d for d in subdirs if not _hidden(d))
-            for file_name in sorted(files):
-                if not _hidden(file_name):
-                    relative = os.path.relpath(os.path.join(directory, file_name), root).replace(os.sep, "/")
-                    items.append(FolderItem(relative, classes[name]))
-    return classes, items
+def _link_problem(path: str) -> str | None:
+    """Why `path` (a symlink, or a name whose stat failed) cannot be read, or None if it can."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symlink loop"
+        if os.path.islink(path):
+            return f"dangling symlink (points to {os.readlink(path)}, which does not exist)"
+        return f"cannot stat: {error.strerror}"
+    return None
+
+
+class _FolderLister:
+    """Walks the class folders once, following symlinks, visiting each real directory at most once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.items: list[FolderItem] = []
+        self.rejected: list[dict] = []
+        self._seen: dict[tuple[int, int], str] = {}  # (device, inode) of a visited directory -> its relative path
+
+    def reject(self, path: str, reason: str) -> None:
+        self.rejected.append({"path": self._relative(path), "reason": reason})
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+    def scan(self, path: str) -> list[os.DirEntry] | None:
+        try:
+            with os.scandir(path) as entries:
+                return sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            self.reject(path, f"unreadable directory: {error.strerror or error}")
+            return None
+
+    def first_visit(self, path: str) -> bool:
+        """True the first time a real directory is reached; a second path to it is rejected, naming the first."""
+        info = os.stat(path)
+        identity = (info.st_dev, info.st_ino)
+        if identity in self._seen:
+            first = self._seen[identity]
+            inside = self._relative(path).startswith(first + "/") or first == "."
+            self.reject(path, f"symlink loop (leads back to {first}/)" if inside
+                        else f"same directory as {first}/ (reached through a symlink): counted once, there")
+            return False
+        self._seen[identity] = self._relative(path)
+        return True
+
+    def entries(self, directory: str) -> Iterator[tuple[os.DirEntry, bool]]:
+        """(entry, is_directory) for the usable entries of `directory`, sorted: hidden names skipped, broken links
+        rejected, a directory only on its first visit."""
+        for entry in self.scan(directory) or ():
+            if _hidden(entry.name):
+                continue
+            problem = _link_problem(entry.path) if entry.is_symlink() else None
+            if problem:
+                self.reject(entry.path, problem)
+            elif not entry.is_dir():
+                yield entry, False
+            elif self.first_visit(entry.path):
+                yield entry, True
+
+    def walk_class(self, directory: str, class_id: int) -> None:
+        for entry, is_directory in self.entries(directory):
+            if is_directory:
+                self.walk_class(entry.path, class_id)
+            else:
+                self.items.append(FolderItem(self._relative(entry.path), class_id, entry.stat().st_size))
+
+    def class_folders(self) -> list[os.DirEntry]:
+        """The root's class folders; everything else at the top level is rejected with a reason."""
+        self.first_visit(str(self.root))
+        folders = []
+        for entry, is_directory in self.entries(str(self.root)):
+            if is_directory:
+                folders.append(entry)
+            else:
+                self.reject(entry.path, "file at the top level beside the class folders: it has no class; "
+                                        "move it into a class folder")
+        return folders
+
+
+def list_image_folder(root: Path) -> tuple[dict[str, int], list[FolderItem], list[dict]]:
+    """(classes, items, rejected): every non-hidden file under each class folder, recursively and through
+    symlinks; non-images are rejected later by the decoder, with a reason."""
+    lister = _FolderLister(Path(root))
+    folders = lister.class_folders()
+    classes = {entry.name: index for index, entry in enumerate(folders)}
+    for entry in folders:
+        lister.walk_class(entry.path, classes[entry.name])
+    return classes, lister.items, lister.rejected
 
 
 def find_input_tars(data: str) -> list[Path]:
@@ -67,28 +156,43 @@ def find_input_tars(data: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(data) if p.endswith(".tar"))
 
 
+def _has_class_dirs(root: Path) -> bool:
+    if not root.is_dir():
+        return False
+    try:
+        return any(entry.is_dir() and not _hidden(entry.name) for entry in os.scandir(root))
+    except OSError as error:
+        raise ValueError(f"--data {root}: cannot read it ({error.strerror or error})") from error
+
+
+def _folder_plan(data: str, root: Path, shard_size: int) -> InputPlan:
+    classes, items, rejected = list_image_folder(root)
+    if not items:
+        raise ValueError(f"--data {data}: the class folders hold no files. Expected {data}/<class>/<image>.jpg")
+    units = [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(f"{item.relative_path}\0{item.class_id}\0{item.size}\n".encode())
+    for problem in rejected:  # only when there are any: a clean input keeps the fingerprint of earlier versions
+        digest.update(f"rejected\0{problem['path']}\0{problem['reason']}\n".encode())
+    return InputPlan("folder", root, classes, units, digest.hexdigest(), rejected)
+
+
 def plan_inputs(data: str, shard_size: int) -> InputPlan:
     root = Path(data)
+    if _has_class_dirs(root):
+        return _folder_plan(data, root, shard_size)
     tars = find_input_tars(data)
-    has_class_dirs = root.is_dir() and any(entry.is_dir() and not _hidden(entry.name) for entry in os.scandir(root))
-    if has_class_dirs:
-        classes, items = list_image_folder(root)
-        if not items:
-            raise ValueError(f"--data {data}: the class folders hold no files. Expected {data}/<class>/<image>.jpg")
-        units = [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
-        digest = hashlib.sha256()
-        for item in items:
-            stat = (root / item.relative_path).stat()
-            digest.update(f"{item.relative_path}\0{item.class_id}\0{stat.st_size}\n".encode())
-        return InputPlan("folder", root, classes, units, digest.hexdigest())
     if tars:
         digest = hashlib.sha256()
         for tar in tars:
             digest.update(f"{tar.name}\0{tar.stat().st_size}\n".encode())
         return InputPlan("tars", root if root.is_dir() else root.parent, {}, tars, digest.hexdigest())
+    loose = root.is_dir() and any(path.suffix.lower() in IMAGE_EXTENSIONS for path in root.iterdir())
+    hint = " It holds images but no class folders: move them into <class>/ folders." if loose else ""
     raise ValueError(
         f"--data {data}: no input found. Give an ImageFolder tree ({data}/<class>/<image>.jpg) "
-        "or WebDataset tars of images with a `cls` member (a folder of .tar files, one .tar, or a glob)."
+        f"or WebDataset tars of images with a `cls` member (a folder of .tar files, one .tar, or a glob).{hint}"
     )
 
 
@@ -106,34 +210,18 @@ def open_rgb_image(payload: bytes | str | Path) -> Image.Image:
     return image
 
 
-def iter_tar_groups(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a WebDataset tar's members by key (the name up to the first '.' of the base name)."""
-    current_key, members = None, {}
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            stem, _, extension = base.partition(".")
-            key = f"{directory}/{stem}" if directory else stem
-            if key != current_key:
-                if members:
-                    yield current_key, members
-                current_key, members = key, {}
-            members[extension.lower()] = tar.extractfile(member).read()
-    if members:
-        yield current_key, members
-
-
 def image_member(members: dict[str, bytes]) -> bytes | None:
-    for extension in ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif", "img"):
+    for extension in TAR_IMAGE_MEMBERS:
         if extension in members:
             return members[extension]
     return None
 
 
 def class_member(members: dict[str, bytes]) -> int | None:
-    for extension in ("cls", "cls.txt", "cls2", "label"):
+    for extension in TAR_CLASS_MEMBERS:
         if extension in members:
-            return int(members[extension].decode().strip())
+            try:
+                return int(members[extension].decode().strip())
+            except (UnicodeDecodeError, ValueError) as error:
+                raise ValueError(f"`{extension}` member is not an integer class id: {error}") from error
     return None

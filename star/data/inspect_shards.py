@@ -1,60 +1,77 @@
-"""`tokenize/run.py --inspect DIR`: summarise a shard folder, validate every shard, optionally decode a few views."""
+"""`tokenize/inspect_shards.py DIR`: summarise a shard folder, validate every shard, optionally decode a few views."""
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from star.data.shards import Manifest, decode_sample, iter_shard
+from star.cli import check, setting
+from star.data.shards import Manifest, ShardSample, iter_samples
+
+
+@dataclass
+class InspectConfig:
+    shards: str = setting(help="token-shard folder written by tokenize/run.py", cli=False)  # the positional DIR
+    vq_ckpt: str | None = setting(None, help="VQ checkpoint: decode the first samples' views into a PNG")
+    vq_config: str | None = setting(None, help="VQ preset or JSON (default: the config recorded in the manifest)")
+    preview: str | None = setting(None, help="PNG path for the decoded views (default: DIR/preview.png)")
+    preview_samples: int = setting(4, help="samples (rows) in the preview")
+
+    def __post_init__(self) -> None:
+        check(self.preview_samples > 0, f"--preview-samples must be > 0, got {self.preview_samples}")
+
+
+def _sample_problems(sample: ShardSample, manifest: Manifest, where: str) -> list[str]:
+    expected_shape = (manifest.num_views, *manifest.grid)
+    problems = []
+    if sample.tokens.shape != expected_shape:
+        problems.append(f"{where}: tokens shape {sample.tokens.shape}, expected {expected_shape}")
+    elif sample.tokens.size and int(sample.tokens.max()) >= manifest.codebook_size:
+        problems.append(f"{where}: token id {int(sample.tokens.max())} >= codebook {manifest.codebook_size}")
+    if not 0 <= sample.class_id < manifest.num_classes:
+        problems.append(f"{where}: class {sample.class_id} outside 0..{manifest.num_classes - 1}")
+    if len(sample.views) != manifest.num_views:
+        problems.append(f"{where}: {len(sample.views)} view records, expected {manifest.num_views}")
+    return problems
 
 
 def validate_shards(folder: str | Path) -> dict:
     """Check every shard: readable, sample count as the manifest says, token grids of the right shape and range."""
-    folder = Path(folder)
     manifest = Manifest.load(folder)
-    expected_shape = (manifest.num_views, *manifest.grid)
     problems, total = [], 0
-    for entry in manifest.data["shards"]:
-        tar_path = folder / entry["file"]
+    for entry, tar_path in zip(manifest.shards, manifest.shard_paths()):
         if not tar_path.is_file():
             problems.append(f"{tar_path}: missing")
             continue
         count = 0
         try:
-            for members in iter_shard(tar_path):
-                sample = decode_sample(members)
+            for sample in iter_samples([tar_path]):
                 count += 1
-                if sample.tokens.shape != expected_shape:
-                    problems.append(f"{tar_path}:{sample.key}: tokens shape {sample.tokens.shape}, expected {expected_shape}")
-                elif sample.tokens.size and int(sample.tokens.max()) >= manifest.codebook_size:
-                    problems.append(f"{tar_path}:{sample.key}: token id {int(sample.tokens.max())} >= codebook "
-                                    f"{manifest.codebook_size}")
-                if not 0 <= sample.class_id < manifest.num_classes:
-                    problems.append(f"{tar_path}:{sample.key}: class {sample.class_id} outside 0..{manifest.num_classes - 1}")
-                if len(sample.views) != manifest.num_views:
-                    problems.append(f"{tar_path}:{sample.key}: {len(sample.views)} view records, expected {manifest.num_views}")
-        except (ValueError, KeyError) as error:
+                problems += _sample_problems(sample, manifest, f"{tar_path}:{sample.key}")
+        except ValueError as error:
             problems.append(str(error))
-        if count != entry["samples"]:
-            problems.append(f"{tar_path}: holds {count} samples, manifest says {entry['samples']}")
+        if count != entry.samples:
+            problems.append(f"{tar_path}: holds {count} samples, manifest says {entry.samples}")
         total += count
-    return {"shards": len(manifest.data["shards"]), "samples": total, "problems": problems}
+    return {"shards": len(manifest.shards), "samples": total, "problems": problems}
 
 
 def describe_manifest(manifest: Manifest) -> str:
-    data = manifest.data
+    grid, views = manifest.grid, manifest.views
     lines = [
-        f"tokenizer      : {data['tokenizer']['config_source']} (sha256 {manifest.tokenizer_sha256[:12]}...)",
-        f"image size     : {data['image_size']} px -> grid {data['grid'][0]}x{data['grid'][1]}, codebook {data['codebook_size']}",
-        f"views          : {data['views']['policy']} ({data['views']['num_views']} per image, crop range {data['views']['crop_range']})",
-        f"classes        : {data['num_classes']}",
-        f"samples        : {data['num_samples']} in {len(data['shards'])} shards",
-        f"rejected inputs: {data['num_rejected']}",
+        f"tokenizer      : {manifest.tokenizer.get('config_source')} (sha256 {manifest.tokenizer_sha256[:12]}...)",
+        f"image size     : {manifest.image_size} px -> grid {grid[0]}x{grid[1]}, codebook {manifest.codebook_size}",
+        f"views          : {views.policy} ({views.num_views} per image, crop range {views.crop_range})",
+        f"classes        : {manifest.num_classes}",
+        f"samples        : {manifest.num_samples} in {len(manifest.shards)} shards",
+        f"rejected inputs: {manifest.num_rejected}",
     ]
-    for item in data["rejected"][:10]:
-        lines.append(f"   - {item['path']}: {item['reason']}")
-    if data["num_rejected"] > 10:
-        lines.append(f"   ... and {data['num_rejected'] - 10} more (see manifest.json)")
+    for item in manifest.rejected[:10]:
+        lines.append(f"   - {item.path}: {item.reason}")
+    if manifest.num_rejected > 10:
+        lines.append(f"   ... and {manifest.num_rejected - 10} more (see manifest.json)")
     return "\n".join(lines)
 
 
@@ -65,18 +82,9 @@ def decode_preview(folder: str | Path, vq_ckpt: str, vq_config: str | None, out_
     from star.images import save_tile_grid
     from star.vq.model import VQConfig, load_vq
 
-    folder = Path(folder)
     manifest = Manifest.load(folder)
-    config = VQConfig.resolve(vq_config or manifest.data["tokenizer"]["config"])
-    model = load_vq(vq_ckpt, config)
-    rows = []
-    for shard in manifest.shard_paths(folder):
-        for members in iter_shard(shard):
-            rows.append(decode_sample(members).tokens.astype(np.int64))
-            if len(rows) == samples:
-                break
-        if len(rows) == samples:
-            break
+    model = load_vq(vq_ckpt, VQConfig.resolve(vq_config or manifest.tokenizer["config"]))
+    rows = [sample.tokens.astype(np.int64) for sample in itertools.islice(manifest.iter_samples(), samples)]
     if not rows:
         raise ValueError(f"{folder} holds no samples to preview")
     grids = torch.from_numpy(np.concatenate(rows))  # [samples * V, h, w]
@@ -85,4 +93,19 @@ def decode_preview(folder: str | Path, vq_ckpt: str, vq_config: str | None, out_
     pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     num_views = manifest.num_views
     save_tile_grid([list(pixels[i : i + num_views]) for i in range(0, len(pixels), num_views)], out_png)
-    return out_png
+    return Path(out_png)
+
+
+def inspect(config: InspectConfig) -> int:
+    """Print the summary and the validation; write the preview when a VQ is given. 0 = healthy, 1 = problems."""
+    manifest = Manifest.load(config.shards)
+    print(describe_manifest(manifest))
+    report = validate_shards(config.shards)
+    print(f"validated      : {report['samples']} samples in {report['shards']} shards, {len(report['problems'])} problems")
+    for problem in report["problems"][:20]:
+        print(f"   ! {problem}")
+    if config.vq_ckpt:
+        png = decode_preview(config.shards, config.vq_ckpt, config.vq_config,
+                             config.preview or Path(config.shards) / "preview.png", config.preview_samples)
+        print(f"preview        : {png} (a row per sample, a column per view)")
+    return 1 if report["problems"] else 0

@@ -6,7 +6,6 @@ random-resized crops with flips, seeded per image so a rerun reproduces them. `c
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -14,7 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from star.runtime import key_seed
+
 TENCROP_VIEWS = 10
+MAX_RANDOM_VIEWS = 64  # random:N; LlamaGen stores 10 per image
+VIEW_POLICY_CHOICES = ("tencrop", "center", "random:N")
 
 
 @dataclass(frozen=True)
@@ -24,17 +27,18 @@ class ViewPolicy:
 
     @classmethod
     def parse(cls, spec: str) -> "ViewPolicy":
-        spec = spec.strip().lower()
+        """'tencrop' | 'center' | 'random:N' (1 <= N <= MAX_RANDOM_VIEWS), lower-case exactly: one spelling each."""
         if spec in ("tencrop", "center"):
             return cls(spec)
         if spec.startswith("random:"):
-            try:
-                count = int(spec.split(":", 1)[1])
-            except ValueError:
-                count = 0
-            if count >= 1:
+            count_text = spec.split(":", 1)[1]
+            count = int(count_text) if count_text.isascii() and count_text.isdigit() else 0
+            if 1 <= count <= MAX_RANDOM_VIEWS:
                 return cls("random", count)
-        raise ValueError(f"unknown view policy {spec!r}: use 'tencrop', 'center' or 'random:N' (N >= 1)")
+            raise ValueError(f"view policy {spec!r}: N in random:N must be an integer from 1 to {MAX_RANDOM_VIEWS} "
+                             f"(all N views of an image are encoded in one batch and stored in one sample)")
+        raise ValueError(f"unknown view policy {spec!r}: choose one of {', '.join(VIEW_POLICY_CHOICES)} "
+                         "(lower-case)")
 
     @property
     def num_views(self) -> int:
@@ -123,11 +127,6 @@ def tencrop_views(image: Image.Image, size: int, crop_range: float) -> list[View
     return views
 
 
-def view_seed(key: str, seed: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
 def random_views(
     image: Image.Image,
     size: int,
@@ -138,7 +137,7 @@ def random_views(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> list[View]:
     """Random-resized crops (area fraction in `scale`, aspect in `ratio`) with random flips, seeded by (seed, key)."""
-    rng = random.Random(view_seed(key, seed))
+    rng = random.Random(key_seed(key, seed))  # the image's own stream: a rerun reproduces its views
     width, height = image.size
     views = []
     for _ in range(count):

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from star.io import write_json_atomic
+from star.cli import check, setting
+from star.images import IMAGE_EXTENSIONS
+from star.io import folder_lock, write_json_atomic
+from star.runtime import autocast_dtype, pick_device, resolve_precision
 from star.vq.model import VQConfig, VQModel, save_vq_checkpoint
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Restarted codes need time to be fitted by the decoder: stop re-seeding for the last part of training.
 RESTART_STOP_FRACTION = 0.9
 # Also re-seed at these early steps: step 1 is a data-dependent codebook init (random codes are far from the
@@ -35,41 +37,57 @@ RESTART_STOP_FRACTION = 0.9
 EARLY_RESTART_STEPS = (1, 5, 10, 20)
 
 
+VQ_TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class VQTrainConfig:
-    data_root: str  # ImageFolder tree: root/class/*.png|jpg (any depth is accepted)
-    out_dir: str = "runs/vq"
-    vq_config: str = "VQ-tiny"  # preset name or JSON file (VQConfig.resolve)
-    image_size: int = 64
-    batch_size: int = 16
-    steps: int = 1000
-    lr: float = 2e-3  # tuned for the tiny CPU configs; LlamaGen's full-size recipe uses 1e-4
-    adam_beta1: float = 0.9  # LlamaGen's VQ training: Adam (0.9, 0.95), no weight decay
-    adam_beta2: float = 0.95
-    grad_clip: float = 1.0
-    l1_weight: float = 0.0  # extra L1 reconstruction term (L2 is always on, weight 1)
-    codebook_weight: float = 1.0  # weight of vq + commitment (+ entropy) terms
-    min_crop_fraction: float = 0.8  # random crops keep at least this fraction of the shorter side
-    dead_code_restart_every: int = 25  # steps; 0 disables re-seeding unused codes (and the early re-seeds)
-    holdout_fraction: float = 0.1  # images kept out of training for PSNR / usage
-    max_holdout_images: int = 500
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 0  # DataLoader workers for cropping (0 = in the training process)
-    eval_batch_size: int = 64
-    progress: bool = True
+    data_root: str = setting(flag="data", metavar="DIR",
+                             help="ImageFolder tree: root/class/*.png|jpg (any depth is accepted)")
+    out_dir: str = setting("runs/vq", flag="out", metavar="DIR", help="output folder")
+    vq_config: str = setting("VQ-tiny", flag="config", metavar="CONFIG",
+                             help="VQ preset (VQ-tiny, VQ-8, VQ-16) or JSON file of VQConfig fields")
+    image_size: int = setting(64, help="side of the training crops in pixels")
+    batch_size: int = setting(16, help="crops per step")
+    steps: int = setting(1000, help="optimizer steps")
+    lr: float = setting(2e-3, help="Adam learning rate (tuned for the tiny CPU configs; LlamaGen's full-size recipe "
+                                   "uses 1e-4)")
+    adam_beta1: float = setting(0.9, help="Adam beta1 (LlamaGen's VQ training: (0.9, 0.95), no weight decay)")
+    adam_beta2: float = setting(0.95, help="Adam beta2")
+    grad_clip: float = setting(1.0, help="gradient-norm clip (0 = off)")
+    l1_weight: float = setting(0.0, help="extra L1 reconstruction term (L2 is always on, weight 1)")
+    codebook_weight: float = setting(1.0, help="weight of the vq + commitment (+ entropy) terms")
+    min_crop_fraction: float = setting(0.8, help="random crops keep at least this fraction of the shorter side")
+    dead_code_restart_every: int = setting(25, help="re-seed codes unused for this many steps (0 = off, also the "
+                                                    "early re-seeds)")
+    holdout_fraction: float = setting(0.1, help="fraction of images kept out of training for PSNR / usage")
+    max_holdout_images: int = setting(500, help="at most this many held-out images")
+    seed: int = setting(0, help="seed of the hold-out split, crops, flips and initialisation")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    precision: str = setting("auto", choices=VQ_TRAIN_PRECISIONS,
+                             help="training autocast; auto = bf16 on CUDA (LlamaGen's VQ default), fp32 elsewhere")
+    num_workers: int = setting(0, help="DataLoader workers for cropping (0 = in the training process)")
+    eval_batch_size: int = setting(64, help="images per batch in the held-out evaluation")
+    progress: bool = setting(True, help="tqdm progress bar")
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.image_size <= 0 or self.batch_size <= 0 or self.steps <= 0:
-            problems.append(f"image_size, batch_size and steps must be positive (got {self.image_size}, "
-                            f"{self.batch_size}, {self.steps})")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            problems.append(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        if not 0.0 < self.min_crop_fraction <= 1.0:
-            problems.append(f"min_crop_fraction must be in (0, 1], got {self.min_crop_fraction}")
-        if problems:
-            raise ValueError("invalid VQ training config: " + "; ".join(problems))
+        check(bool(self.data_root), "--data is required")
+        for name in ("image_size", "batch_size", "steps", "eval_batch_size", "max_holdout_images"):
+            check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0.0 <= getattr(self, name) < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("grad_clip", "l1_weight", "codebook_weight"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        check(self.dead_code_restart_every >= 0, f"--dead-code-restart-every must be >= 0, got {self.dead_code_restart_every}")
+        check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        check(0.0 <= self.holdout_fraction < 1.0, f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
+        check(0.0 < self.min_crop_fraction <= 1.0, f"--min-crop-fraction must be in (0, 1], got {self.min_crop_fraction}")
+        check(self.precision in VQ_TRAIN_PRECISIONS,
+              f"--precision {self.precision!r}: choose one of {', '.join(VQ_TRAIN_PRECISIONS)}")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,9 +98,9 @@ def list_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (expected an ImageFolder tree root/class/*.png)")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; expected root/class/*.png|jpg")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; expected root/class/*.png|jpg")
     return paths
 
 
@@ -208,12 +226,6 @@ def evaluate_reconstruction(model: VQModel, pixels: torch.Tensor, batch_size: in
 # --------------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------------
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def restart_dead_codes(
     model: VQModel, optimizer: torch.optim.Optimizer, code_counts: torch.Tensor, latents: torch.Tensor,
@@ -241,42 +253,86 @@ def restart_dead_codes(
 
 
 def train_vq(config: VQTrainConfig) -> dict[str, Any]:
-    """Train, evaluate on held-out images, write checkpoint + config + metrics; return the metrics dict."""
+    """Train, evaluate on held-out images, write checkpoint + config + metrics; return the metrics dict.
+
+    The output folder is locked for the run (star.io.folder_lock): a second trainer on it is refused."""
     started = time.time()
-    out_dir = Path(config.out_dir)
     vq_config = VQConfig.resolve(config.vq_config)
     if config.image_size % vq_config.downsample:
-        raise ValueError(f"image_size {config.image_size} must be a multiple of the VQ downsample factor "
+        raise ValueError(f"--image-size {config.image_size} must be a multiple of the VQ downsample factor "
                          f"{vq_config.downsample} ({config.vq_config})")
-    device = _pick_device(config.device)
-    torch.manual_seed(config.seed)
-
+    device = pick_device(config.device)
     train_paths, holdout_paths = split_holdout(
         list_images(config.data_root), config.holdout_fraction, config.max_holdout_images, config.seed
     )
-    dataset = RandomCropImages(train_paths, config.image_size, config.min_crop_fraction, config.seed)
+    with folder_lock(config.out_dir, "tokenize/train_vq.py"):
+        if (Path(config.out_dir) / "vq.pt").exists():  # shards made with it name its hash: never replace it by mistake
+            raise ValueError(f"--out {config.out_dir} already holds a trained VQ (vq.pt); choose a new --out folder, "
+                             "or delete that folder to retrain there")
+        torch.manual_seed(config.seed)
+        dataset = RandomCropImages(train_paths, config.image_size, config.min_crop_fraction, config.seed)
+        holdout_pixels = torch.from_numpy(
+            np.stack([center_crop_array(_load_rgb(p), config.image_size) for p in holdout_paths])
+        ).permute(0, 3, 1, 2) if holdout_paths else None  # [N, 3, S, S] uint8
+        model = VQModel(vq_config).to(device)
+        before = evaluate_reconstruction(model, holdout_pixels, config.eval_batch_size) if holdout_paths else None
+        training = _fit(model, dataset, config, device)
+        train_seconds = time.time() - started
+        model.eval()
+        after = evaluate_reconstruction(model, holdout_pixels, config.eval_batch_size) if holdout_paths else None
+        metrics = {
+            "holdout_psnr": after["psnr"] if after else None,
+            "holdout_psnr_untrained": before["psnr"] if before else None,
+            "holdout_codebook_usage": after["codebook_usage"] if after else None,
+            "holdout_codes_used": after["codes_used"] if after else None,
+            "codebook_size": vq_config.codebook_size,
+            "num_holdout_images": len(holdout_paths),
+            "num_train_images": len(train_paths),
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "image_size": config.image_size,
+            **training,
+            "train_seconds": round(train_seconds, 2),
+            "device": str(device),
+        }
+        return _write_outputs(model, config, metrics)
+
+
+def _write_outputs(model: VQModel, config: VQTrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    out_dir = Path(config.out_dir)
+    checkpoint_path = out_dir / "vq.pt"
+    config_path = save_vq_checkpoint(model, checkpoint_path, extra={
+        "note": "trained by star.vq.train (L2 + codebook losses; no LPIPS/GAN)",
+        "image_size": config.image_size,
+    })
+    metrics = {**metrics, "checkpoint": str(checkpoint_path), "vq_config": str(config_path)}
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "train_config.json", dataclasses.asdict(config))
+    return metrics
+
+
+def _fit(model: VQModel, dataset: RandomCropImages, config: VQTrainConfig, device: torch.device) -> dict[str, Any]:
+    """The training steps; returns the training-side metrics (recent losses, codes re-seeded, precision)."""
+    codebook_size = model.config.codebook_size
+    precision = resolve_precision(config.precision, device)
+    amp_dtype = autocast_dtype(precision)  # None: fp32
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=range(config.steps * config.batch_size),
         num_workers=config.num_workers, drop_last=True,
     )
-    holdout_pixels = torch.from_numpy(
-        np.stack([center_crop_array(_load_rgb(p), config.image_size) for p in holdout_paths])
-    ).permute(0, 3, 1, 2) if holdout_paths else None  # [N, 3, S, S] uint8
-
-    model = VQModel(vq_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-    before = evaluate_reconstruction(model, holdout_pixels, config.eval_batch_size) if holdout_paths else None
-
-    code_counts = torch.zeros(vq_config.codebook_size, dtype=torch.long, device=device)
+    code_counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
     restart_generator = torch.Generator().manual_seed(config.seed + 1)
     restarted_total, recent = 0, {"rec": [], "vq": [], "commit": []}
     model.train()
     progress = tqdm(loader, total=config.steps, desc="train VQ", disable=not config.progress, dynamic_ncols=True)
     for step, images in enumerate(progress, start=1):
         images = images.to(device, non_blocking=True)  # [B, 3, S, S] in [-1, 1]
-        latents = model.encode_latents(images)  # [B, C, h, w]
-        quantized, losses, indices = model.quantize(latents)
-        reconstruction = model.decode_latents(quantized)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            latents = model.encode_latents(images)  # [B, C, h, w]
+            quantized, losses, indices = model.quantize(latents)
+            reconstruction = model.decode_latents(quantized)
+        reconstruction = reconstruction.float()
         reconstruction_loss = F.mse_loss(reconstruction, images)
         if config.l1_weight > 0:
             reconstruction_loss = reconstruction_loss + config.l1_weight * F.l1_loss(reconstruction, images)
@@ -288,7 +344,7 @@ def train_vq(config: VQTrainConfig) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
 
-        code_counts += torch.bincount(indices.flatten(), minlength=vq_config.codebook_size)
+        code_counts += torch.bincount(indices.flatten(), minlength=codebook_size)
         restart_now = step in EARLY_RESTART_STEPS or step % max(config.dead_code_restart_every, 1) == 0
         if config.dead_code_restart_every > 0 and restart_now and step <= RESTART_STOP_FRACTION * config.steps:
             restarted_total += restart_dead_codes(model, optimizer, code_counts, latents.detach(), restart_generator)
@@ -300,37 +356,12 @@ def train_vq(config: VQTrainConfig) -> dict[str, Any]:
             progress.set_postfix(rec=f"{np.mean(recent['rec']):.4f}", vq=f"{np.mean(recent['vq']):.4f}",
                                  usage=f"{losses.codebook_usage:.2f}")
     progress.close()
-    train_seconds = time.time() - started
-
-    model.eval()
-    checkpoint_path = out_dir / "vq.pt"
-    config_path = save_vq_checkpoint(model, checkpoint_path, extra={
-        "note": "trained by star.vq.train (L2 + codebook losses; no LPIPS/GAN)",
-        "image_size": config.image_size,
-    })
-    after = evaluate_reconstruction(model, holdout_pixels, config.eval_batch_size) if holdout_paths else None
-    metrics = {
-        "holdout_psnr": after["psnr"] if after else None,
-        "holdout_psnr_untrained": before["psnr"] if before else None,
-        "holdout_codebook_usage": after["codebook_usage"] if after else None,
-        "holdout_codes_used": after["codes_used"] if after else None,
-        "codebook_size": vq_config.codebook_size,
-        "num_holdout_images": len(holdout_paths),
-        "num_train_images": len(train_paths),
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "image_size": config.image_size,
+    return {
         "train_reconstruction_mse_last50": float(np.mean(recent["rec"])),
         "train_vq_loss_last50": float(np.mean(recent["vq"])),
         "codes_restarted": restarted_total,
-        "train_seconds": round(train_seconds, 2),
-        "device": str(device),
-        "checkpoint": str(checkpoint_path),
-        "vq_config": str(config_path),
+        "precision": precision,
     }
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_json_atomic(out_dir / "train_config.json", dataclasses.asdict(config))
-    return metrics
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
