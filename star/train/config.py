@@ -169,7 +169,7 @@ def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards
         problems.append(f"tokenizer codebook size {manifest.codebook_size} > model vocab_size {model_config.vocab_size}")
     if h * w != model_config.block_size:
         problems.append(f"token grid {h}x{w} = {h * w} tokens != model block_size {model_config.block_size} "
-                        f"(image size {manifest.data['image_size']})")
+                        f"(image size {manifest.image_size})")
     if manifest.num_classes > model_config.num_classes:
         problems.append(f"shards have {manifest.num_classes} classes > model num_classes {model_config.num_classes}")
     if problems:
@@ -197,8 +197,8 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
     check(batch_per_process > 0 and not leftover, f"--batch-size {config.batch_size} must be a multiple of processes "
           f"x grad_accum = {world_size} x {config.grad_accum}")
     check(config.steps > 0 or config.epochs > 0, "give --steps or --epochs (both are 0)")
-    steps_per_epoch = manifest.data["num_samples"] // config.batch_size
-    check(steps_per_epoch > 0, f"--batch-size {config.batch_size}: more than the {manifest.data['num_samples']} "
+    steps_per_epoch = manifest.num_samples // config.batch_size
+    check(steps_per_epoch > 0, f"--batch-size {config.batch_size}: more than the {manifest.num_samples} "
           f"images in {config.shards}")
     total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     star = _resolve_star(config, model, total_steps)
@@ -207,4 +207,4 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
         lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
         world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256,
-        tokenizer_checkpoint=manifest.data["tokenizer"]["checkpoint"], command=" ".join(sys.argv))
+        tokenizer_checkpoint=manifest.tokenizer_checkpoint, command=" ".join(sys.argv))

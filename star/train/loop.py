@@ -132,12 +132,10 @@ def _check_stream_shards(accelerator, config: TrainConfig) -> None:
     """The stream loader reads shards lazily: validate them against the manifest first, naming a damaged one."""
     problem = ""
     if config.loader == "stream" and accelerator.is_local_main_process:
-        from star.data.inspect_shards import validate_shards
-
-        problems = validate_shards(config.shards)["problems"]
-        if problems:
-            problem = (f"--shards {config.shards}: {len(problems)} problem(s): {'; '.join(problems[:3])}; run "
-                       f"`python tokenize/inspect_shards.py {config.shards}` and re-tokenize the damaged shard")
+        try:
+            Manifest.load(config.shards).verify()
+        except ValueError as error:
+            problem = f"--shards {config.shards}: {error}"
     _raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: another node found damaged shards")
 
 

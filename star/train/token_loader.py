@@ -28,7 +28,7 @@ _BUILDING = re.compile(r"\.tokens-[0-9a-f]+\.(?P<host>.+)\.(?P<pid>\d+)\.buildin
 
 
 def manifest_digest(manifest: Manifest) -> str:
-    return hashlib.sha256(json.dumps(manifest.data["shards"], sort_keys=True).encode()
+    return hashlib.sha256(json.dumps(manifest.to_dict()["shards"], sort_keys=True).encode()
                           + manifest.tokenizer_sha256.encode()).hexdigest()[:16]
 
 
@@ -48,8 +48,8 @@ def build_token_cache(shards: str | Path, cache_root: str | Path | None = None,
     staging = cache_root / f".{final.name}.{socket.gethostname()}.{os.getpid()}.building"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    count, views, (h, w) = manifest.data["num_samples"], manifest.num_views, manifest.grid
-    dtype = np.dtype(manifest.data["token_dtype"])
+    count, views, (h, w) = manifest.num_samples, manifest.num_views, manifest.grid
+    dtype = manifest.dtype
     tokens = np.lib.format.open_memmap(staging / "tokens.npy", "w+", dtype, (count, views, h, w))
     labels = np.zeros(count, np.int64)
     boxes = np.zeros((count, views, 4), np.float32)
