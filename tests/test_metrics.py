@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from star.eval import metrics
+from star.eval import inception, metrics, scores
+from star.eval import reference as references
 
 TINY_FEATURE_DIM = 16
 
@@ -100,18 +101,18 @@ def independent_frechet(mu1, sigma1, mu2, sigma2):
 
 def test_fid_of_a_set_against_itself_is_zero():
     features = np.random.default_rng(0).standard_normal((300, 32)) * 3 + 1
-    mu, sigma = metrics.feature_statistics(features)
+    mu, sigma = scores.feature_statistics(features)
     np.testing.assert_allclose(mu, features.mean(axis=0))
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False))  # unbiased, as clean-fid / ADM
-    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    assert abs(scores.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
 def test_frechet_distance_matches_independent_formula_and_cleanfid():
     rng = np.random.default_rng(1)
     features1 = rng.standard_normal((500, 32))
     features2 = rng.standard_normal((400, 32)) @ rng.standard_normal((32, 32)) * 0.5 + 0.3
-    stats1, stats2 = metrics.feature_statistics(features1), metrics.feature_statistics(features2)
-    ours = metrics.frechet_distance(*stats1, *stats2)
+    stats1, stats2 = scores.feature_statistics(features1), scores.feature_statistics(features2)
+    ours = scores.frechet_distance(*stats1, *stats2)
     expected = independent_frechet(*stats1, *stats2)
     assert ours > 1.0
     assert abs(ours - expected) <= 1e-6 * abs(expected)
@@ -122,20 +123,20 @@ def test_frechet_distance_matches_independent_formula_and_cleanfid():
 
 def test_frechet_distance_with_fewer_samples_than_dimensions_stays_right(monkeypatch):
     rng = np.random.default_rng(2)
-    stats1 = metrics.feature_statistics(rng.standard_normal((10, 40)))
-    stats2 = metrics.feature_statistics(rng.standard_normal((12, 40)) + 0.5)
+    stats1 = scores.feature_statistics(rng.standard_normal((10, 40)))
+    stats2 = scores.feature_statistics(rng.standard_normal((12, 40)) + 0.5)
     expected = independent_frechet(*stats1, *stats2)
-    assert abs(metrics.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
+    assert abs(scores.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
     # Where sqrtm gives up (not finite even with eps, or a large imaginary part), the symmetric form takes over.
     for broken in (lambda matrix: np.full(matrix.shape, np.nan), lambda matrix: matrix + 1j * np.eye(len(matrix))):
-        monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", broken)
+        monkeypatch.setattr(scores.scipy.linalg, "sqrtm", broken)
         with pytest.warns(RuntimeWarning, match="symmetric eigenvalue form"):
-            assert abs(metrics.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
+            assert abs(scores.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="do not match"):
-        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        scores.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_frechet_distance_rejects_mismatched_statistics():
 
 
 def test_inception_score_of_uniform_predictions_is_one():
-    mean, std = metrics.inception_score(np.zeros((100, 1008)), splits=10)
+    mean, std, _ = scores.inception_score(np.zeros((100, 1008)), splits=10)
     assert mean == pytest.approx(1.0, abs=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12)
 
@@ -153,13 +154,13 @@ def test_inception_score_of_confident_balanced_predictions_is_number_of_classes(
     labels = np.tile(np.arange(num_classes), splits * per_class_per_split)  # every split sees each class 3 times
     logits = np.zeros((len(labels), 1008))
     logits[np.arange(len(labels)), labels] = 60.0  # softmax ~ one-hot
-    mean, std = metrics.inception_score(logits, splits=splits)
+    mean, std, _ = scores.inception_score(logits, splits=splits)
     assert mean == pytest.approx(num_classes, rel=1e-9)
     assert std == pytest.approx(0.0, abs=1e-9)
     # All samples confidently the same class: no diversity, IS 1.
     same_class = np.zeros((50, 1008))
     same_class[:, 3] = 60.0
-    assert metrics.inception_score(same_class, splits=5)[0] == pytest.approx(1.0)
+    assert scores.inception_score(same_class, splits=5)[0] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,14 +169,14 @@ def test_inception_score_of_confident_balanced_predictions_is_number_of_classes(
 
 def test_precision_recall_of_identical_sets_is_one():
     points = np.random.default_rng(3).standard_normal((60, 8))
-    assert metrics.precision_recall(points, points.copy(), k=3) == (1.0, 1.0)
+    assert scores.precision_recall(points, points.copy(), k=3) == (1.0, 1.0)
 
 
 def test_precision_recall_of_far_apart_sets_is_zero():
     rng = np.random.default_rng(4)
     real = rng.standard_normal((50, 8))
     fake = rng.standard_normal((40, 8)) + 1000.0
-    assert metrics.precision_recall(real, fake, k=3) == (0.0, 0.0)
+    assert scores.precision_recall(real, fake, k=3) == (0.0, 0.0)
 
 
 def test_precision_recall_hand_computed_and_batching_does_not_change_it():
@@ -186,11 +187,11 @@ def test_precision_recall_hand_computed_and_batching_does_not_change_it():
     # nearest neighbour (radius 99.5), so the ball around 0.5 covers every real point -> recall 1.
     fake = np.zeros((2, 4))
     fake[:, 0] = [0.5, 100.0]
-    assert metrics.precision_recall(real, fake, k=1) == (0.5, 1.0)
-    assert metrics.precision_recall(real, fake, k=1, batch_size=3) == (0.5, 1.0)
+    assert scores.precision_recall(real, fake, k=1) == (0.5, 1.0)
+    assert scores.precision_recall(real, fake, k=1, batch_size=3) == (0.5, 1.0)
     # k-th neighbour radii: with k=2 the fake set needs 3 points.
     with pytest.raises(ValueError, match="k=2"):
-        metrics.precision_recall(real, fake, k=2)
+        scores.precision_recall(real, fake, k=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,13 +200,13 @@ def test_precision_recall_hand_computed_and_batching_does_not_change_it():
 
 def test_missing_weights_give_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--inception PATH"):
-        metrics.find_inception_weights(tmp_path / "nope.pt")
+        inception.find_inception_weights(tmp_path / "nope.pt")
 
     monkeypatch.setenv("STAR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(metrics, "_fid_helper_weights_path", lambda: None)
-    monkeypatch.setattr(metrics, "_cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
+    monkeypatch.setattr(inception, "_fid_helper_weights_path", lambda: None)
+    monkeypatch.setattr(inception, "_cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
     with pytest.raises(FileNotFoundError) as error:
-        metrics.find_inception_weights()
+        inception.find_inception_weights()
     message = str(error.value)
     assert str(tmp_path / "cache" / "inception-2015-12-05.pt") in message
     assert str(tmp_path / "cleanfid" / "inception-2015-12-05.pt") in message
@@ -216,38 +217,38 @@ def test_missing_weights_give_a_clear_message(tmp_path, monkeypatch):
     cached = tmp_path / "cache" / "inception-2015-12-05.pt"
     cached.parent.mkdir()
     cached.write_bytes(b"x")
-    assert metrics.find_inception_weights() == cached
+    assert inception.find_inception_weights() == cached
 
 
 def test_loader_finds_the_classifier_head_and_logits_have_no_bias(tiny_weights):
     with_head, without_head = tiny_weights
-    model = metrics.InceptionFeatures(with_head)
+    model = inception.InceptionFeatures(with_head)
     assert model.has_classifier
     images = random_images(3)
-    features, logits = metrics.extract_features(images, batch_size=2, model=model, progress=False)
+    features, logits, _ = inception.extract_features(images, batch_size=2, model=model, progress=False)
     assert features.shape == (3, TINY_FEATURE_DIM) and features.dtype == np.float64
     assert logits.shape == (3, 1008)
     scripted = torch.jit.load(str(with_head))
     np.testing.assert_allclose(logits, features @ scripted.output.weight.detach().double().numpy().T, rtol=1e-5, atol=1e-5)
 
-    headless = metrics.InceptionFeatures(without_head)
+    headless = inception.InceptionFeatures(without_head)
     assert not headless.has_classifier
-    headless_features, headless_logits = metrics.extract_features(list(images), model=headless, progress=False)
+    headless_features, headless_logits, _ = inception.extract_features(list(images), model=headless, progress=False)
     assert headless_logits is None and headless_features.shape == (3, TINY_FEATURE_DIM)
 
 
 def test_extract_features_accepts_arrays_lists_of_mixed_sizes_and_batches(tiny_weights):
-    model = metrics.InceptionFeatures(tiny_weights[1])
+    model = inception.InceptionFeatures(tiny_weights[1])
     images = random_images(5)
-    from_array, _ = metrics.extract_features(images, batch_size=2, model=model, progress=False)
-    from_batches, _ = metrics.extract_features(iter([images[:3], images[3:]]), batch_size=4, model=model, progress=False)
+    from_array, _, _ = inception.extract_features(images, batch_size=2, model=model, progress=False)
+    from_batches, _, _ = inception.extract_features(iter([images[:3], images[3:]]), batch_size=4, model=model, progress=False)
     np.testing.assert_allclose(from_batches, from_array, rtol=1e-6, atol=1e-6)
     mixed = [images[0], random_images(1, size=40)[0], images[1]]
-    from_mixed, _ = metrics.extract_features(mixed, batch_size=3, model=model, progress=False)
+    from_mixed, _, _ = inception.extract_features(mixed, batch_size=3, model=model, progress=False)
     assert from_mixed.shape == (3, TINY_FEATURE_DIM)
     np.testing.assert_allclose(from_mixed[[0, 2]], from_array[:2], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
-        metrics.extract_features(images.astype(np.float32), model=model, progress=False)
+        inception.extract_features(images.astype(np.float32), model=model, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,21 +262,21 @@ def test_adm_reference_npz_reader(tmp_path, tiny_weights):
     images = random_images(6, seed=6)
     path = tmp_path / "VIRTUAL_fake.npz"
     np.savez(path, mu=mu, sigma=sigma, mu_s=mu[:10], sigma_s=sigma[:10, :10], arr_0=images)
-    model = metrics.InceptionFeatures(tiny_weights[1])
+    model = inception.InceptionFeatures(tiny_weights[1])
 
-    reference = metrics.load_reference(path, model=model)
+    reference = references.load_reference(path, model=model)
     assert reference.kind == "adm_reference"
     np.testing.assert_array_equal(reference.mu, mu)
     np.testing.assert_array_equal(reference.sigma, sigma)
     # The images are streamed out of the npz and go through our network (for precision/recall).
-    expected, _ = metrics.extract_features(images, model=model, progress=False)
+    expected, _, _ = inception.extract_features(images, model=model, progress=False)
     np.testing.assert_allclose(reference.features, expected, rtol=1e-6, atol=1e-6)
     assert reference.num_images == 6
     assert "TensorFlow" in reference.note
 
     statistics_only = tmp_path / "stats_only.npz"
     np.savez(statistics_only, mu=mu, sigma=sigma)
-    reference = metrics.load_reference(statistics_only, model=model)
+    reference = references.load_reference(statistics_only, model=model)
     assert reference.features is None and reference.num_images is None
 
 
@@ -284,46 +285,46 @@ def test_samples_npz_and_folder_give_the_same_images_and_statistics(tmp_path, ti
     npz_path = tmp_path / "samples.npz"
     np.savez_compressed(npz_path, arr_0=images)
     folder = write_folder(tmp_path / "images" / "nested", images).parent
-    np.testing.assert_array_equal(metrics.load_samples(npz_path), images)
+    np.testing.assert_array_equal(references.load_samples(npz_path), images)
     # Large sample files are streamed a chunk at a time, out of the (here compressed) zip member.
-    stream = metrics._npz_stream(npz_path, chunk=3)
+    stream = references._npz_stream(npz_path, chunk=3)
     assert len(stream) == 7 and [len(chunk) for chunk in stream] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(list(stream)), images)
-    np.testing.assert_array_equal(metrics.load_samples(folder), images)
+    np.testing.assert_array_equal(references.load_samples(folder), images)
 
-    model = metrics.InceptionFeatures(tiny_weights[1])
-    from_npz = metrics.load_reference(npz_path, model=model)
-    from_folder = metrics.load_reference(folder, model=model)
+    model = inception.InceptionFeatures(tiny_weights[1])
+    from_npz = references.load_reference(npz_path, model=model)
+    from_folder = references.load_reference(folder, model=model)
     assert (from_npz.kind, from_folder.kind) == ("samples_npz", "image_folder")
     np.testing.assert_allclose(from_npz.mu, from_folder.mu, rtol=1e-6, atol=1e-6)
     assert from_folder.num_images == 7
 
     Image.fromarray(random_images(1, size=30)[0]).save(folder / "odd_size.jpg")
-    mixed = metrics.load_samples(folder)
+    mixed = references.load_samples(folder)
     assert isinstance(mixed, list) and len(mixed) == 8
 
-    with pytest.raises(KeyError, match="arr_0"):
+    with pytest.raises(ValueError, match="expected 'arr_0'"):
         np.savez(tmp_path / "wrong.npz", images=images)
-        metrics.load_samples(tmp_path / "wrong.npz")
+        references.load_samples(tmp_path / "wrong.npz")
 
 
 def test_reference_statistics_are_cached_and_recomputed_when_files_change(tmp_path, tiny_weights):
     folder = write_folder(tmp_path / "real", random_images(5, seed=8))
     cache_dir = tmp_path / "cache"
-    model = metrics.InceptionFeatures(tiny_weights[1])
+    model = inception.InceptionFeatures(tiny_weights[1])
     calls = []
     original_forward = model.forward
     model.forward = lambda batch: calls.append(len(batch)) or original_forward(batch)
 
-    first = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    first = references.load_reference(folder, model=model, cache_dir=cache_dir)
     assert sum(calls) == 5 and len(list(cache_dir.glob("reference-*.npz"))) == 1
-    second = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    second = references.load_reference(folder, model=model, cache_dir=cache_dir)
     assert sum(calls) == 5  # served from the cache
     np.testing.assert_array_equal(second.features, first.features)
     np.testing.assert_array_equal(second.sigma, first.sigma)
 
     Image.fromarray(random_images(1, seed=9)[0]).save(folder / "extra.png")
-    third = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    third = references.load_reference(folder, model=model, cache_dir=cache_dir)
     assert sum(calls) == 11 and third.num_images == 6
     assert len(list(cache_dir.glob("reference-*.npz"))) == 2
 
@@ -346,7 +347,7 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
 
     samples_npz = tmp_path / "samples.npz"
     np.savez(samples_npz, arr_0=real // 4)  # much darker images
-    with_logits = metrics.compute_metrics(samples_npz, folder, inception_path=with_head, is_splits=2)
+    with_logits = metrics.compute_metrics(samples_npz, folder, inception_path=with_head, is_split_size=10)
     assert with_logits["fid"] > 1.0
     assert with_logits["inception_score"] >= 1.0 and "inception_score_unavailable" not in with_logits
 
@@ -357,7 +358,8 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
 
     # A smoke-sized run: IS over fewer splits, precision/recall explained instead of crashing.
     tiny_run = metrics.compute_metrics(real[:3], folder, inception_path=with_head, k=3)
-    assert tiny_run["inception_score_splits"] == 3 and tiny_run["inception_score"] >= 1.0
+    assert tiny_run["inception_score_split_rule"] == "ADM: consecutive chunks of 5000 samples (1 here)"
+    assert tiny_run["inception_score"] >= 1.0
     assert tiny_run["precision"] is None and "more than 3" in tiny_run["precision_recall_unavailable"]
 
 
@@ -368,7 +370,7 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
 @pytest.fixture(scope="module")
 def real_weights():
     try:
-        return metrics.find_inception_weights()
+        return inception.find_inception_weights()
     except FileNotFoundError as error:
         pytest.skip(f"no FID Inception weights on this machine: {error}")
 
@@ -382,8 +384,8 @@ def test_real_weights_features_match_cleanfid(real_weights, tmp_path):
     images = [image for image in random_images(4, size=32, seed=11)]
     images[3] = images[0].copy()  # identical to image 0
     images.insert(2, rng.integers(0, 256, (20, 28, 3), dtype=np.uint8))  # another size in the same batch
-    model = metrics.InceptionFeatures(real_weights)
-    features, logits = metrics.extract_features(images, batch_size=5, model=model, progress=False)
+    model = inception.InceptionFeatures(real_weights)
+    features, logits, spatial = inception.extract_features(images, batch_size=5, model=model, progress=False)
     assert features.shape == (5, 2048)
     assert (logits is None) == (not model.has_classifier)
     np.testing.assert_array_equal(features[4], features[0])
@@ -406,7 +408,7 @@ def test_real_weights_features_match_cleanfid(real_weights, tmp_path):
 
 
 def test_frechet_distance_from_features_equals_the_covariance_form():
-    from star.eval.metrics import feature_statistics, frechet_distance, frechet_distance_from_features
+    from star.eval.scores import feature_statistics, frechet_distance, frechet_distance_from_features
 
     rng = np.random.default_rng(3)
     real = rng.normal(size=(40, 64))
