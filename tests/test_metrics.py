@@ -420,3 +420,85 @@ def test_frechet_distance_from_features_equals_the_covariance_form():
     many_real, many_fake = rng.normal(size=(200, 8)), rng.normal(size=(150, 8)) + 1
     assert frechet_distance_from_features(many_real, many_fake) == pytest.approx(
         frechet_distance(*feature_statistics(many_real), *feature_statistics(many_fake)), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References are validated; the Inception Score's split rule; sFID
+
+
+def test_damaged_adm_references_are_errors(tmp_path, tiny_weights):
+    model = inception.InceptionFeatures(tiny_weights[1])
+    mu, sigma = np.zeros(4), np.eye(4)
+    nan_mu = tmp_path / "nan_mu.npz"
+    np.savez(nan_mu, mu=np.array([0.0, np.nan, 0.0, 0.0]), sigma=sigma)
+    with pytest.raises(ValueError, match="mu has 1 non-finite"):
+        references.load_reference(nan_mu, model=model)
+    not_psd = tmp_path / "not_psd.npz"
+    np.savez(not_psd, mu=mu, sigma=np.diag([1.0, 1.0, -0.5, 1.0]))
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        references.load_reference(not_psd, model=model)
+    asymmetric = tmp_path / "asymmetric.npz"
+    np.savez(asymmetric, mu=mu, sigma=np.eye(4) + np.triu(np.ones((4, 4)), 1))
+    with pytest.raises(ValueError, match="not symmetric"):
+        references.load_reference(asymmetric, model=model)
+    bad_spatial = tmp_path / "bad_spatial.npz"
+    np.savez(bad_spatial, mu=mu, sigma=sigma, mu_s=np.full(3, np.inf), sigma_s=np.eye(3))
+    with pytest.raises(ValueError, match="mu_s has 3 non-finite"):
+        references.load_reference(bad_spatial, model=model)
+    wrong_keys = tmp_path / "wrong_keys.npz"
+    np.savez(wrong_keys, mean=mu, cov=sigma)
+    with pytest.raises(ValueError, match=r"holds \['cov', 'mean'\]: expected 'mu' and 'sigma' .* or 'arr_0'"):
+        references.load_reference(wrong_keys, model=model)
+
+
+def test_inception_score_splits_in_chunks_of_5000_like_the_adm_evaluator():
+    rng = np.random.default_rng(12)
+    logits = rng.normal(0, 3, (12, 10))
+
+    def score(part):  # exp(E KL(p(y|x) || p(y))) on one part, written out
+        probs = np.exp(part) / np.exp(part).sum(1, keepdims=True)
+        return np.exp((probs * (np.log(probs) - np.log(probs.mean(0, keepdims=True)))).sum(1).mean())
+
+    mean, std, rule = scores.inception_score(logits, split_size=5)  # chunks of 5, 5 and 2 samples
+    expected = [score(logits[:5]), score(logits[5:10]), score(logits[10:])]
+    assert mean == pytest.approx(np.mean(expected), rel=1e-12) and std == pytest.approx(np.std(expected), rel=1e-12)
+    assert rule == "ADM: consecutive chunks of 5 samples (3 here)"
+    assert scores.inception_score(logits)[2] == "ADM: consecutive chunks of 5000 samples (1 here)"
+    assert scores.inception_score(logits)[0] == pytest.approx(score(logits), rel=1e-12)
+    assert scores.inception_score(logits, splits=4)[2] == "4 near-equal splits (improved-GAN)"
+
+
+def test_tiny_weights_report_sfid_unavailable(tmp_path, tiny_weights):
+    real = random_images(8, seed=13)
+    result = metrics.compute_metrics(real, write_folder(tmp_path / "real", real), inception_path=tiny_weights[1])
+    assert result["sfid"] is None and "mixed_6/conv" in result["sfid_unavailable"]
+    assert "sFID: unavailable" in metrics.format_report(result)
+
+
+def test_real_weights_sfid_features_shape_order_and_behaviour(real_weights):
+    model = inception.InceptionFeatures(real_weights)
+    assert model.has_spatial
+    images = random_images(3, size=32, seed=14)
+    batch = model.preprocess(list(images))  # [3, 3, 299, 299]
+    with torch.inference_mode():
+        output = model(batch)
+        scaled = (batch - 128) / 128
+        assert torch.allclose(output.features, model.trunk(scaled).flatten(1), atol=1e-5)  # block by block == trunk
+        x = scaled
+        for name in inception.TRUNK_BLOCKS[: inception.TRUNK_BLOCKS.index("mixed_6")]:
+            x = getattr(model.trunk, name)(x)
+        branch = model.trunk.mixed_6.conv(x)  # [3, 192, 17, 17]
+    assert branch.shape == (3, 192, 17, 17) and output.spatial.shape == (3, inception.SPATIAL_DIM) == (3, 2023)
+    # H, W, C order: feature (h * 17 + w) * 7 + c is channel c at row h, column w
+    for h, w, c in [(0, 0, 0), (0, 0, 6), (0, 1, 0), (5, 11, 3), (16, 16, 6)]:
+        assert output.spatial[1, (h * 17 + w) * 7 + c] == pytest.approx(float(branch[1, c, h, w]), abs=1e-5)
+    # sFID of a set against itself is ~0 and grows with distortion
+    clean = random_images(6, size=48, seed=15)
+    noise = np.random.default_rng(16).normal(0, 1, clean.shape)
+    spatial = {name: inception.extract_features(images, model=model, progress=False).spatial for name, images in [
+        ("clean", clean), ("mild", np.clip(clean + 15 * noise, 0, 255).astype(np.uint8)),
+        ("strong", np.clip(clean + 60 * noise, 0, 255).astype(np.uint8))]}
+    assert scores.frechet_distance_from_features(spatial["clean"], spatial["clean"]) == pytest.approx(0, abs=1e-6)
+    mild = scores.frechet_distance_from_features(spatial["clean"], spatial["mild"])
+    strong = scores.frechet_distance_from_features(spatial["clean"], spatial["strong"])
+    assert 0 < mild < strong
