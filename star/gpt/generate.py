@@ -123,9 +123,17 @@ def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
 
 
+def cached_logits(model: GPT, x: Optional[torch.Tensor], cond_idx: Optional[torch.Tensor], input_pos: torch.Tensor,
+                  cache_len: Optional[int]) -> torch.Tensor:
+    """Logits [B, V] of the last new position. cache_len None: static shapes (the whole cache, masked)."""
+    if cache_len is None:
+        return model.forward_cached(x, cond_idx, input_pos, static=True)[:, -1]
+    return model.forward_cached(x, cond_idx, input_pos, cache_len=cache_len)[:, -1]
+
+
 def model_step(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cache_len: Optional[int]) -> torch.Tensor:
     """Tokens [B, 1] at input_pos [1] -> next-token logits [B, V]. cache_len None: static shapes."""
-    return model.forward_cached(x, None, input_pos, cache_len=cache_len, static=cache_len is None)[:, -1]
+    return cached_logits(model, x, None, input_pos, cache_len)
 
 
 _compiled_steps: dict[str, Callable] = {}
@@ -155,8 +163,7 @@ def resolve_decode_mode(decode: str, device: torch.device) -> str:
 def prefill(model: GPT, cond_idx: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
             sampling: SamplingSettings, generator: Optional[torch.Generator], static: bool) -> torch.Tensor:
     """The class position(s) -> the first image token [B]. cfg_flag: cond_idx is [cond; null] ([2B])."""
-    logits = model.forward_cached(None, cond_idx, input_pos, cache_len=None if static else len(input_pos),
-                                  static=static)[:, -1]  # [B or 2B, V]
+    logits = cached_logits(model, None, cond_idx, input_pos, None if static else len(input_pos))  # [B or 2B, V]
     if cfg_flag:
         logits = guided_logits(logits, cfg_scale)
     return sampling.draw(logits, generator)
