@@ -6,6 +6,7 @@ runs the real shipped weights on a handful of images and compares against clean-
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,8 @@ def test_adm_reference_npz_reader(tmp_path, tiny_weights):
     np.testing.assert_allclose(reference.features, expected, rtol=1e-6, atol=1e-6)
     assert reference.num_images == 6
     assert "TensorFlow" in reference.note
+    np.testing.assert_array_equal(reference.spatial_mu, mu[:10])  # sFID statistics: ADM's mu_s / sigma_s
+    np.testing.assert_array_equal(reference.spatial_sigma, sigma[:10, :10])
 
     statistics_only = tmp_path / "stats_only.npz"
     np.savez(statistics_only, mu=mu, sigma=sigma)
@@ -502,3 +505,25 @@ def test_real_weights_sfid_features_shape_order_and_behaviour(real_weights):
     mild = scores.frechet_distance_from_features(spatial["clean"], spatial["mild"])
     strong = scores.frechet_distance_from_features(spatial["clean"], spatial["strong"])
     assert 0 < mild < strong
+
+
+def test_fid_command_writes_metrics_json_and_names_missing_keys(tmp_path, tiny_weights, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_run", Path(__file__).resolve().parents[1] / "evaluate" / "run.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    real = random_images(12, seed=17)
+    folder = write_folder(tmp_path / "real", real)
+    np.savez(tmp_path / "samples.npz", arr_0=real[::-1] // 2)
+    flags = ["--ref", str(folder), "--inception", str(tiny_weights[0]), "--cache-dir", str(tmp_path / "cache")]
+    assert command.main(["fid", "--samples", str(tmp_path / "samples.npz"), *flags]) == 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["fid"] > 0 and written["inception_score_split_rule"].startswith("ADM: consecutive chunks of 5000")
+    assert written["sfid"] is None and "FID:" in capsys.readouterr().out
+    np.savez(tmp_path / "wrong.npz", images=real)
+    assert command.main(["fid", "--samples", str(tmp_path / "wrong.npz"), *flags, "--out", str(tmp_path / "w.json")]) == 2
+    assert "expected 'arr_0'" in capsys.readouterr().err and not (tmp_path / "w.json").exists()
+    with pytest.raises(SystemExit):
+        command.main(["fid", "--samples", str(tmp_path / "samples.npz"), *flags, "--batch-size", "0"])
+    assert "--batch-size 0: must be > 0" in capsys.readouterr().err

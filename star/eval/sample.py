@@ -53,7 +53,7 @@ class SampleConfig:
     top_p: float = setting(1.0, help="nucleus filter (1.0 = off)")
     temperature: float = setting(1.0, help="sampling temperature (>= 0)")
     num_samples: int = setting(50, help="images to sample")
-    classes: str = setting("", help="comma list of class ids to cycle (default: balanced over all classes)")
+    classes: str = setting("", help="comma list of class ids to cycle (empty: balanced over all classes)")
     batch_size: int = setting(32, help="images per batch (CFG doubles the model's batch)")
     seed: int = setting(0, help="global seed; batch b uses (seed, b), independent of the process count")
     tokens_only: bool = setting(False, help="write tokens.npz instead of decoding images")

@@ -235,7 +235,7 @@ class ProbeConfig:
     eval_shards: str = setting(help="held-out shards")
     out: str = setting(help="output folder: probe.json, probe.png")
     layer: int = setting(0, help="residual stream after this many blocks (0: the middle layer)")
-    positions: str = setting("", help="comma list of sequence positions, 1..block_size (default: 8 evenly spaced)")
+    positions: str = setting("", help="comma list of sequence positions, 1..block_size (empty: 8 evenly spaced)")
     view: int = setting(0, help="which stored view of each image")
     limit: int = setting(0, help="at most this many samples per split (0 = all)")
 
@@ -295,8 +295,8 @@ class AttentionConfig:
     generator: AnalysisModel
     shards: str = setting(help="token shards to run the model on")
     out: str = setting(help="output folder: attention.png, attention.json")
-    layers: str = setting("", help="comma list of layers, 1..n_layer (default: first, middle, last)")
-    positions: str = setting("", help="comma list of query positions, 1..block_size (default: 4 evenly spaced)")
+    layers: str = setting("", help="comma list of layers, 1..n_layer (empty: first, middle, last)")
+    positions: str = setting("", help="comma list of query positions, 1..block_size (empty: 4 evenly spaced)")
     samples: int = setting(32, help="images averaged over")
 
     def __post_init__(self) -> None:
