@@ -472,6 +472,8 @@ def test_inception_score_splits_in_chunks_of_5000_like_the_adm_evaluator():
 
 
 def test_tiny_weights_report_sfid_unavailable(tmp_path, tiny_weights):
+    tiny = inception.InceptionFeatures(tiny_weights[1])
+    assert tiny.network is tiny.trunk and not tiny.has_spatial  # an unknown layout runs as the file has it
     real = random_images(8, seed=13)
     result = metrics.compute_metrics(real, write_folder(tmp_path / "real", real), inception_path=tiny_weights[1])
     assert result["sfid"] is None and "mixed_6/conv" in result["sfid_unavailable"]
@@ -481,6 +483,7 @@ def test_tiny_weights_report_sfid_unavailable(tmp_path, tiny_weights):
 def test_real_weights_sfid_features_shape_order_and_behaviour(real_weights):
     model = inception.InceptionFeatures(real_weights)
     assert model.has_spatial
+    assert model.network is not model.trunk  # the batch-norm-folded copy passed its check against the file
     images = random_images(3, size=32, seed=14)
     batch = model.preprocess(list(images))  # [3, 3, 299, 299]
     with torch.inference_mode():

@@ -33,12 +33,14 @@ import importlib.util
 import os
 import platform
 import warnings
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -122,6 +124,78 @@ def _submodule(module: nn.Module, dotted_name: str) -> nn.Module | None:
     return module
 
 
+class _FusedConv(nn.Module):
+    """One of the trunk's `Conv2dLayer`s (conv without bias -> batch norm with eps 1e-3 and no scale -> ReLU) as a
+    single conv with the batch norm folded into its weight and bias, then an in-place ReLU: one pass over the
+    activations instead of three (batch norm and ReLU were a quarter of the network's CPU time)."""
+
+    def __init__(self, layer: nn.Module, eps: float = 1e-3):
+        super().__init__()
+        scale = 1.0 / torch.sqrt(layer.var.double() + eps)  # [C_out]
+        self.register_buffer("weight", (layer.weight.double() * scale[:, None, None, None]).float())
+        self.register_buffer("bias", (layer.beta.double() - layer.mean.double() * scale).float())
+        self.stride, self.padding = layer.stride, layer.padding  # int, or [h, w] for the 1x7 / 7x1 convs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding).relu_()
+
+
+class _Branches(nn.Module):
+    """InceptionA-D: every child sees the input; the outputs are concatenated in the children's order."""
+
+    def __init__(self, children: dict[str, nn.Module]):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([child(x) for child in self.children()], 1)
+
+
+class _InceptionE(_Branches):
+    """InceptionE's wiring, as in the TorchScript file: two towers split into 1x3 and 3x1 convs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.tower_conv(x)
+        b = self.tower_1_conv_1(self.tower_1_conv(x))
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a), self.tower_1_mixed_conv(b),
+                          self.tower_1_mixed_conv_1(b), self.tower_2_conv(self.tower_2_pool(x))], 1)
+
+
+class _UnknownLayout(ValueError):
+    pass
+
+
+def _fused_copy(module: nn.Module) -> nn.Module:
+    """An eager copy of a TorchScript Inception trunk with every Conv2dLayer fused (pools stay as they are)."""
+    kind = getattr(module, "original_name", type(module).__name__)
+    if kind == "Conv2dLayer":
+        return _FusedConv(module)
+    if kind in ("MaxPool2d", "AvgPool2d"):
+        return module
+    children = {name: _fused_copy(child) for name, child in module.named_children()}
+    if kind == "Sequential":
+        return nn.Sequential(OrderedDict(children))
+    if kind in ("InceptionA", "InceptionB", "InceptionC", "InceptionD"):
+        return _Branches(children)
+    if kind == "InceptionE":
+        return _InceptionE(children)
+    raise _UnknownLayout(kind)
+
+
+def _fast_trunk(trunk: nn.Module) -> nn.Module | None:
+    """The fused copy of `trunk` if it reproduces the file's own output on a probe input (max abs difference
+    <= 1e-4 on the pool3 features), else None (an unknown layout: the TorchScript trunk is used as it is)."""
+    try:
+        fused = _fused_copy(trunk).eval()
+    except (_UnknownLayout, AttributeError):
+        return None
+    probe = torch.rand(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        difference = (fused(probe) - trunk(probe)).abs().max().item()
+    return fused if difference <= 1e-4 else None
+
+
 class InceptionOutput(NamedTuple):
     features: torch.Tensor  # [B, 2048] pool3
     logits: torch.Tensor | None  # [B, 1008] bias-free, None without a classifier head
@@ -160,7 +234,9 @@ class InceptionFeatures(nn.Module):
                 f"{self.weights_path} is TorchScript but has neither `layers` nor `net.layers`: "
                 "not an FID Inception-v3 file this loader knows."
             )
-        self.trunk = trunk
+        self.trunk = trunk  # the file's network, as it is
+        # what runs: the same network with batch norms folded into the convs, when it checks out
+        self.network = _fast_trunk(trunk) or trunk
         # Block by block only when the trunk is exactly TF's sequence of blocks (then its forward is their chain).
         block_names = tuple(name for name, _ in trunk.named_children())
         has_spatial = block_names == TRUNK_BLOCKS and _submodule(trunk, f"{SPATIAL_BLOCK}.conv") is not None
@@ -188,7 +264,7 @@ class InceptionFeatures(nn.Module):
         x = scaled
         spatial = None
         for name in TRUNK_BLOCKS:
-            block = getattr(self.trunk, name)
+            block = getattr(self.network, name)
             if name == SPATIAL_BLOCK:
                 # recomputing this 1x1 conv costs < 1% of the network; the block itself stays TorchScript
                 branch = block.conv(x)[:, :SPATIAL_CHANNELS]  # [B, 7, 17, 17], after BN + ReLU
@@ -202,7 +278,7 @@ class InceptionFeatures(nn.Module):
         if self.has_spatial:
             pooled, spatial = self._trunk_with_spatial(scaled)
         else:
-            pooled, spatial = self.trunk(scaled), None
+            pooled, spatial = self.network(scaled), None
         features = pooled.flatten(1)  # [B, 2048] (pool3 comes out as [B, 2048, 1, 1])
         if self.classifier_weight is None:
             return InceptionOutput(features, None, spatial)
