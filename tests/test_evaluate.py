@@ -108,3 +108,122 @@ def test_linear_probe_separates_separable_features_and_not_noise():
     assert linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:]) > 0.95
     noise = rng.normal(0, 1, (200, 16))
     assert linear_probe_accuracy(noise[:150], labels[:150], noise[150:], labels[150:]) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings are checked before any work (issue 10), and the command is only argument handling
+
+
+def evaluate_main(argv):
+    """evaluate/run.py's main() in this process (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_run", REPO / "evaluate" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--num-samples", "-3"], "--num-samples -3"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--cfg-scale", "nan"], "cfg_scale=nan"),
+    (["--temperature", "-1"], "temperature=-1"),
+    (["--top-p", "0"], "top_p=0"),
+    (["--device", "gpu"], "--device 'gpu'"),
+])
+def test_sample_rejects_bad_settings_before_touching_the_output(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    np.savez(out / "samples.npz", arr_0=np.ones((2, 4, 4, 3), np.uint8))
+    before = (out / "samples.npz").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["sample", "--ckpt", str(tmp_path / "missing"), "--vq-ckpt", "vq.pt", "--out", str(out), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert (out / "samples.npz").read_bytes() == before  # the earlier samples are intact
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz"]
+
+
+def test_sample_config_checks_library_callers_too():
+    with pytest.raises(ValueError, match="--weights 'ema'"):
+        SampleConfig(ckpt="run", out="o", vq_ckpt="vq.pt", weights="ema")
+    with pytest.raises(ValueError, match="--vq-ckpt is needed"):
+        SampleConfig(ckpt="run", out="o")
+    with pytest.raises(ValueError, match="--precision 'fp16'"):
+        SampleConfig(ckpt="run", out="o", tokens_only=True, precision="fp16")
+    assert SampleConfig(ckpt="run", out="o", tokens_only=True, cfg_scale=2.0).sampling().cfg_scale == 2.0
+
+
+def test_sampling_refuses_another_tokenizer_unless_allowed(tmp_path, tiny_generator, small_vq):
+    (tiny_generator / "meta.json").write_text(json.dumps({"step": 1, "tokenizer_sha256": "0" * 64}))
+    settings = dict(ckpt=str(tiny_generator), vq_ckpt=str(small_vq[0]), vq_config=str(small_vq[1]), num_samples=2,
+                    batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="not the tokenizer .* --allow-other-tokenizer"):
+        run_sampling(SampleConfig(out=str(tmp_path / "refused"), **settings))
+    assert not (tmp_path / "refused" / "samples.npz").exists()
+    with pytest.warns(UserWarning, match="sampling anyway"):
+        run_sampling(SampleConfig(out=str(tmp_path / "allowed"), allow_other_tokenizer=True, **settings))
+    recorded = json.loads((tmp_path / "allowed" / "settings.json").read_text())["resolved"]["tokenizer_check"]
+    assert recorded.startswith("differs")
+    # the right VQ passes without a flag
+    from star.io import sha256_file
+
+    (tiny_generator / "meta.json").write_text(json.dumps({"tokenizer_sha256": sha256_file(small_vq[0])}))
+    run_sampling(SampleConfig(out=str(tmp_path / "same"), **settings))
+    assert json.loads((tmp_path / "same" / "settings.json").read_text())["resolved"]["tokenizer_check"].startswith(
+        "matches")
+
+
+def test_sampling_checks_the_codebook_covers_the_vocabulary_first(tmp_path, tiny_gpt_json, small_vq, monkeypatch):
+    import star.eval.sample as sample_module
+
+    config = {**json.loads(tiny_gpt_json.read_text()), "vocab_size": 512}  # the small VQ has 256 codes
+    save_gpt(GPT(GPTConfig.resolve(config)), tmp_path / "big_vocab")
+    monkeypatch.setattr(sample_module, "generate", lambda *a, **k: pytest.fail("sampled before checking"))
+    with pytest.raises(ValueError, match="codebook of 256 codes cannot decode the model's vocabulary of 512"):
+        run_sampling(SampleConfig(ckpt=str(tmp_path / "big_vocab"), out=str(tmp_path / "o"), vq_ckpt=str(small_vq[0]),
+                                  vq_config=str(small_vq[1]), num_samples=2, progress=False))
+
+
+def test_probe_and_attention_settings_are_checked(tiny_gpt_json):
+    from star.eval.understanding import AnalysisModel, AttentionConfig, ProbeConfig
+
+    generator = AnalysisModel(ckpt="run")
+    model = GPT(GPTConfig.resolve(tiny_gpt_json))  # 2 layers, 64 positions
+    with pytest.raises(ValueError, match="positions start at 1"):
+        ProbeConfig(generator, shards="s", eval_shards="e", out="o", positions="0,8")
+    with pytest.raises(ValueError, match=r"--positions \[65\]: positions are 1..64"):
+        ProbeConfig(generator, shards="s", eval_shards="e", out="o", positions="8,65").resolve(model)
+    assert ProbeConfig(generator, shards="s", eval_shards="e", out="o").resolve(model) == (1, [8, 16, 24, 32, 40, 48,
+                                                                                             56, 64])
+    with pytest.raises(ValueError, match="layers are numbered from 1"):
+        AttentionConfig(generator, shards="s", out="o", layers="0")
+    with pytest.raises(ValueError, match="layers are numbered from 1"):
+        AttentionConfig(generator, shards="s", out="o", layers="-1")
+    with pytest.raises(ValueError, match=r"--layers \[3\]: the model's layers are 1..2"):
+        AttentionConfig(generator, shards="s", out="o", layers="1,3").resolve(model)
+    with pytest.raises(ValueError, match="--weights 'ema'"):
+        AnalysisModel(ckpt="run", weights="ema")
+
+
+def test_probe_limit_leaving_one_class_is_an_error(tmp_path, tiny_generator, tiny_shards, capsys):
+    code = evaluate_main(["probe", "--ckpt", str(tiny_generator), "--shards", str(tiny_shards), "--eval-shards",
+                          str(tiny_shards), "--limit", "1", "--positions", "8", "--out", str(tmp_path / "probe")])
+    assert code == 2
+    assert "--limit 1 leaves 1 samples of 1 class" in capsys.readouterr().err
+    assert not (tmp_path / "probe").exists()
+
+
+def test_probe_and_attention_commands_write_their_results(tmp_path, tiny_generator, tiny_shards, capsys):
+    assert evaluate_main(["probe", "--ckpt", str(tiny_generator), "--shards", str(tiny_shards), "--eval-shards",
+                          str(tiny_shards), "--positions", "4,64", "--out", str(tmp_path / "probe")]) == 0
+    result = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert [row["step"] for row in result["rows"]] == [4, 64] and result["layer"] == 1
+    assert (tmp_path / "probe" / "probe.png").is_file()
+    assert evaluate_main(["attention", "--ckpt", str(tiny_generator), "--shards", str(tiny_shards), "--layers", "2",
+                          "--positions", "10,20", "--samples", "4", "--out", str(tmp_path / "attention")]) == 0
+    stats = json.loads((tmp_path / "attention" / "attention.json").read_text())
+    assert list(stats["layers"]) == ["2"] and stats["positions"] == [10, 20]
+    assert "mass on class" in capsys.readouterr().out

@@ -6,6 +6,7 @@ runs the real shipped weights on a handful of images and compares against clean-
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from star.eval import metrics
+from star.eval import inception, metrics, scores
+from star.eval import reference as references
 
 TINY_FEATURE_DIM = 16
 
@@ -100,18 +102,18 @@ def independent_frechet(mu1, sigma1, mu2, sigma2):
 
 def test_fid_of_a_set_against_itself_is_zero():
     features = np.random.default_rng(0).standard_normal((300, 32)) * 3 + 1
-    mu, sigma = metrics.feature_statistics(features)
+    mu, sigma = scores.feature_statistics(features)
     np.testing.assert_allclose(mu, features.mean(axis=0))
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False))  # unbiased, as clean-fid / ADM
-    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    assert abs(scores.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
 def test_frechet_distance_matches_independent_formula_and_cleanfid():
     rng = np.random.default_rng(1)
     features1 = rng.standard_normal((500, 32))
     features2 = rng.standard_normal((400, 32)) @ rng.standard_normal((32, 32)) * 0.5 + 0.3
-    stats1, stats2 = metrics.feature_statistics(features1), metrics.feature_statistics(features2)
-    ours = metrics.frechet_distance(*stats1, *stats2)
+    stats1, stats2 = scores.feature_statistics(features1), scores.feature_statistics(features2)
+    ours = scores.frechet_distance(*stats1, *stats2)
     expected = independent_frechet(*stats1, *stats2)
     assert ours > 1.0
     assert abs(ours - expected) <= 1e-6 * abs(expected)
@@ -122,20 +124,20 @@ def test_frechet_distance_matches_independent_formula_and_cleanfid():
 
 def test_frechet_distance_with_fewer_samples_than_dimensions_stays_right(monkeypatch):
     rng = np.random.default_rng(2)
-    stats1 = metrics.feature_statistics(rng.standard_normal((10, 40)))
-    stats2 = metrics.feature_statistics(rng.standard_normal((12, 40)) + 0.5)
+    stats1 = scores.feature_statistics(rng.standard_normal((10, 40)))
+    stats2 = scores.feature_statistics(rng.standard_normal((12, 40)) + 0.5)
     expected = independent_frechet(*stats1, *stats2)
-    assert abs(metrics.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
+    assert abs(scores.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
     # Where sqrtm gives up (not finite even with eps, or a large imaginary part), the symmetric form takes over.
     for broken in (lambda matrix: np.full(matrix.shape, np.nan), lambda matrix: matrix + 1j * np.eye(len(matrix))):
-        monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", broken)
+        monkeypatch.setattr(scores.scipy.linalg, "sqrtm", broken)
         with pytest.warns(RuntimeWarning, match="symmetric eigenvalue form"):
-            assert abs(metrics.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
+            assert abs(scores.frechet_distance(*stats1, *stats2) - expected) <= 1e-6 * expected
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="do not match"):
-        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        scores.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def test_frechet_distance_rejects_mismatched_statistics():
 
 
 def test_inception_score_of_uniform_predictions_is_one():
-    mean, std = metrics.inception_score(np.zeros((100, 1008)), splits=10)
+    mean, std, _ = scores.inception_score(np.zeros((100, 1008)), splits=10)
     assert mean == pytest.approx(1.0, abs=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12)
 
@@ -153,13 +155,13 @@ def test_inception_score_of_confident_balanced_predictions_is_number_of_classes(
     labels = np.tile(np.arange(num_classes), splits * per_class_per_split)  # every split sees each class 3 times
     logits = np.zeros((len(labels), 1008))
     logits[np.arange(len(labels)), labels] = 60.0  # softmax ~ one-hot
-    mean, std = metrics.inception_score(logits, splits=splits)
+    mean, std, _ = scores.inception_score(logits, splits=splits)
     assert mean == pytest.approx(num_classes, rel=1e-9)
     assert std == pytest.approx(0.0, abs=1e-9)
     # All samples confidently the same class: no diversity, IS 1.
     same_class = np.zeros((50, 1008))
     same_class[:, 3] = 60.0
-    assert metrics.inception_score(same_class, splits=5)[0] == pytest.approx(1.0)
+    assert scores.inception_score(same_class, splits=5)[0] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,14 +170,14 @@ def test_inception_score_of_confident_balanced_predictions_is_number_of_classes(
 
 def test_precision_recall_of_identical_sets_is_one():
     points = np.random.default_rng(3).standard_normal((60, 8))
-    assert metrics.precision_recall(points, points.copy(), k=3) == (1.0, 1.0)
+    assert scores.precision_recall(points, points.copy(), k=3) == (1.0, 1.0)
 
 
 def test_precision_recall_of_far_apart_sets_is_zero():
     rng = np.random.default_rng(4)
     real = rng.standard_normal((50, 8))
     fake = rng.standard_normal((40, 8)) + 1000.0
-    assert metrics.precision_recall(real, fake, k=3) == (0.0, 0.0)
+    assert scores.precision_recall(real, fake, k=3) == (0.0, 0.0)
 
 
 def test_precision_recall_hand_computed_and_batching_does_not_change_it():
@@ -186,11 +188,11 @@ def test_precision_recall_hand_computed_and_batching_does_not_change_it():
     # nearest neighbour (radius 99.5), so the ball around 0.5 covers every real point -> recall 1.
     fake = np.zeros((2, 4))
     fake[:, 0] = [0.5, 100.0]
-    assert metrics.precision_recall(real, fake, k=1) == (0.5, 1.0)
-    assert metrics.precision_recall(real, fake, k=1, batch_size=3) == (0.5, 1.0)
+    assert scores.precision_recall(real, fake, k=1) == (0.5, 1.0)
+    assert scores.precision_recall(real, fake, k=1, batch_size=3) == (0.5, 1.0)
     # k-th neighbour radii: with k=2 the fake set needs 3 points.
     with pytest.raises(ValueError, match="k=2"):
-        metrics.precision_recall(real, fake, k=2)
+        scores.precision_recall(real, fake, k=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,13 +201,13 @@ def test_precision_recall_hand_computed_and_batching_does_not_change_it():
 
 def test_missing_weights_give_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--inception PATH"):
-        metrics.find_inception_weights(tmp_path / "nope.pt")
+        inception.find_inception_weights(tmp_path / "nope.pt")
 
     monkeypatch.setenv("STAR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(metrics, "_fid_helper_weights_path", lambda: None)
-    monkeypatch.setattr(metrics, "_cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
+    monkeypatch.setattr(inception, "_fid_helper_weights_path", lambda: None)
+    monkeypatch.setattr(inception, "_cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
     with pytest.raises(FileNotFoundError) as error:
-        metrics.find_inception_weights()
+        inception.find_inception_weights()
     message = str(error.value)
     assert str(tmp_path / "cache" / "inception-2015-12-05.pt") in message
     assert str(tmp_path / "cleanfid" / "inception-2015-12-05.pt") in message
@@ -216,38 +218,38 @@ def test_missing_weights_give_a_clear_message(tmp_path, monkeypatch):
     cached = tmp_path / "cache" / "inception-2015-12-05.pt"
     cached.parent.mkdir()
     cached.write_bytes(b"x")
-    assert metrics.find_inception_weights() == cached
+    assert inception.find_inception_weights() == cached
 
 
 def test_loader_finds_the_classifier_head_and_logits_have_no_bias(tiny_weights):
     with_head, without_head = tiny_weights
-    model = metrics.InceptionFeatures(with_head)
+    model = inception.InceptionFeatures(with_head)
     assert model.has_classifier
     images = random_images(3)
-    features, logits = metrics.extract_features(images, batch_size=2, model=model, progress=False)
+    features, logits, _ = inception.extract_features(images, batch_size=2, model=model, progress=False)
     assert features.shape == (3, TINY_FEATURE_DIM) and features.dtype == np.float64
     assert logits.shape == (3, 1008)
     scripted = torch.jit.load(str(with_head))
     np.testing.assert_allclose(logits, features @ scripted.output.weight.detach().double().numpy().T, rtol=1e-5, atol=1e-5)
 
-    headless = metrics.InceptionFeatures(without_head)
+    headless = inception.InceptionFeatures(without_head)
     assert not headless.has_classifier
-    headless_features, headless_logits = metrics.extract_features(list(images), model=headless, progress=False)
+    headless_features, headless_logits, _ = inception.extract_features(list(images), model=headless, progress=False)
     assert headless_logits is None and headless_features.shape == (3, TINY_FEATURE_DIM)
 
 
 def test_extract_features_accepts_arrays_lists_of_mixed_sizes_and_batches(tiny_weights):
-    model = metrics.InceptionFeatures(tiny_weights[1])
+    model = inception.InceptionFeatures(tiny_weights[1])
     images = random_images(5)
-    from_array, _ = metrics.extract_features(images, batch_size=2, model=model, progress=False)
-    from_batches, _ = metrics.extract_features(iter([images[:3], images[3:]]), batch_size=4, model=model, progress=False)
+    from_array, _, _ = inception.extract_features(images, batch_size=2, model=model, progress=False)
+    from_batches, _, _ = inception.extract_features(iter([images[:3], images[3:]]), batch_size=4, model=model, progress=False)
     np.testing.assert_allclose(from_batches, from_array, rtol=1e-6, atol=1e-6)
     mixed = [images[0], random_images(1, size=40)[0], images[1]]
-    from_mixed, _ = metrics.extract_features(mixed, batch_size=3, model=model, progress=False)
+    from_mixed, _, _ = inception.extract_features(mixed, batch_size=3, model=model, progress=False)
     assert from_mixed.shape == (3, TINY_FEATURE_DIM)
     np.testing.assert_allclose(from_mixed[[0, 2]], from_array[:2], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
-        metrics.extract_features(images.astype(np.float32), model=model, progress=False)
+        inception.extract_features(images.astype(np.float32), model=model, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,21 +263,23 @@ def test_adm_reference_npz_reader(tmp_path, tiny_weights):
     images = random_images(6, seed=6)
     path = tmp_path / "VIRTUAL_fake.npz"
     np.savez(path, mu=mu, sigma=sigma, mu_s=mu[:10], sigma_s=sigma[:10, :10], arr_0=images)
-    model = metrics.InceptionFeatures(tiny_weights[1])
+    model = inception.InceptionFeatures(tiny_weights[1])
 
-    reference = metrics.load_reference(path, model=model)
+    reference = references.load_reference(path, model=model)
     assert reference.kind == "adm_reference"
     np.testing.assert_array_equal(reference.mu, mu)
     np.testing.assert_array_equal(reference.sigma, sigma)
     # The images are streamed out of the npz and go through our network (for precision/recall).
-    expected, _ = metrics.extract_features(images, model=model, progress=False)
+    expected, _, _ = inception.extract_features(images, model=model, progress=False)
     np.testing.assert_allclose(reference.features, expected, rtol=1e-6, atol=1e-6)
     assert reference.num_images == 6
     assert "TensorFlow" in reference.note
+    np.testing.assert_array_equal(reference.spatial_mu, mu[:10])  # sFID statistics: ADM's mu_s / sigma_s
+    np.testing.assert_array_equal(reference.spatial_sigma, sigma[:10, :10])
 
     statistics_only = tmp_path / "stats_only.npz"
     np.savez(statistics_only, mu=mu, sigma=sigma)
-    reference = metrics.load_reference(statistics_only, model=model)
+    reference = references.load_reference(statistics_only, model=model)
     assert reference.features is None and reference.num_images is None
 
 
@@ -284,46 +288,46 @@ def test_samples_npz_and_folder_give_the_same_images_and_statistics(tmp_path, ti
     npz_path = tmp_path / "samples.npz"
     np.savez_compressed(npz_path, arr_0=images)
     folder = write_folder(tmp_path / "images" / "nested", images).parent
-    np.testing.assert_array_equal(metrics.load_samples(npz_path), images)
+    np.testing.assert_array_equal(references.load_samples(npz_path), images)
     # Large sample files are streamed a chunk at a time, out of the (here compressed) zip member.
-    stream = metrics._npz_stream(npz_path, chunk=3)
+    stream = references._npz_stream(npz_path, chunk=3)
     assert len(stream) == 7 and [len(chunk) for chunk in stream] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(list(stream)), images)
-    np.testing.assert_array_equal(metrics.load_samples(folder), images)
+    np.testing.assert_array_equal(references.load_samples(folder), images)
 
-    model = metrics.InceptionFeatures(tiny_weights[1])
-    from_npz = metrics.load_reference(npz_path, model=model)
-    from_folder = metrics.load_reference(folder, model=model)
+    model = inception.InceptionFeatures(tiny_weights[1])
+    from_npz = references.load_reference(npz_path, model=model)
+    from_folder = references.load_reference(folder, model=model)
     assert (from_npz.kind, from_folder.kind) == ("samples_npz", "image_folder")
     np.testing.assert_allclose(from_npz.mu, from_folder.mu, rtol=1e-6, atol=1e-6)
     assert from_folder.num_images == 7
 
     Image.fromarray(random_images(1, size=30)[0]).save(folder / "odd_size.jpg")
-    mixed = metrics.load_samples(folder)
+    mixed = references.load_samples(folder)
     assert isinstance(mixed, list) and len(mixed) == 8
 
-    with pytest.raises(KeyError, match="arr_0"):
+    with pytest.raises(ValueError, match="expected 'arr_0'"):
         np.savez(tmp_path / "wrong.npz", images=images)
-        metrics.load_samples(tmp_path / "wrong.npz")
+        references.load_samples(tmp_path / "wrong.npz")
 
 
 def test_reference_statistics_are_cached_and_recomputed_when_files_change(tmp_path, tiny_weights):
     folder = write_folder(tmp_path / "real", random_images(5, seed=8))
     cache_dir = tmp_path / "cache"
-    model = metrics.InceptionFeatures(tiny_weights[1])
+    model = inception.InceptionFeatures(tiny_weights[1])
     calls = []
     original_forward = model.forward
     model.forward = lambda batch: calls.append(len(batch)) or original_forward(batch)
 
-    first = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    first = references.load_reference(folder, model=model, cache_dir=cache_dir)
     assert sum(calls) == 5 and len(list(cache_dir.glob("reference-*.npz"))) == 1
-    second = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    second = references.load_reference(folder, model=model, cache_dir=cache_dir)
     assert sum(calls) == 5  # served from the cache
     np.testing.assert_array_equal(second.features, first.features)
     np.testing.assert_array_equal(second.sigma, first.sigma)
 
     Image.fromarray(random_images(1, seed=9)[0]).save(folder / "extra.png")
-    third = metrics.load_reference(folder, model=model, cache_dir=cache_dir)
+    third = references.load_reference(folder, model=model, cache_dir=cache_dir)
     assert sum(calls) == 11 and third.num_images == 6
     assert len(list(cache_dir.glob("reference-*.npz"))) == 2
 
@@ -346,7 +350,7 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
 
     samples_npz = tmp_path / "samples.npz"
     np.savez(samples_npz, arr_0=real // 4)  # much darker images
-    with_logits = metrics.compute_metrics(samples_npz, folder, inception_path=with_head, is_splits=2)
+    with_logits = metrics.compute_metrics(samples_npz, folder, inception_path=with_head, is_split_size=10)
     assert with_logits["fid"] > 1.0
     assert with_logits["inception_score"] >= 1.0 and "inception_score_unavailable" not in with_logits
 
@@ -357,7 +361,8 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
 
     # A smoke-sized run: IS over fewer splits, precision/recall explained instead of crashing.
     tiny_run = metrics.compute_metrics(real[:3], folder, inception_path=with_head, k=3)
-    assert tiny_run["inception_score_splits"] == 3 and tiny_run["inception_score"] >= 1.0
+    assert tiny_run["inception_score_split_rule"] == "ADM: consecutive chunks of 5000 samples (1 here)"
+    assert tiny_run["inception_score"] >= 1.0
     assert tiny_run["precision"] is None and "more than 3" in tiny_run["precision_recall_unavailable"]
 
 
@@ -368,7 +373,7 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
 @pytest.fixture(scope="module")
 def real_weights():
     try:
-        return metrics.find_inception_weights()
+        return inception.find_inception_weights()
     except FileNotFoundError as error:
         pytest.skip(f"no FID Inception weights on this machine: {error}")
 
@@ -382,8 +387,8 @@ def test_real_weights_features_match_cleanfid(real_weights, tmp_path):
     images = [image for image in random_images(4, size=32, seed=11)]
     images[3] = images[0].copy()  # identical to image 0
     images.insert(2, rng.integers(0, 256, (20, 28, 3), dtype=np.uint8))  # another size in the same batch
-    model = metrics.InceptionFeatures(real_weights)
-    features, logits = metrics.extract_features(images, batch_size=5, model=model, progress=False)
+    model = inception.InceptionFeatures(real_weights)
+    features, logits, spatial = inception.extract_features(images, batch_size=5, model=model, progress=False)
     assert features.shape == (5, 2048)
     assert (logits is None) == (not model.has_classifier)
     np.testing.assert_array_equal(features[4], features[0])
@@ -406,7 +411,7 @@ def test_real_weights_features_match_cleanfid(real_weights, tmp_path):
 
 
 def test_frechet_distance_from_features_equals_the_covariance_form():
-    from star.eval.metrics import feature_statistics, frechet_distance, frechet_distance_from_features
+    from star.eval.scores import feature_statistics, frechet_distance, frechet_distance_from_features
 
     rng = np.random.default_rng(3)
     real = rng.normal(size=(40, 64))
@@ -418,3 +423,110 @@ def test_frechet_distance_from_features_equals_the_covariance_form():
     many_real, many_fake = rng.normal(size=(200, 8)), rng.normal(size=(150, 8)) + 1
     assert frechet_distance_from_features(many_real, many_fake) == pytest.approx(
         frechet_distance(*feature_statistics(many_real), *feature_statistics(many_fake)), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References are validated; the Inception Score's split rule; sFID
+
+
+def test_damaged_adm_references_are_errors(tmp_path, tiny_weights):
+    model = inception.InceptionFeatures(tiny_weights[1])
+    mu, sigma = np.zeros(4), np.eye(4)
+    nan_mu = tmp_path / "nan_mu.npz"
+    np.savez(nan_mu, mu=np.array([0.0, np.nan, 0.0, 0.0]), sigma=sigma)
+    with pytest.raises(ValueError, match="mu has 1 non-finite"):
+        references.load_reference(nan_mu, model=model)
+    not_psd = tmp_path / "not_psd.npz"
+    np.savez(not_psd, mu=mu, sigma=np.diag([1.0, 1.0, -0.5, 1.0]))
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        references.load_reference(not_psd, model=model)
+    asymmetric = tmp_path / "asymmetric.npz"
+    np.savez(asymmetric, mu=mu, sigma=np.eye(4) + np.triu(np.ones((4, 4)), 1))
+    with pytest.raises(ValueError, match="not symmetric"):
+        references.load_reference(asymmetric, model=model)
+    bad_spatial = tmp_path / "bad_spatial.npz"
+    np.savez(bad_spatial, mu=mu, sigma=sigma, mu_s=np.full(3, np.inf), sigma_s=np.eye(3))
+    with pytest.raises(ValueError, match="mu_s has 3 non-finite"):
+        references.load_reference(bad_spatial, model=model)
+    wrong_keys = tmp_path / "wrong_keys.npz"
+    np.savez(wrong_keys, mean=mu, cov=sigma)
+    with pytest.raises(ValueError, match=r"holds \['cov', 'mean'\]: expected 'mu' and 'sigma' .* or 'arr_0'"):
+        references.load_reference(wrong_keys, model=model)
+
+
+def test_inception_score_splits_in_chunks_of_5000_like_the_adm_evaluator():
+    rng = np.random.default_rng(12)
+    logits = rng.normal(0, 3, (12, 10))
+
+    def score(part):  # exp(E KL(p(y|x) || p(y))) on one part, written out
+        probs = np.exp(part) / np.exp(part).sum(1, keepdims=True)
+        return np.exp((probs * (np.log(probs) - np.log(probs.mean(0, keepdims=True)))).sum(1).mean())
+
+    mean, std, rule = scores.inception_score(logits, split_size=5)  # chunks of 5, 5 and 2 samples
+    expected = [score(logits[:5]), score(logits[5:10]), score(logits[10:])]
+    assert mean == pytest.approx(np.mean(expected), rel=1e-12) and std == pytest.approx(np.std(expected), rel=1e-12)
+    assert rule == "ADM: consecutive chunks of 5 samples (3 here)"
+    assert scores.inception_score(logits)[2] == "ADM: consecutive chunks of 5000 samples (1 here)"
+    assert scores.inception_score(logits)[0] == pytest.approx(score(logits), rel=1e-12)
+    assert scores.inception_score(logits, splits=4)[2] == "4 near-equal splits (improved-GAN)"
+
+
+def test_tiny_weights_report_sfid_unavailable(tmp_path, tiny_weights):
+    tiny = inception.InceptionFeatures(tiny_weights[1])
+    assert tiny.network is tiny.trunk and not tiny.has_spatial  # an unknown layout runs as the file has it
+    real = random_images(8, seed=13)
+    result = metrics.compute_metrics(real, write_folder(tmp_path / "real", real), inception_path=tiny_weights[1])
+    assert result["sfid"] is None and "mixed_6/conv" in result["sfid_unavailable"]
+    assert "sFID: unavailable" in metrics.format_report(result)
+
+
+def test_real_weights_sfid_features_shape_order_and_behaviour(real_weights):
+    model = inception.InceptionFeatures(real_weights)
+    assert model.has_spatial
+    assert model.network is not model.trunk  # the batch-norm-folded copy passed its check against the file
+    images = random_images(3, size=32, seed=14)
+    batch = model.preprocess(list(images))  # [3, 3, 299, 299]
+    with torch.inference_mode():
+        output = model(batch)
+        scaled = (batch - 128) / 128
+        assert torch.allclose(output.features, model.trunk(scaled).flatten(1), atol=1e-5)  # block by block == trunk
+        x = scaled
+        for name in inception.TRUNK_BLOCKS[: inception.TRUNK_BLOCKS.index("mixed_6")]:
+            x = getattr(model.trunk, name)(x)
+        branch = model.trunk.mixed_6.conv(x)  # [3, 192, 17, 17]
+    assert branch.shape == (3, 192, 17, 17) and output.spatial.shape == (3, inception.SPATIAL_DIM) == (3, 2023)
+    # H, W, C order: feature (h * 17 + w) * 7 + c is channel c at row h, column w
+    for h, w, c in [(0, 0, 0), (0, 0, 6), (0, 1, 0), (5, 11, 3), (16, 16, 6)]:
+        assert output.spatial[1, (h * 17 + w) * 7 + c] == pytest.approx(float(branch[1, c, h, w]), abs=1e-5)
+    # sFID of a set against itself is ~0 and grows with distortion
+    clean = random_images(6, size=48, seed=15)
+    noise = np.random.default_rng(16).normal(0, 1, clean.shape)
+    spatial = {name: inception.extract_features(images, model=model, progress=False).spatial for name, images in [
+        ("clean", clean), ("mild", np.clip(clean + 15 * noise, 0, 255).astype(np.uint8)),
+        ("strong", np.clip(clean + 60 * noise, 0, 255).astype(np.uint8))]}
+    assert scores.frechet_distance_from_features(spatial["clean"], spatial["clean"]) == pytest.approx(0, abs=1e-6)
+    mild = scores.frechet_distance_from_features(spatial["clean"], spatial["mild"])
+    strong = scores.frechet_distance_from_features(spatial["clean"], spatial["strong"])
+    assert 0 < mild < strong
+
+
+def test_fid_command_writes_metrics_json_and_names_missing_keys(tmp_path, tiny_weights, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_run", Path(__file__).resolve().parents[1] / "evaluate" / "run.py")
+    command = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(command)
+    real = random_images(12, seed=17)
+    folder = write_folder(tmp_path / "real", real)
+    np.savez(tmp_path / "samples.npz", arr_0=real[::-1] // 2)
+    flags = ["--ref", str(folder), "--inception", str(tiny_weights[0]), "--cache-dir", str(tmp_path / "cache")]
+    assert command.main(["fid", "--samples", str(tmp_path / "samples.npz"), *flags]) == 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["fid"] > 0 and written["inception_score_split_rule"].startswith("ADM: consecutive chunks of 5000")
+    assert written["sfid"] is None and "FID:" in capsys.readouterr().out
+    np.savez(tmp_path / "wrong.npz", images=real)
+    assert command.main(["fid", "--samples", str(tmp_path / "wrong.npz"), *flags, "--out", str(tmp_path / "w.json")]) == 2
+    assert "expected 'arr_0'" in capsys.readouterr().err and not (tmp_path / "w.json").exists()
+    with pytest.raises(SystemExit):
+        command.main(["fid", "--samples", str(tmp_path / "samples.npz"), *flags, "--batch-size", "0"])
+    assert "--batch-size 0: must be > 0" in capsys.readouterr().err

@@ -1,11 +1,15 @@
 """The paper's "understanding" measurements: linear probes of a layer's features per step (Fig. 1b) and
 attention maps with their mass on the class position and on the 8 spatial neighbours (Fig. 1a / 2).
 
-Step t (1-based) is sequence position t - 1: position 0 is the class, position s holds image token s - 1 as its
-input. The class input is replaced by the null class for probing, so no label leaks into the features.
+Position t (1-based, the `--positions` flag; "step" in the paper's figures and in the JSON rows) is sequence
+index t - 1: index 0 is the class, index s holds image token s - 1 as its input. The class input is replaced by
+the null class for probing, so no label leaks into the features.
+
+`run_probe` / `run_attention` are what `evaluate/run.py probe|attention` call, with the same settings objects.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from star.cli import check, setting
+from star.eval.sample import WEIGHT_CHOICES, load_generator, parse_int_list
 from star.gpt.model import GPT
 from star.images import save_tile_grid
+from star.io import write_json_atomic
+from star.runtime import DEVICE_CHOICES, pick_device
 
 
 def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,17 +44,17 @@ def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0) -> tuple[np.
 
 
 @torch.inference_mode()
-def layer_features(model: GPT, tokens: np.ndarray, layer: int, steps: list[int], batch_size: int = 64) -> np.ndarray:
-    """Hidden states after `layer` blocks at each step, with the null class as input: [len(steps), N, D]."""
+def layer_features(model: GPT, tokens: np.ndarray, layer: int, positions: list[int], batch_size: int = 64) -> np.ndarray:
+    """Hidden states after `layer` blocks at each position (1-based), null class as input: [len(positions), N, D]."""
     model.eval()
     device = model.tok_embeddings.weight.device
-    positions = torch.tensor([s - 1 for s in steps], device=device)
+    indices = torch.tensor([p - 1 for p in positions], device=device)
     chunks = []
     for start in range(0, len(tokens), batch_size):
         batch = torch.from_numpy(tokens[start : start + batch_size]).to(device)
         null = torch.full((len(batch),), model.config.null_class, device=device)
         hidden = model(batch[:, :-1], null, return_layers=(layer,)).hidden[layer]  # [b, S, D]
-        chunks.append(hidden[:, positions].float().cpu())
+        chunks.append(hidden[:, indices].float().cpu())
     return torch.cat(chunks).permute(1, 0, 2).numpy()
 
 
@@ -70,11 +78,14 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, epochs: int = 300, l
         return float((classifier(test_x).argmax(1) == test_y).float().mean())
 
 
-def probe(model: GPT, train_tokens, train_labels, test_tokens, test_labels, layer: int, steps: list[int]) -> list[dict]:
-    train_features = layer_features(model, train_tokens, layer, steps)
-    test_features = layer_features(model, test_tokens, layer, steps)
-    return [{"step": step, "accuracy": linear_probe_accuracy(train_features[i], train_labels, test_features[i], test_labels)}
-            for i, step in enumerate(steps)]
+def probe(model: GPT, train_tokens, train_labels, test_tokens, test_labels, layer: int,
+          positions: list[int]) -> list[dict]:
+    """Linear-probe accuracy per position: rows {"step": position, "accuracy": ...} (the paper's Fig. 1b)."""
+    train_features = layer_features(model, train_tokens, layer, positions)
+    test_features = layer_features(model, test_tokens, layer, positions)
+    return [{"step": position,
+             "accuracy": linear_probe_accuracy(train_features[i], train_labels, test_features[i], test_labels)}
+            for i, position in enumerate(positions)]
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, y_key: str = "accuracy", title: str = "linear probe") -> Path:
@@ -162,15 +173,16 @@ def attention_statistics(weights: torch.Tensor, grid: int) -> dict:
     return {"class_mass": class_mass, "neighbour_mass": float(np.mean(neighbour_mass))}
 
 
-def save_attention_png(weights: dict[int, torch.Tensor], steps: list[int], grid: int, path: Path, scale: int = 8) -> Path:
-    """A panel per (layer, step): the query's attention over the image grid (cells of image tokens, class
-    position not drawn), normalised per panel; rows = layers, columns = steps."""
+def save_attention_png(weights: dict[int, torch.Tensor], positions: list[int], grid: int, path: Path,
+                       scale: int = 8) -> Path:
+    """A panel per (layer, query position): the query's attention over the image grid (cells of image tokens,
+    class position not drawn), normalised per panel; rows = layers, columns = positions."""
     layers = sorted(weights)
     rows = []
     for layer in layers:
         row = []
-        for step in steps:
-            query = step - 1
+        for position in positions:
+            query = position - 1
             cells = torch.zeros(grid * grid)
             cells[: query] = weights[layer][query, 1 : query + 1].cpu()  # keys 1..query are cells 0..query-1
             cells = cells / cells.max().clamp_min(1e-12)
@@ -180,3 +192,147 @@ def save_attention_png(weights: dict[int, torch.Tensor], steps: list[int], grid:
         rows.append(row)
     save_tile_grid(rows, path, gap=4)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The commands' settings and entry points
+
+
+def even_positions(block_size: int, count: int) -> list[int]:
+    return [round(block_size * (i + 1) / count) for i in range(count)]
+
+
+@dataclass
+class AnalysisModel:
+    """Which generator to look inside (shared by probe and attention)."""
+
+    ckpt: str = setting(help="run folder, checkpoint folder, .safetensors, or LlamaGen .pt")
+    model: str = setting("", help="preset or JSON (needed for official LlamaGen checkpoints)")
+    weights: str = setting("student", choices=WEIGHT_CHOICES, help="student, or the EMA teacher of an ST-AR run")
+    device: str = setting("auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
+
+    def __post_init__(self) -> None:
+        check(bool(self.ckpt), "--ckpt is required")
+        check(self.weights in WEIGHT_CHOICES, f"--weights {self.weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
+        check(self.device in DEVICE_CHOICES or self.device.startswith("cuda:"),
+              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def load(self) -> GPT:
+        return load_generator(self.ckpt, self.model, self.weights).to(pick_device(self.device)).eval()
+
+
+def check_positions(positions: list[int], block_size: int, flag: str = "--positions") -> None:
+    bad = [p for p in positions if not 1 <= p <= block_size]
+    check(not bad, f"{flag} {bad}: positions are 1..{block_size} (the model's grid has {block_size} tokens)")
+
+
+@dataclass
+class ProbeConfig:
+    """Settings of `evaluate/run.py probe`: linear-probe accuracy per sequence position (paper Fig. 1b)."""
+
+    generator: AnalysisModel
+    shards: str = setting(help="training shards for the probe")
+    eval_shards: str = setting(help="held-out shards")
+    out: str = setting(help="output folder: probe.json, probe.png")
+    layer: int = setting(0, help="residual stream after this many blocks (0: the middle layer)")
+    positions: str = setting("", help="comma list of sequence positions, 1..block_size (empty: 8 evenly spaced)")
+    view: int = setting(0, help="which stored view of each image")
+    limit: int = setting(0, help="at most this many samples per split (0 = all)")
+
+    def __post_init__(self) -> None:
+        check(self.layer >= 0, f"--layer {self.layer}: must be >= 0 (0 = the middle layer)")
+        check(self.view >= 0, f"--view {self.view}: must be >= 0")
+        check(self.limit >= 0, f"--limit {self.limit}: must be >= 0 (0 = all samples)")
+        check(all(p > 0 for p in parse_int_list(self.positions, "--positions")),
+              f"--positions {self.positions}: positions start at 1")
+
+    def resolve(self, model: GPT) -> tuple[int, list[int]]:
+        """(layer, positions) for this model, checked against its depth and grid."""
+        n_layer, block = model.config.n_layer, model.config.block_size
+        check(self.layer <= n_layer, f"--layer {self.layer}: the model has {n_layer} layers")
+        positions = parse_int_list(self.positions, "--positions") or even_positions(block, 8)
+        check_positions(positions, block)
+        return self.layer or n_layer // 2, positions
+
+
+def _class_count_check(labels: np.ndarray, shards: str, limit: int) -> None:
+    classes = len(set(labels.tolist()))
+    if classes < 2:
+        hint = f"--limit {limit} leaves" if limit else f"{shards} holds"
+        raise ValueError(f"{hint} {len(labels)} samples of {classes} class: a probe needs at least 2 classes "
+                         "(raise --limit, or use shards with more classes)")
+
+
+def run_probe(config: ProbeConfig) -> dict:
+    """Train a linear probe per position on `shards`, score it on `eval_shards`; write probe.json + probe.png."""
+    model = config.generator.load()
+    layer, positions = config.resolve(model)
+    train_x, train_y = shard_tokens(config.shards, config.view, config.limit)
+    _class_count_check(train_y, config.shards, config.limit)
+    test_x, test_y = shard_tokens(config.eval_shards, config.view, config.limit)
+    rows = probe(model, train_x, train_y, test_x, test_y, layer, positions)
+    out = Path(config.out)
+    result = {"layer": layer, "rows": rows, "train_samples": len(train_y), "eval_samples": len(test_y),
+              "chance": 1.0 / len(set(train_y.tolist()))}
+    write_json_atomic(out / "probe.json", result)
+    plot_curves({f"layer {layer}": rows}, out / "probe.png")
+    result["written"] = [str(out / "probe.json"), str(out / "probe.png")]
+    return result
+
+
+def format_probe(result: dict) -> str:
+    lines = [f"linear probe, layer {result['layer']} ({result['train_samples']} train / {result['eval_samples']} "
+             f"held-out, chance {result['chance']:.3f})", "  position  accuracy"]
+    lines += [f"  {row['step']:>8}  {row['accuracy']:.3f}" for row in result["rows"]]
+    lines.append(f"written: {', '.join(result['written'])}")
+    return "\n".join(lines)
+
+
+@dataclass
+class AttentionConfig:
+    """Settings of `evaluate/run.py attention`: maps and class / neighbour attention mass per layer."""
+
+    generator: AnalysisModel
+    shards: str = setting(help="token shards to run the model on")
+    out: str = setting(help="output folder: attention.png, attention.json")
+    layers: str = setting("", help="comma list of layers, 1..n_layer (empty: first, middle, last)")
+    positions: str = setting("", help="comma list of query positions, 1..block_size (empty: 4 evenly spaced)")
+    samples: int = setting(32, help="images averaged over")
+
+    def __post_init__(self) -> None:
+        check(self.samples > 0, f"--samples {self.samples}: must be > 0")
+        check(all(p > 0 for p in parse_int_list(self.positions, "--positions")),
+              f"--positions {self.positions}: positions start at 1")
+        check(all(layer > 0 for layer in parse_int_list(self.layers, "--layers")),
+              f"--layers {self.layers}: layers are numbered from 1")
+
+    def resolve(self, model: GPT) -> tuple[list[int], list[int]]:
+        n_layer, block = model.config.n_layer, model.config.block_size
+        layers = parse_int_list(self.layers, "--layers") or sorted({1, max(1, n_layer // 2), n_layer})
+        bad = [layer for layer in layers if not 1 <= layer <= n_layer]
+        check(not bad, f"--layers {bad}: the model's layers are 1..{n_layer}")
+        positions = parse_int_list(self.positions, "--positions") or even_positions(block, 4)
+        check_positions(positions, block)
+        return layers, positions
+
+
+def run_attention(config: AttentionConfig) -> dict:
+    """Average attention maps of `samples` images; write attention.png + attention.json."""
+    model = config.generator.load()
+    layers, positions = config.resolve(model)
+    tokens, labels = shard_tokens(config.shards, 0, config.samples)
+    weights = attention_maps(model, tokens, labels, layers)
+    grid = model.config.grid_size
+    stats = {layer: attention_statistics(weights[layer], grid) for layer in layers}
+    out = Path(config.out)
+    png = save_attention_png(weights, positions, grid, out / "attention.png")
+    write_json_atomic(out / "attention.json", {"layers": {str(k): v for k, v in stats.items()}, "positions": positions})
+    return {"layers": stats, "positions": positions, "written": [str(png), str(out / "attention.json")]}
+
+
+def format_attention(result: dict) -> str:
+    lines = ["layer  mass on class  mass on 8 neighbours"]
+    lines += [f"{layer:>5}  {row['class_mass']:>13.3f}  {row['neighbour_mass']:>20.3f}"
+              for layer, row in result["layers"].items()]
+    lines.append(f"written: {', '.join(result['written'])}")
+    return "\n".join(lines)

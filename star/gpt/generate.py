@@ -1,10 +1,22 @@
-"""Class-conditional sampling with a static KV cache and classifier-free guidance (LlamaGen's generate).
+"""Class-conditional sampling with a preallocated KV cache and classifier-free guidance (LlamaGen's generate).
 
-CFG runs as ONE batched forward on [cond; null] (conditional half first, null label = num_classes); the
-guided logits are uncond + s * (cond - uncond) and the same sampled token is fed to both halves.
+The functions carry LlamaGen's names and roles (`prefill`, `decode_one_token`, `decode_n_tokens`, `generate`),
+so the two files can be read side by side. CFG runs as ONE batched forward on [cond; null] (conditional half
+first, null label = num_classes); the guided logits are uncond + s * (cond - uncond) and the same sampled token
+is fed to both halves. Differences from LlamaGen, on purpose: CFG is on whenever cfg_scale != 1 (LlamaGen: > 1);
+the scale may follow a schedule over the steps; once `cfg_interval` switches CFG off, only the conditional half
+is run (LlamaGen keeps computing the null half and discards it).
+
+Two decode modes, the same tokens:
+- "dynamic": attention reads only the filled cache slots (shapes grow by one per token); fastest eagerly, CPU.
+- "static": every step attends over the whole preallocated cache under a mask built on the device from
+  `input_pos`, which is advanced in place: fixed shapes and no host sync per token, so the step can be captured
+  as a CUDA graph (`torch.compile(mode="reduce-overhead")`). "auto" picks static on CUDA, dynamic elsewhere.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -65,88 +77,201 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, cfg_schedule: str)
     raise ValueError(f"cfg_schedule={cfg_schedule!r}; choose 'constant' or 'linear'")
 
 
-def _decode_step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
-    return model.forward_cached(tokens, None, input_pos, cache_len=cache_len)[:, -1]  # [B, V]
+DECODE_MODES = ("auto", "static", "dynamic")
+CFG_SCHEDULES = ("constant", "linear")
 
 
-_compiled_decode_step: Optional[Callable] = None
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How tokens are drawn (LlamaGen's **sampling_kwargs), the CFG scale and schedule, and the decode mode.
+
+    Checked on creation, so a library caller gets the same errors as the command line.
+    """
+
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    decode: str = "auto"
+    compile_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be a finite number (1.0 = no guidance)")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule={self.cfg_schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (values near 0 are ~greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
+        if self.cfg_interval < -1:
+            raise ValueError(f"cfg_interval={self.cfg_interval} must be >= -1 (-1 = CFG at every step)")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode={self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
+
+    def draw(self, logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        return sample_logits(logits, self.temperature, self.top_k, self.top_p, generator)  # [B]
 
 
-def _get_decode_step(compile_decode: bool) -> Callable:
-    global _compiled_decode_step
+def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """[2B, V] logits of [cond; null] -> [B, V] uncond + s * (cond - uncond)."""
+    cond_logits, uncond_logits = torch.split(logits, len(logits) // 2, dim=0)
+    return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
+
+
+def cached_logits(model: GPT, x: Optional[torch.Tensor], cond_idx: Optional[torch.Tensor], input_pos: torch.Tensor,
+                  cache_len: Optional[int]) -> torch.Tensor:
+    """Logits [B, V] of the last new position. cache_len None: static shapes (the whole cache, masked)."""
+    if cache_len is None:
+        return model.forward_cached(x, cond_idx, input_pos, static=True)[:, -1]
+    return model.forward_cached(x, cond_idx, input_pos, cache_len=cache_len)[:, -1]
+
+
+def model_step(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cache_len: Optional[int]) -> torch.Tensor:
+    """Tokens [B, 1] at input_pos [1] -> next-token logits [B, V]. cache_len None: static shapes."""
+    return cached_logits(model, x, None, input_pos, cache_len)
+
+
+_compiled_steps: dict[str, Callable] = {}
+
+
+def decode_step_function(mode: str, compile_decode: bool) -> Callable:
+    """The per-token model step, compiled once per mode when asked (dynamic shapes for the growing cache;
+    CUDA graphs for the static one)."""
     if not compile_decode:
-        return _decode_step
-    if _compiled_decode_step is None:
-        # the cache length grows every step: dynamic shapes avoid one recompile per position
-        _compiled_decode_step = torch.compile(_decode_step, dynamic=True)
-    return _compiled_decode_step
+        return model_step
+    if mode not in _compiled_steps:
+        if mode == "static":
+            _compiled_steps[mode] = torch.compile(model_step, mode="reduce-overhead", fullgraph=True)
+        else:
+            _compiled_steps[mode] = torch.compile(model_step, dynamic=True)
+    return _compiled_steps[mode]
+
+
+def resolve_decode_mode(decode: str, device: torch.device) -> str:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}; choose one of {', '.join(DECODE_MODES)}")
+    if decode == "auto":
+        return "static" if device.type == "cuda" else "dynamic"
+    return decode
+
+
+def prefill(model: GPT, cond_idx: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
+            sampling: SamplingSettings, generator: Optional[torch.Generator], static: bool) -> torch.Tensor:
+    """The class position(s) -> the first image token [B]. cfg_flag: cond_idx is [cond; null] ([2B])."""
+    logits = cached_logits(model, None, cond_idx, input_pos, None if static else len(input_pos))  # [B or 2B, V]
+    if cfg_flag:
+        logits = guided_logits(logits, cfg_scale)
+    return sampling.draw(logits, generator)
+
+
+def decode_one_token(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
+                     decoder: "Decoder", cache_len: Optional[int]) -> torch.Tensor:
+    """Previous tokens x [B, 1] -> next tokens [B]. cfg_flag: run [x; x] through the cond and null halves."""
+    if cfg_flag:
+        x_combined = torch.cat([x, x])  # the same token to both halves
+        logits = guided_logits(decoder.step(model, x_combined, input_pos, cache_len), cfg_scale)
+    else:
+        logits = decoder.step(model, x, input_pos, cache_len)  # [B, V]
+    return decoder.sampling.draw(logits, decoder.generator)
+
+
+@dataclass
+class Decoder:
+    """What every decode step shares: the sampling settings, the random generator, the (compiled) model step."""
+
+    sampling: SamplingSettings
+    generator: Optional[torch.Generator]
+    step: Callable
+    static: bool
+
+
+def decode_n_tokens(model: GPT, cur_token: torch.Tensor, input_pos: torch.Tensor, num_new_tokens: int,
+                    cfg_scale: float, cfg_interval: int, decoder: Decoder) -> list[torch.Tensor]:
+    """Tokens 1..num_new_tokens after cur_token [B, 1], one per call of decode_one_token; [B, 1] each.
+
+    input_pos [1] starts at the first decode position and is advanced in place on the device; the dynamic
+    mode also tracks the position on the host (its cache slice length), the static mode never reads it back.
+    """
+    new_tokens = []
+    cfg_flag = cfg_scale != 1.0
+    static = decoder.static
+    position = int(input_pos[0]) if not static else None  # one read, before the loop
+    num_image_tokens = num_new_tokens + 1
+    for i in range(num_new_tokens):
+        if cfg_interval > -1 and i > cfg_interval:
+            cfg_flag = False  # once off, CFG stays off; the null half is no longer run
+        scale = cfg_scale_at(i + 1, num_image_tokens, cfg_scale, decoder.sampling.cfg_schedule)
+        cache_len = None if static else position + 1
+        next_token = decode_one_token(model, cur_token, input_pos, scale, cfg_flag, decoder, cache_len)
+        input_pos += 1
+        if not static:
+            position += 1
+        new_tokens.append(next_token.clone()[:, None])  # clone: a CUDA graph reuses its output memory
+        cur_token = new_tokens[-1]
+    return new_tokens
 
 
 def generate(
     model: GPT,
     labels: torch.Tensor,
-    *,
-    cfg_scale: float = 1.0,
-    cfg_schedule: str = "constant",
-    cfg_interval: int = -1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: Optional[SamplingSettings] = None,
     generator: Optional[torch.Generator] = None,
-    compile_decode: bool = False,
+    **settings,
 ) -> torch.Tensor:
     """Sample block_size image tokens per label; returns LongTensor [B, block_size] in raster order.
 
-    labels: [B] class ids (moved to the model's device). CFG is used when cfg_scale != 1.0: the batch becomes
-    [cond; null] (2B rows) and logits = uncond + s_t * (cond - uncond), with s_t from `cfg_scale_at`.
-    cfg_interval (LlamaGen): when > -1, CFG stops after decode step i > cfg_interval (i.e. from image token
-    cfg_interval + 2 on); from then on only the conditional half is run. The prefill (token 0) always uses CFG.
-    Deterministic for a given generator (on the model's device). compile_decode: torch.compile the decode
-    step (GPU only; untested on CPU). The model runs in eval mode; its previous mode is restored.
+    labels: [B] class ids (moved to the model's device). `sampling` (or its fields as keywords: cfg_scale,
+    cfg_schedule, cfg_interval, temperature, top_k, top_p, decode, compile_decode) says how. CFG is used when
+    cfg_scale != 1.0: the batch becomes [cond; null] (2B rows) and logits = uncond + s_t * (cond - uncond),
+    with s_t from `cfg_scale_at`. cfg_interval (LlamaGen): when > -1, CFG stops after decode step
+    i > cfg_interval (i.e. from image token cfg_interval + 2 on); from then on only the conditional half is run.
+    The prefill (token 0) always uses CFG. Deterministic for a given generator (on the model's device).
+    decode: "auto" | "static" | "dynamic" (see the module docstring; both give the same tokens).
+    compile_decode: torch.compile the decode step (CUDA graphs in static mode). The model runs in eval mode;
+    its previous mode is restored.
     """
+    if sampling is None:
+        sampling = SamplingSettings(**settings)
+    elif settings:
+        raise TypeError(f"generate: give `sampling` or its fields, not both ({', '.join(settings)})")
     config = model.config
     num_tokens = config.block_size
     device = model.tok_embeddings.weight.device
-    batch = labels.shape[0]
-    use_cfg = cfg_scale != 1.0
-    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # validates the schedule name early
-    decode_step = _get_decode_step(compile_decode)
+    cfg_scale = sampling.cfg_scale
+    static = resolve_decode_mode(sampling.decode, device) == "static"
+    step = decode_step_function("static" if static else "dynamic", sampling.compile_decode)
+    decoder = Decoder(sampling, generator, step, static)
 
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            labels = labels.to(device=device, dtype=torch.long)
-            if use_cfg:
-                labels = torch.cat([labels, torch.full_like(labels, config.null_class)])  # [2B] cond first
-            prefix = config.cls_token_num
-            max_seq_len = prefix + num_tokens
-            model.setup_kv_cache(labels.shape[0], max_seq_len, model.tok_embeddings.weight.dtype, device)
+            cond = labels.to(device=device, dtype=torch.long)  # [B]
+            if cfg_scale != 1.0:
+                cond_null = torch.full_like(cond, config.null_class)
+                cond_combined = torch.cat([cond, cond_null])  # [2B], cond first
+            else:
+                cond_combined = cond
+            prefix = config.cls_token_num  # T in LlamaGen
+            model.setup_kv_cache(len(cond_combined), prefix + num_tokens, model.tok_embeddings.weight.dtype, device)
 
-            def pick(logits: torch.Tensor, step: int, guided: bool) -> torch.Tensor:
-                if guided:
-                    cond, uncond = logits.split(batch, dim=0)
-                    scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule)
-                    logits = uncond + scale * (cond - uncond)
-                return sample_logits(logits, temperature, top_k, top_p, generator)  # [B]
+            seq = torch.empty(len(cond), num_tokens, dtype=torch.long, device=device)  # [B, N]
+            input_pos = torch.arange(0, prefix, device=device)
+            first_scale = cfg_scale_at(0, num_tokens, cfg_scale, sampling.cfg_schedule)
+            next_token = prefill(model, cond_combined, input_pos, first_scale, cfg_scale != 1.0, sampling, generator,
+                                 static)  # [B]
+            seq[:, 0] = next_token
 
-            tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=device)  # [B, N]
-            prefill_pos = torch.arange(prefix, device=device)
-            logits = model.forward_cached(None, labels, prefill_pos, cache_len=prefix)[:, -1]  # [B or 2B, V]
-            tokens[:, 0] = pick(logits, 0, use_cfg)
-
-            guided = use_cfg
-            for step in range(1, num_tokens):
-                decode_index = step - 1  # LlamaGen's loop counter i
-                if guided and cfg_interval > -1 and decode_index > cfg_interval:
-                    guided = False  # once off, CFG stays off; the null half is no longer run
-                previous = tokens[:, step - 1 : step]  # [B, 1]
-                if guided:
-                    previous = torch.cat([previous, previous])  # same token to both halves
-                position = prefix + step - 1
-                input_pos = torch.tensor([position], device=device)
-                logits = decode_step(model, previous, input_pos, position + 1)
-                tokens[:, step] = pick(logits, step, guided)
+            input_pos = torch.tensor([prefix], device=device, dtype=torch.long)
+            generated_tokens = decode_n_tokens(model, next_token[:, None], input_pos, num_tokens - 1, cfg_scale,
+                                               sampling.cfg_interval, decoder)
+            if generated_tokens:
+                seq[:, 1:] = torch.cat(generated_tokens, dim=1)
     finally:
         model.train(was_training)
-    return tokens.clone()  # a normal tensor, usable outside inference mode
+    return seq.clone()  # a normal tensor, usable outside inference mode

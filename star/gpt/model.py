@@ -275,6 +275,11 @@ class KVCache:
         shape = (max_batch, n_kv_head, max_seq_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if self.k.is_cuda:
+            # CUDA graphs (torch.compile mode="reduce-overhead") replay only when tensors mutated inside the
+            # graph keep their address; parameters and buffers do, plain tensors must be marked.
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     def fits(self, max_batch: int, max_seq_len: int, dtype, device) -> bool:
         return (
@@ -285,11 +290,14 @@ class KVCache:
             and self.k.is_inference() == torch.is_inference_mode_enabled()
         )
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: int):
-        """Write k, v [B, H_kv, q, hd] at `input_pos` and return the filled part [B, H_kv, cache_len, hd]."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: Optional[int]):
+        """Write k, v [B, H_kv, q, hd] at `input_pos`; return the first cache_len slots [B, H_kv, cache_len, hd],
+        or with cache_len None every slot [B, H_kv, max_seq, hd] (static shapes: the caller masks)."""
         batch = k.shape[0]
         self.k[:batch].index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v[:batch].index_copy_(2, input_pos, v.to(self.v.dtype))
+        if cache_len is None:
+            return self.k[:batch], self.v[:batch]
         return self.k[:batch, :, :cache_len], self.v[:batch, :, :cache_len]
 
 
@@ -335,15 +343,17 @@ class Attention(nn.Module):
         return self._attend(q, k, v, attn_bias, is_causal=attn_bias is None)
 
     def forward_cached(
-        self, x: torch.Tensor, rotary: torch.Tensor, input_pos: torch.Tensor, cache_len: int
+        self, x: torch.Tensor, rotary: torch.Tensor, input_pos: torch.Tensor, cache_len: Optional[int]
     ) -> torch.Tensor:
+        """cache_len: attend over slots 0..cache_len-1 (dynamic shapes), or None: over the whole preallocated
+        cache with a mask built from input_pos on the device (static shapes, no host sync; LlamaGen's way)."""
         if self.kv_cache is None:
             raise RuntimeError("forward_cached needs a KV cache: call GPT.setup_kv_cache(...) first")
         q, k, v = self._project(x, rotary)
-        k, v = self.kv_cache.update(input_pos, k, v, cache_len)  # [B, H_kv, cache_len, hd]
+        k, v = self.kv_cache.update(input_pos, k, v, cache_len)  # [B, H_kv, cache_len or max_seq, hd]
         mask = None
-        if q.shape[2] > 1:  # several new positions: each sees the cache up to its own position
-            mask = torch.arange(cache_len, device=q.device)[None, :] <= input_pos[:, None]  # [q, cache_len]
+        if cache_len is None or q.shape[2] > 1:  # each new position sees the cache up to its own position
+            mask = torch.arange(k.shape[2], device=q.device)[None, :] <= input_pos[:, None]  # [q, keys]
         return self._attend(q, k, v, mask, is_causal=False)
 
 
@@ -532,13 +542,17 @@ class GPT(nn.Module):
         labels: Optional[torch.Tensor],
         input_pos: torch.Tensor,
         cache_len: Optional[int] = None,
+        static: bool = False,
     ) -> torch.Tensor:
         """Incremental forward with the KV cache; returns logits [B, q, vocab] float32 for the new positions.
 
         Prefill: labels [B] (class embedding at position 0, zero rotary row), tokens None (or a prefix
         [B, L] after the class), input_pos = arange(q). Decode: tokens [B, 1], labels None, input_pos = [p].
-        Attention reads only the filled cache slots 0..cache_len-1; cache_len defaults to input_pos[-1] + 1
-        (pass it as a Python int to avoid a device sync). B may be smaller than the cache's batch: rows 0..B-1.
+        Dynamic (default): attention reads only the filled cache slots 0..cache_len-1; cache_len defaults to
+        input_pos[-1] + 1 (pass it as a Python int to avoid a device sync). static=True: attention reads the
+        whole preallocated cache under a mask from input_pos, so every decode step has the same shapes and no
+        host sync (for CUDA graphs); positions are then not range-checked on the host.
+        B may be smaller than the cache's batch: rows 0..B-1.
         """
         parts = []
         if labels is not None:
@@ -550,7 +564,7 @@ class GPT(nn.Module):
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, q, D]
         if h.shape[1] != input_pos.shape[0]:
             raise ValueError(f"forward_cached: {h.shape[1]} new positions but input_pos has {input_pos.shape[0]}")
-        if cache_len is None:
+        if cache_len is None and not static:
             cache_len = int(input_pos[-1]) + 1
         if self._cache_batch_capacity == 0:
             raise RuntimeError("forward_cached needs a KV cache: call GPT.setup_kv_cache(...) first")
@@ -559,14 +573,14 @@ class GPT(nn.Module):
                 f"forward_cached: batch {h.shape[0]} exceeds the KV cache's batch {self._cache_batch_capacity}; call "
                 "setup_kv_cache with a larger max_batch"
             )
-        if cache_len > self._cache_len_capacity:
+        if cache_len is not None and cache_len > self._cache_len_capacity:
             raise ValueError(
                 f"forward_cached: position {cache_len - 1} does not fit the KV cache (capacity "
                 f"{self._cache_len_capacity}); call setup_kv_cache with a larger max_seq_len"
             )
         rotary = self.freqs_cis[input_pos]  # [q, hd/2, 2]
         for layer in self.layers:
-            h = layer.forward_cached(h, rotary, input_pos, cache_len)
+            h = layer.forward_cached(h, rotary, input_pos, None if static else cache_len)
         return self.output(self.norm(h)).float()
 
     # --- checkpoints ----------------------------------------------------------------------------------------
