@@ -179,3 +179,24 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert {"training", "sampling", "tokenizer"} <= set(report)
     assert report["training"]["star_s"] > 0 and report["training"]["plain_s"] > 0
+
+
+def test_benchmark_baseline_is_llamagens_computation():
+    """The LlamaGen re-implementation the benchmark times computes what our model computes: same loss on the
+    same weights, same tokens from the same sampler seed (so the speed ratios compare equal work)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from llamagen_ref import RefTransformer, ref_generate
+
+    from star.gpt.generate import generate
+
+    model = tiny_model(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    ref = RefTransformer(model.config)
+    ref.load_state_dict(model.state_dict())
+    tokens, labels = torch.randint(0, 50, (3, 16)), torch.tensor([1, 4, 0])
+    ref.train()  # LlamaGen's training path: full logits, sliced, contiguous, F.cross_entropy
+    _, ref_loss = ref(tokens[:, :-1], labels, targets=tokens)
+    torch.testing.assert_close(model.train()(tokens[:, :-1], labels, targets=tokens).loss, ref_loss)
+    ref.eval()
+    ours = generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    theirs = ref_generate(ref, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours, theirs.long())
