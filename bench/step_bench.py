@@ -37,14 +37,14 @@ def interleaved(contenders: dict[str, Callable[[], None]], rounds: int, warmup: 
             for name, values in times.items()}
 
 
-def _token_batch(config, images: int, views: int, seed: int = 0):
+def _token_batch(config, images: int, views: int, device, seed: int = 0):
     from star.train.data import TokenBatch
 
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.vocab_size, (images, views, config.block_size), generator=generator)
     labels = torch.randint(0, config.num_classes, (images,), generator=generator)
     match = torch.arange(config.block_size).expand(images, views, -1).clone()  # index matching, as --view-match index
-    return TokenBatch(tokens, labels, match, torch.arange(images))
+    return TokenBatch(tokens, labels, match, torch.arange(images)).to(device)
 
 
 class StepContenders:
@@ -55,28 +55,30 @@ class StepContenders:
     its optimiser) on the same 8 sequences. star: the ST-AR step on 4 images x 2 views = the same 8 sequences.
     """
 
-    def __init__(self, spec: dict, compile_model: bool = False):
+    def __init__(self, spec: dict, compile_model: bool = False, images: int = 4, device="cpu"):
         from star.gpt.model import GPT, GPTConfig
         from star.train.loop import parameter_groups
         from star.train.objectives import Projector, StarSettings, StudentWithProjector, make_teacher
 
-        self.config = GPTConfig.resolve({**spec, "vocab_size": VOCAB, "num_classes": CLASSES, "block_size": BLOCK})
+        self.device = torch.device(device)
+        self.config = GPTConfig.resolve({"vocab_size": VOCAB, "num_classes": CLASSES, "block_size": BLOCK, **spec})
         torch.manual_seed(0)
-        self.ref = RefTransformer(self.config).train()
-        self.ref_optimizer = torch.optim.AdamW(parameter_groups([self.ref], 0.05), lr=1e-4, betas=(0.9, 0.95))
+        self.ref = RefTransformer(self.config).to(self.device).train()
+        self.ref_optimizer = torch.optim.AdamW(parameter_groups([self.ref], 0.05), lr=1e-4, betas=(0.9, 0.95),
+                                               fused=self.device.type == "cuda")  # LlamaGen: fused where available
         torch.manual_seed(0)
-        student = GPT(self.config)
+        student = GPT(self.config).to(self.device)
         self.student_core = student
         model = torch.compile(student) if compile_model else student
-        self.projector = Projector(self.config.dim, min(2048, 4 * self.config.dim))
+        self.projector = Projector(self.config.dim, min(2048, 4 * self.config.dim)).to(self.device)
         self.star_module = StudentWithProjector(model, self.projector).train()
         self.plain_module = StudentWithProjector(model, None).train()
         self.teacher = make_teacher(student)
         self.optimizer = torch.optim.AdamW(parameter_groups([student, self.projector], 0.05), lr=1e-4,
                                            betas=(0.9, 0.95), fused=True)  # as star/train/loop.py builds it
         self.settings = StarSettings(contrastive_layer=self.config.n_layer // 2)
-        self.plain_batch = _token_batch(self.config, 8, 1)
-        self.star_batch = _token_batch(self.config, 4, 2)
+        self.plain_batch = _token_batch(self.config, 2 * images, 1, self.device)  # the same number of sequences
+        self.star_batch = _token_batch(self.config, images, 2, self.device)
 
     def ref_step(self, model=None) -> None:
         tokens = self.plain_batch.tokens[:, 0]  # [8, T]
@@ -90,7 +92,7 @@ class StepContenders:
         from star.train.loop import _forward_losses
         from star.train.objectives import update_teacher
 
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=self.device).manual_seed(0)
         terms = _forward_losses(batch, module, self.teacher, self.settings, star, self.config, 0.1, generator)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
