@@ -195,8 +195,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per training-step comparison")
     parser.add_argument("--compile", action="store_true", help="also time our steps with torch.compile")
-    parser.add_argument("--only", default="", help="comma-separated subset: train_steps,profile,sample,tokenize,"
-                        "loader,train_loop")
+    parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_compiled,"
+                        "profile,sample,tokenize,loader,train_loop")
+    parser.add_argument("--merge", action="store_true", help="update bench/results/latest.json with the benchmarks "
+                        "run now, keeping the other entries (for --only runs)")
     args = parser.parse_args()
     from step_bench import bench_sampling, bench_train_steps, profile_star_step
 
@@ -214,14 +216,18 @@ def main() -> int:
             print("profile of one ST-AR step (dim 384, 6 layers, 4 images x 2 views):")
             print(profile_star_step(), flush=True)
         for name, fn in benches:
-            if wanted is not None and name.removesuffix("_compiled") not in wanted:
+            if wanted is not None and name not in wanted and name.removesuffix("_compiled") not in wanted:
                 continue
+            if wanted is not None and name == "train_steps" and "train_steps" not in wanted:
+                continue  # --only train_steps_compiled: the compiled comparison alone
             if name == "train_loop" and (wanted is not None and "loader" not in wanted):
                 bench_loader(work)  # writes the shards train_loop reads
             results[name] = fn()
             _print_summary(name, results[name])
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
+    if args.merge and (out / "latest.json").is_file():
+        results = {**json.loads((out / "latest.json").read_text()), **results}
     (out / "latest.json").write_text(json.dumps(results, indent=2))
     print(f"written: {out / 'latest.json'}")
     return 0
