@@ -89,7 +89,7 @@ class StepContenders:
 
     def ref_step(self, model=None) -> None:
         tokens = self.plain_batch.tokens[:, 0]  # [8, T]
-        _, loss = (model or self.ref)(tokens[:, :-1], self.plain_batch.labels, targets=tokens)
+        _, loss = (self.ref if model is None else model)(tokens[:, :-1], self.plain_batch.labels, targets=tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.ref.parameters(), 1.0)
         self.ref_optimizer.step()
