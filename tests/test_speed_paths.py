@@ -1,6 +1,7 @@
 """The fast paths of the training step (issue 9), checked on CPU so a GPU never meets them first: the chunked
 head + loss, the teacher's head-less forward, the boolean MIM mask, the device-side non-finite guard, bf16
 autocast (Accelerate's mixed_precision="bf16" on CPU) and torch.compile of the plain and ST-AR steps."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -174,11 +175,12 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
     report = json.loads(out.read_text())
     assert {"training", "sampling", "tokenizer"} <= set(report)
-    assert report["training"]["star_s"] > 0 and report["training"]["plain_s"] > 0
+    training = report["training"]
+    assert training["eager_star_s"] > 0 and training["eager_plain_s"] > 0 and training["eager_llamagen_s"] > 0
+    assert training["eager_star_over_plain"] == pytest.approx(training["eager_star_s"] / training["eager_plain_s"])
+    assert report["sampling"]["batch4"]["speedup"] > 0 and report["tokenizer"]["images_per_s"] > 0
 
 
 def test_benchmark_baseline_is_llamagens_computation():
