@@ -1,14 +1,19 @@
 """`make bench`: speed ratios against baselines measured in the same run (machines here are noisy).
 
-Each benchmark prints `name: ours X, baseline Y, ratio R (target ...)` and all results go to
-bench/results/latest.json with the hardware named.
+Contenders run interleaved, round after round, and each figure is a MEDIAN over rounds (the CPUs here are
+shared with other jobs); everything goes to bench/results/latest.json with the hardware named.
 
+- train_steps: at two sizes (dim 384 x 6 layers and dim 512 x 8 layers; vocab 16384, 256 tokens, 8 sequences),
+  LlamaGen's own step (bench/llamagen_ref.py: its model structure, full float32 logits + F.cross_entropy,
+  foreach AdamW as on CPU) vs our trainer's plain step vs our ST-AR step on 4 images x 2 views;
+  `--compile` compiles our model (LlamaGen's baseline stays eager; a compiled baseline is reported beside it);
+- profile: the torch.profiler table of one ST-AR step (printed);
+- sample: our generate vs LlamaGen's algorithm (whole-cache attention with its mask, batched CFG) at batch 8
+  and 64, same weights;
 - tokenize: batched encoding of all views with DataLoader workers vs a naive one-image-at-a-time loop;
-- star_step: one ST-AR training step on 2 views vs the plain next-token step on the same 2 views;
-- sample: our KV-cache decoding (attends to the filled part) vs attending over the whole preallocated cache
-  (LlamaGen's pattern), same model and batch;
 - loader: batches/s the token loader delivers vs the training steps/s it must feed;
-- train_loop: our trainer's steady-state step (plain, --no-star) vs a bare LlamaGen-style loop, same data.
+- train_loop: our full trainer's steady-state step (plain, --no-star) vs a bare loop over the same data: the
+  trainer adds no per-step overhead around the step measured in train_steps.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/llamagen_ref.py, bench/step_bench.py
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamagen"
 
@@ -90,40 +96,6 @@ def tiny_batch(model_config, batch: int, views: int):
     return TokenBatch(tokens, torch.randint(0, model_config.num_classes, (batch,)), match, torch.arange(batch))
 
 
-def bench_star_step() -> dict:
-    from star.gpt.model import GPT, GPTConfig
-    from star.train.loop import _forward_losses
-    from star.train.objectives import Projector, StarSettings, StudentWithProjector, make_teacher
-
-    config = GPTConfig.resolve({"dim": 256, "n_layer": 6, "n_head": 8, "vocab_size": 1024, "num_classes": 10,
-                                "block_size": 256})
-    torch.manual_seed(0)
-    student = GPT(config)
-    settings = StarSettings(contrastive_layer=3)
-    wrapped = StudentWithProjector(student, Projector(config.dim, 1024)).train()
-    plain = StudentWithProjector(student, None).train()
-    teacher = make_teacher(student)
-    batch = tiny_batch(config, 8, 2)
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
-
-    def step(module, star):
-        generator = torch.Generator().manual_seed(0)
-        terms = _forward_losses(batch, module, teacher, settings, star, config, 0.1, generator)
-        terms["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step(wrapped, True), step(plain, False)  # warm-up
-    star_s = best_of(lambda: step(wrapped, True), 3)
-    plain_s = best_of(lambda: step(plain, False), 3)
-    star_bytes, plain_bytes = activation_bytes(lambda: step(wrapped, True)), activation_bytes(lambda: step(plain, False))
-    return {"sequences": 16, "tokens": 256, "ours_s": star_s, "baseline_s": plain_s, "ratio": star_s / plain_s,
-            "target": "ratio <= 1.5 (teacher floor ~1.33)",
-            "activation_mb": star_bytes / 2**20, "baseline_activation_mb": plain_bytes / 2**20,
-            "activation_ratio": star_bytes / plain_bytes,
-            "activation_target": "<= 1.3 (bytes autograd keeps for backward: the teacher keeps none)"}
-
-
 def activation_bytes(run_step) -> int:
     """Bytes of distinct tensors autograd saves for backward during one step: the activation memory that
     dominates a training step's peak, measurable on a CPU (a GPU run should also read max_memory_allocated)."""
@@ -136,32 +108,6 @@ def activation_bytes(run_step) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         run_step()
     return sum(seen.values())
-
-
-def bench_sample() -> dict:
-    from star.gpt.generate import generate
-    from star.gpt.model import GPT, GPTConfig
-
-    config = GPTConfig.resolve({"dim": 256, "n_layer": 6, "n_head": 8, "vocab_size": 1024, "num_classes": 10,
-                                "block_size": 256})
-    torch.manual_seed(0)
-    model = GPT(config).eval()
-    labels = torch.arange(8) % 10
-    ours_s = best_of(lambda: generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0)), 2)
-    # LlamaGen's pattern: every decode step attends over the whole preallocated cache. Same model, same tokens;
-    # the masking LlamaGen adds is not reproduced (timing only), so this baseline is, if anything, flattering.
-    original = type(model).forward_cached
-
-    def full_cache(self, tokens, labels, input_pos, cache_len=None):
-        return original(self, tokens, labels, input_pos, cache_len=self._cache_len_capacity or None)
-
-    type(model).forward_cached = full_cache
-    try:
-        baseline_s = best_of(lambda: generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0)), 2)
-    finally:
-        type(model).forward_cached = original
-    return {"images": 8, "tokens": 256, "ours_s": ours_s, "baseline_s": baseline_s, "speedup": baseline_s / ours_s,
-            "target": "speedup > 1"}
 
 
 def bench_loader(work: Path) -> dict:
@@ -200,7 +146,7 @@ def bench_train_loop(work: Path) -> dict:
     (work / "model.json").write_text(json.dumps(model_spec))
     steps, batch = 60, 32
     train(TrainConfig(shards=str(shards), out=str(work / "loop-run"), model=str(work / "model.json"), steps=steps,
-                      batch_size=batch, star=False, workers=0, log_every=20, ckpt_every=10**9, progress=False))
+                      batch_size=batch, star=False, num_workers=0, log_every=20, ckpt_every=10**9, progress=False))
     log = [json.loads(line) for line in (work / "loop-run" / "log.jsonl").read_text().splitlines()]
     ours = (log[-1]["time"] - log[0]["time"]) / (log[-1]["step"] - log[0]["step"])  # steady state, no start-up
 
@@ -232,18 +178,56 @@ def bench_train_loop(work: Path) -> dict:
             "target": "ratio <= 1 (+ noise): the trainer adds no per-step overhead"}
 
 
+def _print_summary(name: str, result: dict) -> None:
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 4)
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return value
+
+    print(f"{name}: {json.dumps(rounded(result))}", flush=True)
+
+
 def main() -> int:
-    results = {"hardware": hardware(), "when": time.strftime("%Y-%m-%d %H:%M")}
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per training-step comparison")
+    parser.add_argument("--compile", action="store_true", help="also time our steps with torch.compile")
+    parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_compiled,"
+                        "profile,sample,tokenize,loader,train_loop")
+    parser.add_argument("--merge", action="store_true", help="update bench/results/latest.json with the benchmarks "
+                        "run now, keeping the other entries (for --only runs)")
+    args = parser.parse_args()
+    from step_bench import bench_sampling, bench_train_steps, profile_star_step
+
+    results = {"hardware": hardware(), "when": time.strftime("%Y-%m-%d %H:%M"),
+               "note": "medians over interleaved rounds on a CPU shared with other jobs"}
+    wanted = set(filter(None, args.only.split(","))) or None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, fn in (("tokenize", lambda: bench_tokenize(work)), ("star_step", bench_star_step),
-                         ("sample", bench_sample), ("loader", lambda: bench_loader(work)),
-                         ("train_loop", lambda: bench_train_loop(work))):
+        benches = [("train_steps", lambda: bench_train_steps(args.rounds, False))]
+        if args.compile:
+            benches.append(("train_steps_compiled", lambda: bench_train_steps(args.rounds, True)))
+        benches += [("sample", bench_sampling), ("tokenize", lambda: bench_tokenize(work)),
+                    ("loader", lambda: bench_loader(work)), ("train_loop", lambda: bench_train_loop(work))]
+        if wanted is None or "profile" in wanted:
+            print("profile of one ST-AR step (dim 384, 6 layers, 4 images x 2 views):")
+            print(profile_star_step(), flush=True)
+        for name, fn in benches:
+            if wanted is not None and name not in wanted and name.removesuffix("_compiled") not in wanted:
+                continue
+            if wanted is not None and name == "train_steps" and "train_steps" not in wanted:
+                continue  # --only train_steps_compiled: the compiled comparison alone
+            if name == "train_loop" and (wanted is not None and "loader" not in wanted):
+                bench_loader(work)  # writes the shards train_loop reads
             results[name] = fn()
-            summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()}
-            print(f"{name}: {json.dumps(summary)}", flush=True)
+            _print_summary(name, results[name])
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
+    if args.merge and (out / "latest.json").is_file():
+        results = {**json.loads((out / "latest.json").read_text()), **results}
     (out / "latest.json").write_text(json.dumps(results, indent=2))
     print(f"written: {out / 'latest.json'}")
     return 0

@@ -148,14 +148,16 @@ class InfiniteGradient(torch.autograd.Function):
 def test_finite_loss_with_infinite_gradient_stops_before_the_update(tiny_shards, tiny_gpt_json, tmp_path, monkeypatch):
     import star.train.loop as loop
 
-    real, calls = loop.next_token_loss, {"n": 0}
+    real, calls = loop._forward_losses, {"n": 0}
 
-    def poisoned(logits, tokens, cls):
+    def poisoned(batch, *args):
         calls["n"] += 1
-        loss = real(logits, tokens, cls)
-        return loss + InfiniteGradient.apply(logits) if calls["n"] == 3 else loss
+        terms = real(batch, *args)
+        if calls["n"] == 3:  # a finite loss whose backward is infinite
+            terms["loss"] = terms["loss"] + InfiniteGradient.apply(terms["loss_ar"].reshape(1))
+        return terms
 
-    monkeypatch.setattr(loop, "next_token_loss", poisoned)
+    monkeypatch.setattr(loop, "_forward_losses", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteGradient, match=r"gradient norm \((inf|nan)\) at step 3 .* not applied.*step-0000002, was"):
         train(run_config(tiny_shards, out, tiny_gpt_json, star=False, steps=6))

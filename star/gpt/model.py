@@ -257,9 +257,23 @@ def build_rotary_table_2d(
     return torch.cat([prefix, table], dim=0)
 
 
+def _complex_view(pairs: torch.Tensor) -> torch.Tensor:
+    """[..., n, 2] float32 -> [..., n] complex64 without a copy when the strides allow it (they do for the
+    q/k slices of the fused wqkv output)."""
+    try:
+        return torch.view_as_complex(pairs)
+    except RuntimeError:  # odd strides or offset: copy once
+        return torch.view_as_complex(pairs.contiguous())
+
+
 def apply_rotary(x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, hd] by rotary [S, hd/2, 2] (in float32)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, S, H, hd/2, 2]
+    if not torch.compiler.is_compiling():
+        # (x0 + i x1)(cos + i sin) is the same rotation as one complex multiply: one pass over x forward and
+        # backward instead of six elementwise ops and a stack (bit-identical here); inductor prefers real ops
+        rotation = torch.view_as_complex(rotary.float().contiguous()).view(1, pairs.shape[1], 1, pairs.shape[3])
+        return torch.view_as_real(_complex_view(pairs) * rotation).flatten(3).type_as(x)
     rotary = rotary.float().view(1, pairs.shape[1], 1, pairs.shape[3], 2)
     cos, sin = rotary[..., 0], rotary[..., 1]
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -416,9 +430,10 @@ class LabelEmbedder(nn.Module):
 
 @dataclass
 class GPTOutput:
-    logits: torch.Tensor  # [B, S, vocab] float32; position s predicts image token s
+    logits: Optional[torch.Tensor]  # [B, S, vocab] float32; position s predicts image token s (None: no head)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> residual stream after k blocks [B, S, D]
     final_hidden: Optional[torch.Tensor] = None  # output of the final RMSNorm [B, S, D]
+    loss: Optional[torch.Tensor] = None  # next-token cross-entropy (scalar, float32) when targets were given
 
 
 def causal_bias(seq_len: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -439,6 +454,70 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, cls_token_num: i
     if predicting.shape[1] != num_tokens:
         raise ValueError(f"next_token_loss: logits cover {predicting.shape[1]} positions, tokens have {num_tokens}")
     return F.cross_entropy(predicting.reshape(-1, predicting.shape[-1]).float(), tokens.reshape(-1))
+
+
+# Rows of logits per chunk in the fused head + loss: about 16 MiB of float32 logits at a time, small enough to
+# stay in cache, large enough that each chunk's matmuls run at full speed.
+_HEAD_CHUNK_ELEMENTS = 1 << 22
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (hidden @ weight.T) against targets, without materialising the [N, V] logits.
+
+    The gradients are computed chunk by chunk during the forward (softmax - one_hot is all the backward of
+    cross-entropy needs), so the backward only scales them: the same three matmuls as the plain head, but the
+    float32 logits live one chunk at a time instead of three full [N, V] tensors (logits, log-softmax, its grad).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype, need_grads):
+        rows = hidden.shape[0]  # hidden [N, D], weight [V, D], targets [N]
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        weight_c = weight.to(compute_dtype)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grads else None
+        for start in range(0, rows, chunk):
+            part = hidden[start : start + chunk].to(compute_dtype)  # [n, D]
+            target = targets[start : start + chunk]  # [n]
+            logits = (part @ weight_c.t()).float()  # [n, V] float32, as LlamaGen's .float() logits
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # [n]
+            row_max = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+            exps = logits.sub_(row_max).exp_()  # in place: one exp pass serves the loss and the gradient
+            row_sum = exps.sum(dim=-1, keepdim=True)  # [n, 1]
+            loss_sum += (row_sum.log() + row_max - target_logit[:, None]).sum()
+            if need_grads:
+                probs = exps.div_(row_sum)  # softmax
+                probs[torch.arange(probs.shape[0], device=probs.device), target] -= 1.0  # d loss_sum / d logits
+                probs = probs.mul_(1.0 / rows).to(compute_dtype)  # d mean loss / d logits
+                grad_hidden[start : start + chunk] = (probs @ weight_c).to(hidden.dtype)
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(probs.t(), part)  # [V, D], accumulated in place
+                else:
+                    grad_weight += (probs.t() @ part).float()
+        if need_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss_sum / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy((hidden @ weight.T).float(), targets)` computed in row chunks (same value and grads).
+
+    hidden [N, D] (final normed states), weight [V, D] (the LM head), targets [N]. Under autocast the matmuls
+    run in the autocast dtype, as nn.Linear's would; the softmax is always float32.
+    """
+    device_type = hidden.device.type
+    compute_dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, compute_dtype, need_grads)
 
 
 class GPT(nn.Module):
@@ -487,15 +566,21 @@ class GPT(nn.Module):
         attn_bias: Optional[torch.Tensor] = None,
         return_layers: Sequence[int] = (),
         return_final_hidden: bool = False,
+        head: bool = True,
+        targets: Optional[torch.Tensor] = None,
     ) -> GPTOutput:
         """Teacher-forced pass over [class, tokens[:, 0], ..., tokens[:, L-1]] (S = 1 + L positions).
 
         tokens: [B, L] image tokens (usually the first block_size - 1 of the grid); labels: [B] class ids
         (null class = num_classes; dropping labels is the caller's job).
-        attn_bias: None for plain causal attention, or the FULL additive mask (causal part included),
-        broadcastable to [B, 1, S, S], 0 = attend, -inf = hidden; e.g. `causal_bias(S)` plus key masks. A
-        query row must keep at least one key (never hide the diagonal) or its output is NaN.
+        attn_bias: None for plain causal attention, or the FULL mask (causal part included), broadcastable to
+        [B, 1, S, S]: boolean (True = attend; the cheapest form, SDPA takes it as is) or additive float (0 =
+        attend, -inf = hidden; e.g. `causal_bias(S)` plus key masks). A query row must keep at least one key
+        (never hide the diagonal) or its output is NaN.
         return_layers: k in 0..n_layer -> `hidden[k]`, the residual stream after k blocks.
+        head: False skips the LM head (logits None): for callers that need only hidden states (the EMA teacher).
+        targets: the full token sequence [B, T] (T = L + 1): the next-token loss (`next_token_loss`'s value)
+        goes to `loss`, computed by a chunked head so the [B, S, V] logits never exist (logits None).
         """
         c = self.config
         seq_len = c.cls_token_num + tokens.shape[1]
@@ -516,8 +601,16 @@ class GPT(nn.Module):
             if index in wanted:
                 hidden[index] = h
         normed = self.norm(h)  # [B, S, D]
-        logits = self.output(normed).float()  # [B, S, V]
-        return GPTOutput(logits=logits, hidden=hidden, final_hidden=normed if return_final_hidden else None)
+        final_hidden = normed if return_final_hidden else None
+        if targets is not None:
+            predicting = normed[:, c.cls_token_num - 1 :]  # [B, T, D]: position cls - 1 + t predicts token t
+            if predicting.shape[1] != targets.shape[1]:
+                raise ValueError(f"GPT.forward: targets hold {targets.shape[1]} tokens, the inputs predict "
+                                 f"{predicting.shape[1]} (pass the full sequence, inputs are targets[:, :-1])")
+            loss = chunked_head_loss(predicting.reshape(-1, c.dim), self.output.weight, targets.reshape(-1))
+            return GPTOutput(logits=None, hidden=hidden, final_hidden=final_hidden, loss=loss)
+        logits = self.output(normed).float() if head else None  # [B, S, V]
+        return GPTOutput(logits=logits, hidden=hidden, final_hidden=final_hidden)
 
     # --- KV-cache inference --------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +39,16 @@ from star.checkpoint import (
     save_training_state,
 )
 from star.data.shards import Manifest
-from star.gpt.model import GPT, drop_class_labels, next_token_loss
+from star.gpt.model import GPT, drop_class_labels
 from star.io import FolderLocked, atomic_path, folder_lock, write_json_atomic
 from star.runtime import pick_device, resolve_precision, step_seed
 from star.train.config import RESUME_AUTO, ResolvedTrainConfig, TrainConfig, resolve_config
 from star.train.objectives import (
+    NonFiniteGuard,
     Projector,
     StarSettings,
     StudentWithProjector,
-    key_mask_bias,
+    key_mask,
     make_teacher,
     sample_positions,
     star_losses,
@@ -248,6 +248,15 @@ class Run:
     loader: Any
     out: Path
     last_good_checkpoint: str | None = None  # newest checkpoint known to hold finite weights
+    guard: NonFiniteGuard | None = None  # device-side NaN/inf flags of the loss terms and gradient norm
+    uses_scaler: bool = False  # fp16: GradScaler skips overflowing steps itself (an inf norm is routine there)
+
+    def __post_init__(self) -> None:
+        self.guard = NonFiniteGuard(GUARDED, self.accelerator.device)
+        self.uses_scaler = getattr(self.accelerator, "scaler", None) is not None
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not inner.defaults.get("fused"):
+            raise ValueError("the trainer needs fused AdamW: it skips a non-finite step on the device")
 
 
 def _make_accelerator(config: TrainConfig):
@@ -334,7 +343,7 @@ def train(config: TrainConfig) -> dict:
         plan = resolve_config(config, manifest, accelerator.num_processes, precision)
         _check_stream_shards(accelerator, config)
         cache = _build_cache(accelerator, config, manifest)
-        parts = build_parts(plan, fused=accelerator.device.type == "cuda")
+        parts = build_parts(plan, fused=True)  # fused AdamW runs on CPU too (~5x the foreach step) and can skip
         plan = resume_into(plan, parts)
         wrapped, student, optimizer = _prepare(plan, parts, accelerator)
         run = Run(plan, accelerator, wrapped, student, parts.teacher, optimizer, _make_loader(plan, accelerator, cache),
@@ -360,19 +369,20 @@ def _forward_losses(batch, wrapped, teacher, settings: StarSettings | None, mode
     star = settings is not None
     bias, layer, positions = None, None, None
     if star and settings.use_mim:
-        bias = key_mask_bias(B * M, S, settings.mask_ratio, generator, tokens.device, cls_token_num=cls)
+        bias = key_mask(B * M, S, settings.mask_ratio, generator, tokens.device, cls_token_num=cls)  # bool, once
     if star and (settings.use_step or settings.use_view):
         layer = settings.contrastive_layer
         positions = sample_positions(B * M, S, settings.num_positions, generator, tokens.device, cls)  # [B M, K]
+    # targets: the chunked head computes the next-token loss without materialising [N, S, V] logits
     output, projected = wrapped(flat_tokens[:, :-1], flat_labels, attn_bias=bias, layer=layer, positions=positions,
-                                return_final_hidden=star)
-    terms = {"loss_ar": next_token_loss(output.logits, flat_tokens, cls)}
+                                return_final_hidden=star, targets=flat_tokens)
+    terms = {"loss_ar": output.loss}
     if not star:
         zero = terms["loss_ar"].new_zeros(())
         return {**terms, "loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": terms["loss_ar"]}
-    with torch.no_grad():
+    with torch.no_grad():  # the teacher needs hidden states only: no LM head
         teacher_out = teacher(flat_tokens[:, :-1], flat_labels, return_layers=(layer,) if layer else (),
-                              return_final_hidden=True)
+                              return_final_hidden=True, head=False)
     shape = (B, M, S, -1)
     terms.update(star_losses(
         settings, output.final_hidden.reshape(shape),
@@ -383,15 +393,32 @@ def _forward_losses(batch, wrapped, teacher, settings: StarSettings | None, mode
     return terms
 
 
-def _check_losses(run: Run, values: torch.Tensor, step: int) -> None:
-    """Every process stops together when any process's loss is not finite (before backward and the update)."""
-    bad = run.accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum")
-    if bad.item() > 0:
-        local = dict(zip((*LOSS_TERMS, "loss"), values.tolist()))
-        culprits = [name for name, v in local.items() if not math.isfinite(v)] or ["(another process)"]
-        raise NonFiniteLoss(f"non-finite loss at step {step + 1}: {', '.join(culprits)} = "
-                            f"{[local[c] for c in culprits if c in local]}; the step was not applied. "
-                            f"{_last_good(run)} Lower --lr or check the data.")
+GUARDED = (*LOSS_TERMS, "loss", "grad_norm")  # what the non-finite guard watches, per optimizer step
+
+
+def _raise_if_non_finite(run: Run) -> None:
+    """Read the device-side guard (one sync + one collective): at log steps and before every checkpoint, so a
+    checkpoint is never written after a non-finite step and no step pays a host-device sync."""
+    failure = run.guard.first_failure(lambda flags: run.accelerator.reduce(flags, reduction="sum"))
+    if failure is None:
+        return
+    step, bad = failure
+    if step is None:
+        raise NonFiniteLoss(f"another process saw a non-finite loss or gradient; its steps were not applied. "
+                            f"{_last_good(run)}")
+    if set(bad) == {"grad_norm"}:
+        raise NonFiniteGradient(f"non-finite gradient norm ({bad['grad_norm']}) at step {step} with a finite loss; "
+                                f"the step was not applied. {_last_good(run)} Lower --lr or --grad-clip, or check the data.")
+    terms = [name for name in bad if name != "grad_norm"]
+    raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(terms)} = {[bad[t] for t in terms]}; "
+                        f"the step was not applied. {_last_good(run)} Lower --lr or check the data.")
+
+
+def _skip_update_if_non_finite(run: Run, grad_norm: torch.Tensor) -> None:
+    """Make the optimizer step a no-op on the device when the gradient norm is NaN/inf (fused AdamW's found_inf,
+    the mechanism GradScaler uses): a poisoned step is never applied and nothing waits for the host."""
+    if not run.uses_scaler:
+        run.optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
 
 
 def _last_good(run: Run) -> str:
@@ -400,12 +427,13 @@ def _last_good(run: Run) -> str:
     return "No checkpoint of this run was written yet."
 
 
-def _train_step(run: Run, data, step: int) -> tuple[torch.Tensor, float]:
-    """One optimizer step (grad_accum micro-batches). Returns (mean loss terms [5], gradient norm before clip)."""
+def _train_step(run: Run, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step (grad_accum micro-batches). Returns (mean loss terms [5], gradient norm before clip),
+    both still on the device: nothing here waits for the host."""
     plan, accelerator = run.plan, run.accelerator
     config, device = plan.settings, accelerator.device
-    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
-    grad_norm = float("nan")
+    sums = torch.zeros(len(LOSS_TERMS) + 1, device=device)  # [5]
+    grad_norm = torch.full((), float("nan"), device=device)
     for micro in range(config.grad_accum):
         batch = next(data).to(device)
         seed = step_seed(config.seed, step * config.grad_accum + micro, accelerator.process_index)
@@ -414,19 +442,16 @@ def _train_step(run: Run, data, step: int) -> tuple[torch.Tensor, float]:
         with accelerator.accumulate(run.wrapped):
             with accelerator.autocast():
                 terms = _forward_losses(batch, run.wrapped, run.teacher, plan.star, plan.model, generator)
-            values = torch.stack([terms[name].detach().float() for name in (*LOSS_TERMS, "loss")])
-            _check_losses(run, values, step)
+            sums += torch.stack([terms[name].detach().float() for name in (*LOSS_TERMS, "loss")]) / config.grad_accum
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients:
-                grad_norm = float(accelerator.clip_grad_norm_(run.wrapped.parameters(), config.grad_clip))
-                if not math.isfinite(grad_norm):  # DDP/FSDP: the norm is global, so every process stops here
-                    raise NonFiniteGradient(
-                        f"non-finite gradient norm ({grad_norm}) at step {step + 1} with a finite loss "
-                        f"({values[-1].item():.4f}); the step was not applied. {_last_good(run)} Lower --lr or "
-                        "--grad-clip, or check the data.")
+                # a NaN loss gives a NaN gradient norm too, so this one check also keeps poisoned losses out
+                grad_norm = accelerator.clip_grad_norm_(run.wrapped.parameters(), config.grad_clip).detach().float()
+                _skip_update_if_non_finite(run, grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        sums += values.cpu().double() / config.grad_accum
+    watched_norm = grad_norm.new_zeros(()) if run.uses_scaler else grad_norm  # fp16 overflow is the scaler's job
+    run.guard.record(torch.cat([sums, watched_norm.reshape(1)]), step + 1)
     if run.teacher is not None:
         update_teacher(run.teacher, run.student, plan.star.teacher_decay)
     return sums, grad_norm
@@ -443,7 +468,7 @@ def _memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
-def _log(run: Run, step: int, sums: torch.Tensor, interval: tuple[int, float, float], grad_norm: float) -> dict:
+def _log(run: Run, step: int, sums: torch.Tensor, interval: tuple[int, float, float], grad_norm: torch.Tensor) -> dict:
     """Average the interval's losses over processes and append one record to log.jsonl."""
     interval_steps, interval_start, started = interval
     accelerator, plan = run.accelerator, run.plan
@@ -451,7 +476,7 @@ def _log(run: Run, step: int, sums: torch.Tensor, interval: tuple[int, float, fl
     averaged = accelerator.reduce(sums.float().to(accelerator.device), reduction="mean").tolist()
     record = {"step": step, **{n: round(v / interval_steps, 6) for n, v in zip((*LOSS_TERMS, "loss"), averaged)}}
     images_per_second = interval_steps * plan.settings.batch_size / elapsed
-    record.update({"grad_norm": round(grad_norm, 4), "lr": run.optimizer.param_groups[0]["lr"],
+    record.update({"grad_norm": round(float(grad_norm), 4), "lr": run.optimizer.param_groups[0]["lr"],
                    "images_per_s": round(images_per_second, 2),
                    "tokens_per_s": round(images_per_second * plan.model.block_size * plan.views_per_image, 1),
                    "memory_gb": round(_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2)})
@@ -491,7 +516,7 @@ def _train_loop(run: Run) -> dict:
     run.wrapped.train()
     bar = tqdm(total=total_steps, initial=plan.start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
-    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(LOSS_TERMS) + 1, device=accelerator.device)  # [5] summed on the device between logs
     interval_steps, interval_start = 0, time.time()
     step, started = plan.start_step, time.time()
     data = iter(run.loader)
@@ -501,13 +526,16 @@ def _train_loop(run: Run) -> dict:
         step += 1
         interval_steps += 1
         bar.update(1)
-        if step % config.log_every == 0 or step == total_steps:
+        log_now, save_now = step % config.log_every == 0 or step == total_steps, step % config.ckpt_every == 0
+        if log_now or save_now:
+            _raise_if_non_finite(run)  # before any log line or checkpoint
+        if log_now:
             record = _log(run, step, sums, (interval_steps, interval_start, started), grad_norm)
             bar.set_postfix(loss=f"{record['loss']:.4f}", ar=f"{record['loss_ar']:.4f}",
                             img_s=f"{record['images_per_s']:.1f}")
             sums.zero_()
             interval_steps, interval_start = 0, time.time()
-        if step % config.ckpt_every == 0 or step == total_steps:
+        if save_now or step == total_steps:
             _save(run, step)
     bar.close()
     if config.tensorboard:

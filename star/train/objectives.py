@@ -17,23 +17,30 @@ import torch.nn.functional as F
 from star.cli import check, setting
 
 
-def key_mask_bias(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None,
-                  device=None, dtype=torch.float32, cls_token_num: int = 1) -> torch.Tensor:
-    """Causal additive mask [B, 1, S, S] with round(ratio * (S - cls)) image key positions per sequence hidden
-    from every query. Class positions and the diagonal are never hidden, so no row is empty; the mask is shared
-    across layers and heads."""
+def key_mask(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None,
+             device=None, cls_token_num: int = 1) -> torch.Tensor:
+    """Causal boolean attention mask [B, 1, S, S] (True = attend) with round(ratio * (S - cls)) image key
+    positions per sequence hidden from every query. Class positions and the diagonal are never hidden, so no row
+    is empty; the mask is shared across layers and heads. Boolean is the form SDPA takes without a per-layer
+    conversion (an additive float mask would be cast to the compute dtype in every layer)."""
     num_image = seq_len - cls_token_num
     num_hidden = int(round(ratio * num_image))
     scores = torch.rand(batch, num_image, generator=generator, device=device)  # [B, S - cls]
-    hidden_columns = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    visible_columns = torch.ones(batch, 1, 1, seq_len, dtype=torch.bool, device=device)  # [B, 1, 1, S]
     if num_hidden > 0:
-        chosen = scores.topk(num_hidden, dim=1).indices + cls_token_num
-        hidden_columns.scatter_(1, chosen, True)
-    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)  # [S, S]
+        chosen = scores.topk(num_hidden, dim=1).indices + cls_token_num  # [B, hidden]
+        visible_columns.view(batch, seq_len).scatter_(1, chosen, False)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # [S, S]
     diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
-    blocked = future[None] | (hidden_columns[:, None, :] & ~diagonal[None])  # [B, S, S]
-    bias = torch.zeros(batch, 1, seq_len, seq_len, device=device, dtype=dtype)
-    return bias.masked_fill(blocked[:, None], float("-inf"))
+    return causal & (visible_columns | diagonal)  # [B, 1, S, S]
+
+
+def key_mask_bias(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None,
+                  device=None, dtype=torch.float32, cls_token_num: int = 1) -> torch.Tensor:
+    """`key_mask` as an additive float mask [B, 1, S, S] (0 = attend, -inf = hidden), same draw; for callers
+    that add further biases. The trainer uses the boolean `key_mask`."""
+    visible = key_mask(batch, seq_len, ratio, generator, device, cls_token_num)
+    return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill(~visible, float("-inf"))
 
 
 def info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -197,9 +204,11 @@ class StudentWithProjector(nn.Module):
         self.projector = projector
 
     def forward(self, tokens, labels, attn_bias=None, layer: int | None = None, positions=None,
-                return_final_hidden: bool = False):
+                return_final_hidden: bool = False, targets=None):
+        """targets: the full token sequence [N, T]; the next-token loss is then computed inside the model's
+        forward by the chunked head (output.loss, no logits), so DDP/FSDP/compile see it as part of the pass."""
         output = self.student(tokens, labels, attn_bias=attn_bias, return_layers=(layer,) if layer else (),
-                              return_final_hidden=return_final_hidden)
+                              return_final_hidden=return_final_hidden, targets=targets)
         projected = None
         if self.projector is not None and layer:
             projected = self.projector(gather_positions(output.hidden[layer], positions))  # [N, K, D]
@@ -240,3 +249,55 @@ def star_losses(settings: StarSettings, student_final: torch.Tensor, student_pro
 def total_loss(settings: StarSettings, terms: dict) -> torch.Tensor:
     contrastive = (terms["loss_step"] + terms["loss_view"]) / 2
     return terms["loss_ar"] + settings.mim_weight * terms["loss_mim"] + settings.contrastive_weight * contrastive
+
+
+class NonFiniteGuard:
+    """Watches the loss terms for NaN/inf without a host-device sync per step.
+
+    `record` runs every step and only queues device ops (a running flag per term, the first bad step and its
+    values); `failure` reads the flags (one sync, plus one collective when `reduce_sum` is given) and is called
+    at log steps and before every checkpoint, so a checkpoint is never written after a non-finite loss.
+    """
+
+    def __init__(self, names: tuple[str, ...], device):
+        self.names = names
+        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)  # [terms] ever non-finite
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)  # step of the first bad value
+        self.first_values = torch.zeros(len(names), device=device)  # [terms] values at that step
+
+    def record(self, values: torch.Tensor, step: int) -> None:
+        """values: [terms] float32 loss values of `step` (1-based), in the order of `names`."""
+        bad_now = ~torch.isfinite(values)  # [terms]
+        first = bad_now.any() & (self.first_step < 0)
+        self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
+        self.first_values = torch.where(first, values, self.first_values)
+        self.bad |= bad_now
+
+    def first_failure(self, reduce_sum=None) -> tuple[int | None, dict[str, float]] | None:
+        """None while every value so far was finite (on every process when `reduce_sum` sums a tensor across
+        processes); else (first bad step seen here, {bad term: its value}), or (None, {}) when only another
+        process saw one."""
+        flags = self.bad.float()
+        if reduce_sum is not None:
+            flags = reduce_sum(flags)  # collective: every process calls this at the same steps
+        if not bool((flags > 0).any()):
+            return None
+        if not bool(self.bad.any()):
+            return None, {}
+        values = dict(zip(self.names, self.first_values.tolist()))
+        return int(self.first_step), {name: value for name, value in values.items() if not math.isfinite(value)}
+
+    def failure(self, reduce_sum=None) -> str | None:
+        """None while every value so far was finite (on every process when `reduce_sum` sums a tensor across
+        processes); otherwise 'step N: term, term = [values]' for the first bad step seen here."""
+        flags = self.bad.float()
+        if reduce_sum is not None:
+            flags = reduce_sum(flags)  # collective: every process calls failure() at the same steps
+        if not bool((flags > 0).any()):
+            return None
+        if not bool(self.bad.any()):
+            return "(another process)"
+        step = int(self.first_step)
+        values = self.first_values.tolist()
+        culprits = [name for name, value in zip(self.names, values) if not math.isfinite(value)]
+        return f"step {step}: {', '.join(culprits)} = {[values[self.names.index(c)] for c in culprits]}"
