@@ -120,7 +120,7 @@ def run_steps(config, student, projector, star: bool, batch, steps: int = 2) -> 
     losses = []
     for step in range(steps):
         torch.manual_seed(step)
-        terms = _forward_losses(batch, wrapped, teacher, settings, star, config, 0.1,
+        terms = _forward_losses(batch, wrapped, teacher, settings if star else None, config,
                                 torch.Generator().manual_seed(step))
         terms["loss"].backward()
         optimizer.step()

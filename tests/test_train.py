@@ -1,5 +1,6 @@
 """The trainer on tiny shards (8x8 tokens, a 2-layer GPT): learning, exact resume, errors, NaN stop, 2 processes."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -250,3 +251,16 @@ def test_init_from_an_official_llamagen_checkpoint(tiny_shards, fixtures_dir, tm
         saved = load_file(folder / name)
         assert saved.keys() == official.keys()
         assert all(torch.equal(saved[k], official[k]) for k in official), name
+
+
+@pytest.mark.parametrize("star", [True, False])
+def test_bf16_precision_trains_through_the_real_trainer_on_cpu(tiny_shards, tiny_gpt_json, tmp_path, star):
+    """Accelerate's mixed_precision="bf16" on CPU: a dtype mismatch in the ST-AR or plain step shows up here."""
+    out = tmp_path / "run"
+    train(run_config(tiny_shards, out, tiny_gpt_json, steps=3, log_every=1, ckpt_every=3, star=star, precision="bf16"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "bf16"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(math.isfinite(record["loss"]) for record in log)
+    if star:
+        assert all(record["loss_mim"] > 0 for record in log), "the teacher and MIM terms ran under autocast"
