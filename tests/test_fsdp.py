@@ -26,6 +26,8 @@ def _fsdp_on_cpu(make_accelerator):
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["TransformerBlock"])
+        if accelerator.mixed_precision != "no":  # what Accelerate does on GPUs: an FSDP2 MixedPrecisionPolicy
+            accelerator.state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
         accelerator.state.distributed_type = DistributedType.FSDP
         return accelerator, precision
 
@@ -50,7 +52,7 @@ def _tracking_update(update_teacher, reference: dict, seen: dict):
     return update
 
 
-def _worker(shards: str, model: str, out: str, steps: int, resume: str) -> None:
+def _worker(shards: str, model: str, out: str, steps: int, resume: str, precision: str) -> None:
     import faulthandler
 
     faulthandler.dump_traceback_later(int(os.environ.get("STAR_TEST_HANG_S", "150")), exit=True)  # a collective that hangs fails with its stack, not silently
@@ -64,7 +66,7 @@ def _worker(shards: str, model: str, out: str, steps: int, resume: str) -> None:
     loop.train(loop.TrainConfig(
         shards=shards, out=out, model=model, steps=steps, batch_size=4, lr=2e-3, num_workers=0, log_every=1,
         ckpt_every=2, dropout=0.0, token_dropout=0.0, progress=False, projector_hidden=32, resume=resume,
-        star_settings=StarSettings(teacher_decay=DECAY)))
+        precision=precision, star_settings=StarSettings(teacher_decay=DECAY)))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     teacher, student = seen["teacher"], dict(seen["student"].named_parameters())
     shard_error, teacher_minus_student = 0.0, 0.0
@@ -82,14 +84,17 @@ def _worker(shards: str, model: str, out: str, steps: int, resume: str) -> None:
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
         "shard_error": shard_error, "teacher_minus_student": teacher_minus_student,
         "local_numel": sum(p.to_local().numel() for p in teacher.parameters()),
-        "full_numel": sum(p.numel() for p in teacher.parameters())}))
+        "full_numel": sum(p.numel() for p in teacher.parameters()),
+        # the compute dtype FSDP2 gathers parameters in (MixedPrecisionPolicy), teacher vs a student block
+        "param_dtypes": [str(module._get_fsdp_state()._mp_policy.param_dtype)
+                         for module in (teacher, teacher.layers[0], seen["student"].layers[0])]}))
 
 
-def _launch(tiny_shards, tiny_gpt_json, out: Path, steps: int, resume: str = "") -> None:
+def _launch(tiny_shards, tiny_gpt_json, out: Path, steps: int, resume: str = "", precision: str = "fp32") -> None:
     from conftest import CPU_ENV, TWO_CPU_PROCESSES
 
     command = [sys.executable, *TWO_CPU_PROCESSES, __file__, str(tiny_shards), str(tiny_gpt_json), str(out),
-               str(steps), resume]
+               str(steps), resume, precision]
     result = subprocess.run(command, env={**os.environ, **CPU_ENV, "PYTHONPATH": str(REPO)}, capture_output=True,
                             text=True, timeout=240)
     errors = [line for line in result.stderr.splitlines() if line.startswith("[rank")]  # the workers' tracebacks
@@ -140,5 +145,32 @@ def test_star_trains_under_fsdp_with_a_sharded_teacher(tiny_shards, tiny_gpt_jso
         assert max((resumed[k] - unbroken[k]).abs().max().item() for k in unbroken) < 1e-6, name
 
 
+def test_star_under_fsdp_in_bf16_shards_the_teacher_with_the_students_precision(tiny_shards, tiny_gpt_json,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    _launch(tiny_shards, tiny_gpt_json, out, steps=2, precision="bf16")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in ranks:
+        assert record["param_dtypes"] == ["torch.bfloat16"] * 3, ranks  # teacher forwards in the student's dtype
+        assert record["shard_error"] < 1e-5, ranks  # the EMA itself stays in the fp32 shards
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss_mim"] > 0 for r in log), log
+
+
+def test_star_under_fsdp1_is_refused_naming_the_setting():
+    """FSDP1 flattens parameters, so the teacher could not mirror them: refused before anything is wrapped."""
+    from types import SimpleNamespace
+
+    import pytest
+    from accelerate.utils import DistributedType
+
+    from star.train.loop import Parts, _prepare
+
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    parts = Parts(student=None, teacher=torch.nn.Linear(1, 1), projector=None, optimizer=None)
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        _prepare(SimpleNamespace(settings=SimpleNamespace(compile=False)), parts, fsdp1)
+
+
 if __name__ == "__main__":  # one process of the launch in _launch
-    _worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "")
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
