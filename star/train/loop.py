@@ -48,9 +48,12 @@ from star.train.objectives import (
     Projector,
     StarSettings,
     StudentWithProjector,
+    full_state_dict,
+    is_sharded,
     key_mask,
     make_teacher,
     sample_positions,
+    shard_teacher_like,
     star_losses,
     total_loss,
     update_teacher,
@@ -147,6 +150,12 @@ class Parts:
     teacher: GPT | None
     projector: Projector | None
     optimizer: torch.optim.Optimizer
+    named_optimizer_state: dict | None = None  # a resumed FSDP2 optimizer state, loaded after sharding
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    """FSDP2 checkpoints key AdamW's state by parameter name; plain ones by parameter index."""
+    return any(isinstance(key, str) for key in optimizer_state.get("state", {}))
 
 
 def build_parts(plan: ResolvedTrainConfig, fused: bool) -> Parts:
@@ -218,7 +227,10 @@ def resume_into(plan: ResolvedTrainConfig, parts: Parts) -> ResolvedTrainConfig:
         parts.teacher.load_state_dict(state.teacher)
     if parts.projector is not None:
         parts.projector.load_state_dict(state.projector)
-    parts.optimizer.load_state_dict(state.optimizer)
+    if _keyed_by_name(state.optimizer):  # saved under FSDP2: loaded into the sharded optimizer by _prepare
+        parts.named_optimizer_state = state.optimizer
+    else:
+        parts.optimizer.load_state_dict(state.optimizer)
     config = plan.settings
     for group in parts.optimizer.param_groups:  # the saved groups hold the old values: use this run's
         group["lr"] = plan.lr
@@ -308,15 +320,23 @@ def _build_cache(accelerator, config: TrainConfig, manifest: Manifest) -> Path |
 def _prepare(plan: ResolvedTrainConfig, parts: Parts, accelerator) -> tuple[nn.Module, GPT, Any]:
     from accelerate.utils import DistributedType
 
-    if parts.teacher is not None and accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("ST-AR's EMA teacher is updated from the student's full parameters, which FSDP shards: "
-                         "train ST-AR with DDP (a multi-GPU Accelerate config without FSDP), or use --no-star under FSDP")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if parts.teacher is not None and fsdp and not accelerator.is_fsdp2:
+        raise ValueError("ST-AR under FSDP needs FSDP2 (its EMA teacher is sharded and updated parameter by parameter "
+                         "like the student): set fsdp_version: 2 in the Accelerate config (or `accelerate launch "
+                         "--fsdp_version 2`), or train ST-AR with DDP")
     student = torch.compile(parts.student) if plan.settings.compile else parts.student
     wrapped, optimizer = accelerator.prepare(StudentWithProjector(student, parts.projector), parts.optimizer)
+    if parts.named_optimizer_state is not None:
+        _load_named_optimizer_state(wrapped, optimizer, parts.named_optimizer_state)
+    core = accelerator.unwrap_model(wrapped).student
+    core = getattr(core, "_orig_mod", core)
     if parts.teacher is not None:
         parts.teacher.to(accelerator.device)
-    core = accelerator.unwrap_model(wrapped).student
-    return wrapped, getattr(core, "_orig_mod", core), optimizer
+        if is_sharded(core):  # FSDP2: the teacher holds the same shards as the student (loaded full by
+            # resume_into, sharded here)
+            shard_teacher_like(parts.teacher, core, accelerator.state.fsdp_plugin.mixed_precision_policy)
+    return wrapped, core, optimizer
 
 
 def _write_run_record(run: Run) -> None:
@@ -446,7 +466,8 @@ def _train_step(run: Run, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients:
                 # a NaN loss gives a NaN gradient norm too, so this one check also keeps poisoned losses out
-                grad_norm = accelerator.clip_grad_norm_(run.wrapped.parameters(), config.grad_clip).detach().float()
+                grad_norm = accelerator.clip_grad_norm_(run.wrapped.parameters(), config.grad_clip).detach()
+                grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)().float()  # FSDP2: a DTensor
                 _skip_update_if_non_finite(run, grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -488,11 +509,35 @@ def _log(run: Run, step: int, sums: torch.Tensor, interval: tuple[int, float, fl
     return record
 
 
+def _full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
+    """FSDP2: AdamW's state gathered whole (keyed by parameter name), on rank 0's CPU; a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_named_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
+    """Load an optimizer state keyed by parameter name (saved under FSDP2) into the prepared optimizer, each
+    rank keeping its shards; the param groups' lr / weight decay set by resume_into stay this run's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    settings = [{name: group[name] for name in ("lr", "weight_decay")} for group in inner.param_groups]
+    set_optimizer_state_dict(wrapped, inner, state, options=StateDictOptions(full_state_dict=True))
+    for group, kept in zip(inner.param_groups, settings):
+        group.update(kept)
+
+
 def _save(run: Run, step: int) -> None:
     """Checkpoint (every process takes part in gathering; the main process writes)."""
     accelerator, plan = run.accelerator, run.plan
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(run.wrapped)  # every rank takes part (FSDP gathers shards)
+    # Every rank takes part: under FSDP2 the shards are gathered (rank 0 keeps the full tensors, on the CPU).
+    fsdp2 = is_sharded(run.wrapped)
+    full_state = full_state_dict(run.wrapped) if fsdp2 else accelerator.get_state_dict(run.wrapped)
+    teacher = full_state_dict(run.teacher) if run.teacher is not None else None
+    optimizer_state = _full_optimizer_state(run.wrapped, run.optimizer) if fsdp2 else run.optimizer.state_dict()
     if accelerator.is_main_process:
         student = {k.removeprefix("student.").removeprefix("_orig_mod."): v for k, v in full_state.items()
                    if k.startswith("student.")}
@@ -504,8 +549,7 @@ def _save(run: Run, step: int) -> None:
                 "batches_consumed_per_process": step * config.grad_accum,
                 "optimizer": {"lr": plan.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
                               "betas": list(config.betas)}}
-        teacher = run.teacher.state_dict() if run.teacher is not None else None
-        state = TrainingState(plan.model, student, teacher, projector or None, run.optimizer.state_dict(), meta)
+        state = TrainingState(plan.model, student, teacher, projector or None, optimizer_state, meta)
         run.last_good_checkpoint = str(save_training_state(run.out, step, state, config.keep_checkpoints))
     accelerator.wait_for_everyone()
 

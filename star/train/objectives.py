@@ -155,12 +155,73 @@ def make_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded this module (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
+def shard_teacher_like(teacher: nn.Module, student: nn.Module, mp_policy=None) -> nn.Module:
+    """FSDP2: shard the teacher as the student is sharded, in place. `fully_shard` splits every parameter on dim 0
+    over the mesh, so with the student's mesh rank r holds the same rows of each teacher parameter as of the
+    student's, and `update_teacher` works shard by shard without a gather. The teacher's FSDP units mirror the
+    student's (each sharded submodule, by name, then the root); they decide when a forward gathers parameters,
+    not which rows a rank holds. mp_policy: the student's MixedPrecisionPolicy (same compute dtype)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    meshes = {parameter.device_mesh for parameter in student.parameters() if isinstance(parameter, DTensor)}
+    if len(meshes) != 1:
+        raise ValueError(f"shard_teacher_like: the student's parameters must be FSDP2-sharded over one mesh, "
+                         f"found {len(meshes)} meshes")
+    options = {"mesh": meshes.pop(), "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    # reshard_after_forward everywhere, the root included: the teacher has no backward to reshard it, and a unit
+    # left gathered holds plain full parameters (more memory, and no shards for update_teacher).
+    options = {**options, "reshard_after_forward": True}
+    units = [name for name, module in student.named_modules() if name and isinstance(module, FSDPModule)]
+    for name in reversed(units):  # children before their parents, as fully_shard requires
+        fully_shard(teacher.get_submodule(name), **options)
+    fully_shard(teacher, **options)  # the root holds what no unit took (embeddings, final norm, head)
+    return teacher
+
+
+def _local_shards(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's and the student's parameters as local tensors (a DTensor's own shard: no communication),
+    after checking that both hold the same parameters, sharded the same way."""
+    from torch.distributed.tensor import DTensor
+
+    teacher_named, student_named = list(teacher.named_parameters()), list(student.named_parameters())
+    if [name for name, _ in teacher_named] != [name for name, _ in student_named]:
+        raise ValueError("update_teacher: the teacher and the student hold different parameters")
+    teacher_local, student_local = [], []
+    for (name, t), (_, s) in zip(teacher_named, student_named):
+        if isinstance(t, DTensor) != isinstance(s, DTensor) or (isinstance(t, DTensor) and (
+                t.placements != s.placements or t.device_mesh != s.device_mesh or t.shape != s.shape)):
+            raise ValueError(f"update_teacher: {name} is sharded differently in the teacher and the student; "
+                             "shard the teacher with shard_teacher_like")
+        teacher_local.append(t.to_local() if isinstance(t, DTensor) else t)
+        student_local.append(s.detach().to_local() if isinstance(s, DTensor) else s.detach())
+    return teacher_local, student_local
+
+
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """teacher = decay * teacher + (1 - decay) * student, parameter by parameter (buffers copied)."""
-    teacher_params = list(teacher.parameters())
-    student_params = [p.detach() for p in student.parameters()]
+    """teacher = decay * teacher + (1 - decay) * student, parameter by parameter; under FSDP2 each rank updates its
+    own shard of the teacher from its own shard of the student (the same rows: see shard_teacher_like)."""
+    teacher_params, student_params = _local_shards(teacher, student)
     torch._foreach_lerp_(teacher_params, [p.to(teacher_params[0].dtype) for p in student_params], 1.0 - decay)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's full state dict on the CPU, for safetensors loadable without FSDP. Sharded (FSDP2): a
+    collective, every rank must call it; the shards are gathered one tensor at a time and only rank 0 keeps them
+    (the other ranks get {}). Unsharded: the plain state dict."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def sample_positions(batch: int, seq_len: int, count: int, generator: torch.Generator | None, device,
