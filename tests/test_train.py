@@ -256,8 +256,15 @@ def test_init_from_an_official_llamagen_checkpoint(tiny_shards, fixtures_dir, tm
 @pytest.mark.parametrize("star", [True, False])
 def test_bf16_precision_trains_through_the_real_trainer_on_cpu(tiny_shards, tiny_gpt_json, tmp_path, star):
     """Accelerate's mixed_precision="bf16" on CPU: a dtype mismatch in the ST-AR or plain step shows up here."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # earlier tests in this process set up Accelerate in fp32 (it is a singleton)
     out = tmp_path / "run"
-    train(run_config(tiny_shards, out, tiny_gpt_json, steps=3, log_every=1, ckpt_every=3, star=star, precision="bf16"))
+    try:
+        train(run_config(tiny_shards, out, tiny_gpt_json, steps=3, log_every=1, ckpt_every=3, star=star,
+                         precision="bf16"))
+    finally:
+        AcceleratorState._reset_state()
     config = json.loads((out / "config.json").read_text())
     assert config["precision"] == "bf16"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
