@@ -89,7 +89,7 @@ def bench_tokenize(work: Path) -> dict:
 
 
 def tiny_batch(model_config, batch: int, views: int):
-    from star.train.data import TokenBatch
+    from star.train.token_loader import TokenBatch
 
     tokens = torch.randint(0, model_config.vocab_size, (batch, views, model_config.block_size))
     match = torch.arange(model_config.block_size).expand(batch, views, -1).clone()
@@ -114,7 +114,7 @@ def bench_loader(work: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from star.data.extract import TokenizeConfig, run_tokenize
-    from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
+    from star.train.token_loader import EpochBatchSampler, TokenViews, build_token_cache, collate_views
 
     out = work / "loader-shards"
     run_tokenize(TokenizeConfig(data=str(work / "data" / "train"), out=str(out), vq_ckpt=str(FIXTURES / "vq_small.pt"),
@@ -138,8 +138,8 @@ def bench_train_loop(work: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from star.gpt.model import GPT, GPTConfig, drop_class_labels
-    from star.train.data import EpochBatchSampler, TokenViews, build_token_cache, collate_views
     from star.train.loop import TrainConfig, train
+    from star.train.token_loader import EpochBatchSampler, TokenViews, build_token_cache, collate_views
 
     shards = work / "loader-shards"  # written by bench_loader
     model_spec = {"dim": 128, "n_layer": 4, "n_head": 4, "vocab_size": 256, "num_classes": 8, "block_size": 64}

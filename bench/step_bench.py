@@ -45,7 +45,7 @@ def interleaved(contenders: dict[str, Callable[[], None]], rounds: int, warmup: 
 
 
 def _token_batch(config, images: int, views: int, device, seed: int = 0):
-    from star.train.data import TokenBatch
+    from star.train.token_loader import TokenBatch
 
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.vocab_size, (images, views, config.block_size), generator=generator)

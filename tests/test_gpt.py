@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FIXTURES  # noqa: E402 (../shared beside the checkout)
 from safetensors.torch import load_file
 
 from star.checkpoint import load_gpt, load_llamagen_state_dict, save_gpt
@@ -23,7 +22,6 @@ from star.gpt.model import (
     next_token_loss,
 )
 
-FIXTURES = Path(os.environ.get("STAR_LLAMAGEN_FIXTURES", "/work/shared/fixtures/llamagen"))
 CKPT = FIXTURES / "gpt_small.pt"
 CONFIG_JSON = FIXTURES / "gpt_small.json"
 

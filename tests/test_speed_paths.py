@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import star.gpt.model as gpt_model
 from star.gpt.model import GPT, GPTConfig, chunked_head_loss, next_token_loss
-from star.train.data import TokenBatch
 from star.train.loop import _forward_losses
 from star.train.objectives import (
     NonFiniteGuard,
@@ -23,6 +22,7 @@ from star.train.objectives import (
     key_mask_bias,
     make_teacher,
 )
+from star.train.token_loader import TokenBatch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"dim": 32, "n_layer": 2, "n_head": 2, "vocab_size": 50, "num_classes": 6, "block_size": 16}

@@ -1,7 +1,7 @@
 """LlamaGen's VQ image tokenizer (VQ-16 / VQ-8), checkpoint-compatible with the official release.
 
 Module and parameter names match LlamaGen's `tokenizer/tokenizer_image/vq_model.py`, so an official
-`vq_ds16_c2i.pt` loads strictly. See /work/shared/docs/llamagen.md §1 for the architecture notes this follows.
+`vq_ds16_c2i.pt` loads strictly.
 
 Public API:
     VQConfig.resolve(spec)            preset name ("VQ-16", "VQ-8", "VQ-tiny"), JSON file, dict or VQConfig
