@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="default: runs/study, or runs/study-quick with --quick")
     p.add_argument("--data-root", default="data/fashion-mnist", help="where the converted ImageFolder goes")
     p.add_argument("--idx-folder", default="", help="use these idx(.gz) files instead of downloading the package")
-    p.add_argument("--arms", default="all", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a)")
+    p.add_argument("--arms", default="", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a); default all (quick: 1,2,3)")
     p.add_argument("--seeds", default="", help="seeds of arms 1 and 3 (default: the preset's, full: 0,1)")
     p.add_argument("--other-seeds", default="", help="seeds of the other arms (default 0)")
     p.add_argument("--steps", type=int, default=0, help="override the equal-epoch step count")
@@ -64,7 +64,8 @@ def build_plan(args):
     data = Path(args.data_root)
     if subset:
         data = data.with_name(data.name + "-" + preset)
-    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms), **fields)
+    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or ("1,2,3" if preset == "quick" else "all")),
+                     **fields)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     if args.seeds:
         plan = replace(plan, main_seeds=ints(args.seeds))

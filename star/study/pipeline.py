@@ -6,6 +6,7 @@ rerun resumes where the last one stopped (and the commands themselves resume ins
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import time
@@ -60,7 +61,7 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
     log = plan.out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  [run ] {name}: {' '.join(argv[1:3])} ... (log: {log})", flush=True)
-    started = time.time()
+    started, cpu_before = time.time(), child_cpu_seconds()
     with open(log, "w") as handle:
         handle.write(" ".join(argv) + "\n\n")
         handle.flush()
@@ -69,10 +70,17 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
     if code != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise StageFailed(f"stage {name} failed (exit {code}); see {log}:\n    " + "\n    ".join(tail))
-    record = {"name": name, "seconds": round(seconds, 2), "argv": argv}
+    # CPU seconds as well as wall: on a machine shared with other jobs, CPU time is what predicts an idle run
+    record = {"name": name, "seconds": round(seconds, 2), "cpu_seconds": round(child_cpu_seconds() - cpu_before, 2),
+              "argv": argv}
     write_json_atomic(marker, record)
     print(f"  [done] {name} in {seconds:.0f} s", flush=True)
     return record
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed_inline(plan: StudyPlan, name: str, fn, done: list[Path]) -> dict:
@@ -80,9 +88,10 @@ def timed_inline(plan: StudyPlan, name: str, fn, done: list[Path]) -> dict:
     marker = plan.out / "stages" / f"{name}.json"
     if marker.is_file() and all(p.exists() for p in done):
         return json.loads(marker.read_text())
-    started = time.time()
+    started, cpu_before = time.time(), time.process_time()
     fn()
-    record = {"name": name, "seconds": round(time.time() - started, 2)}
+    record = {"name": name, "seconds": round(time.time() - started, 2),
+              "cpu_seconds": round(time.process_time() - cpu_before, 2)}
     write_json_atomic(marker, record)
     return record
 
@@ -298,7 +307,9 @@ def run_study(plan: StudyPlan, prepare_data, reuse_only: bool = False) -> dict:
 
 
 def stage_times(plan: StudyPlan) -> dict:
-    return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted((plan.out / "stages").glob("*.json"))}
+    """{stage: (wall seconds, CPU seconds)} of every finished stage."""
+    records = [json.loads(p.read_text()) for p in sorted((plan.out / "stages").glob("*.json"))]
+    return {r["name"]: (r["seconds"], r.get("cpu_seconds")) for r in records}
 
 
 def copy_figure(source: Path, target: Path) -> Path:

@@ -160,8 +160,11 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
     decays = sorted({(r["arm"], r["teacher_decay"]) for r in study["results"] if "star" in r["arm"]})
     lines += ["", "Teacher decays: " + ", ".join(f"{k} {d:g}" for k, d in decays), "", "## Figures", ""]
     lines += [f"![{name}](figures/{path.name})" for name, path in figures.items()]
-    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in study["stage_seconds"].items()]
+    lines += ["", "## Time per stage", "", "Wall and CPU seconds (user + system, all threads) per stage; on a machine "
+              "shared with other jobs the CPU time is the better guide to an idle run.", "",
+              "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {name} | {wall:.0f} | {'?' if cpu is None else f'{cpu:.0f}'} |"
+              for name, (wall, cpu) in study["stage_seconds"].items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
