@@ -111,3 +111,5 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, idx_folder, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # a rerun skips every finished stage
     assert "[run ]" not in capsys.readouterr().out
+    assert main([*argv, "--steps", "5"]) == 2  # changed settings never overwrite finished runs
+    assert "other settings" in capsys.readouterr().err

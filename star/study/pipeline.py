@@ -55,6 +55,10 @@ class StageFailed(RuntimeError):
 def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | None = None) -> dict:
     """Run one command unless its marker (and `done` outputs) exist; record seconds. Returns the marker."""
     marker = plan.out / "stages" / f"{name}.json"
+    if marker.is_file() and json.loads(marker.read_text())["argv"][1:] != argv[1:]:
+        # a changed setting would retrain or overwrite on top of finished work: refuse, name the way out
+        raise StageFailed(f"stage {name} in {plan.out} was run with other settings ({marker}); use a new --out, "
+                          f"or delete {marker} and that stage's outputs to redo it")
     if marker.is_file() and all(p.exists() for p in done or []):
         print(f"  [skip] {name} (done in {json.loads(marker.read_text())['seconds']:.0f} s)", flush=True)
         return json.loads(marker.read_text())
