@@ -69,7 +69,7 @@ def build_plan(args):
     if subset:
         data = data.with_name(data.name + "-" + preset)
     plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or ("1,2,3" if preset == "quick" else "all")),
-                     **fields)
+                     preset=preset, **fields)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     if args.seeds:
         plan = replace(plan, main_seeds=ints(args.seeds))

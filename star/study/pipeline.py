@@ -42,6 +42,7 @@ class StudyPlan:
     third_seed_if_close: bool = True
     codebook_size: int = 512
     arms: list[Arm] = field(default_factory=list)
+    preset: str = "full"
 
     @property
     def model_json(self) -> Path:

@@ -83,7 +83,15 @@ def verdict(grouped, cfg_tag: str) -> list[str]:
                          f"(2 x sd = {2 * c['sd']:.2f})")
             lines.append(f"- At {what}, {name}: ST-AR {better} LlamaGen by FID "
                          f"({c['gap']:+.2f} = arm 3 - baseline); {noise}.")
-    return lines or ["- Arms 1/2 and 3 were not all run: no verdict."]
+    if not lines:
+        return ["- Arms 1/2 and 3 were not all run: no verdict."]
+    settled = compare(grouped, "2_llamagen_compute", "3_star", "cfg1")
+    if settled is None or settled["gap"] >= 0 or not settled["exceeds"]:
+        lines.append("- So this study does NOT show ST-AR beating the baseline given the same compute. To find out: "
+                     "three or more seeds for arms 2 and 3 (the spread decides), runs long enough that the loss "
+                     "curves flatten (more steps or epochs), a larger GPT, and FID-10k against the full test split "
+                     "- i.e. more compute than this machine's study budget, most of it Inception features.")
+    return lines
 
 
 def gap_lines(grouped, cfg_tag: str) -> list[str]:
@@ -135,7 +143,7 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
     ref_n = study["ceiling"].get("num_reference", "?")
     n_label = f"FID-{n // 1000}k" if n >= 1000 else f"FID-{n}"
     vq, ceiling = study["vq"], study["ceiling"]
-    lines = [f"# ST-AR vs LlamaGen on Fashion-MNIST ({'quick subset' if 'quick' in out.name else 'full study'})", "",
+    lines = [f"# ST-AR vs LlamaGen on Fashion-MNIST (preset: {plan.preset})", "",
              f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}),"
              f" total wall time {study['seconds'] / 60:.1f} min this invocation (stages skipped on resume not counted;"
              " per-stage times below).", "",
