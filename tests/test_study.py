@@ -92,6 +92,11 @@ def test_equal_compute_steps_scale_by_measured_time(tmp_path):
         log.write_text(json.dumps({"step": 50, "time": seconds / 2}) + "\n" + json.dumps({"step": 100, "time": seconds}))
     steps, record = equal_compute_steps(plan, arms, 0)
     assert steps == 250 and record["ratio"] == 2.5  # steps_1 x (arm 3 time / arm 1 time)
+    for key, cpu in (("1_llamagen", 30.0), ("3_star", 90.0)):  # the stage's CPU seconds win when recorded
+        (tmp_path / "stages").mkdir(exist_ok=True)
+        (tmp_path / "stages" / f"train_{key}_seed0.json").write_text(json.dumps({"cpu_seconds": cpu}))
+    steps, record = equal_compute_steps(plan, arms, 0)
+    assert steps == 300 and record["unit"] == "CPU s"
 
 
 def test_tiny_study_end_to_end_and_resume(tmp_path, idx_folder, capsys):

@@ -180,21 +180,28 @@ def train_seconds(run: Path) -> float | None:
     return float(records[-1]["time"]) if records else None
 
 
+def train_cost(plan: StudyPlan, arm: Arm, seed: int) -> tuple[float | None, str]:
+    """A training run's compute: the CPU seconds of its stage (less exposed than wall time to other jobs on a
+    shared machine; wall x cores on an idle one), else the training loop's own clock."""
+    marker = plan.out / "stages" / f"train_{arm.key}_seed{seed}.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("cpu_seconds"):
+        return float(json.loads(marker.read_text())["cpu_seconds"]), "CPU s"
+    return train_seconds(run_folder(plan, arm, seed)), "loop wall s"
+
+
 def equal_compute_steps(plan: StudyPlan, arms_by_key: dict[str, Arm], seed: int) -> tuple[int, dict]:
-    """Arm 2's steps: steps_1 x (arm 3 time / arm 1 time), the times of the same seed (else any seed)."""
-    ratios = []
+    """Arm 2's steps: steps_1 x (arm 3 compute / arm 1 compute), measured on the same seed (else a main seed)."""
     for candidate in [seed, *plan.main_seeds]:
-        t1 = train_seconds(run_folder(plan, arms_by_key["1_llamagen"], candidate))
-        t3 = train_seconds(run_folder(plan, arms_by_key["3_star"], candidate))
-        if t1 and t3:
-            ratios.append((candidate, t1, t3))
+        (t1, unit1), (t3, unit3) = (train_cost(plan, arms_by_key[k], candidate) for k in ("1_llamagen", "3_star"))
+        if t1 and t3 and unit1 == unit3:
             break
-    if not ratios:
+    else:
         raise StageFailed("arm 2 (equal compute) needs the measured training times of arms 1 and 3: run them first "
                           "(--arms 1,3 or include them in --arms)")
-    candidate, t1, t3 = ratios[0]
+    # ST-AR does strictly more work per step; a ratio below 1 means other jobs disturbed the timing
     steps = max(plan.steps, round(plan.steps * t3 / t1))
-    return steps, {"time_arm1_s": t1, "time_arm3_s": t3, "ratio": t3 / t1, "from_seed": candidate}
+    return steps, {"time_arm1_s": t1, "time_arm3_s": t3, "unit": unit1, "ratio": t3 / t1, "from_seed": candidate,
+                   "disturbed": t3 / t1 < 1.2}
 
 
 def arm_train_flags(plan: StudyPlan, arm: Arm, steps: int) -> list[str]:

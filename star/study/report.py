@@ -163,8 +163,11 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
     for result in study["results"]:
         if result.get("equal_compute"):
             c = result["equal_compute"]
-            lines.append(f"Arm 2 (seed {result['seed']}): arm 3 trained {c['time_arm3_s']:.0f} s, arm 1 "
-                         f"{c['time_arm1_s']:.0f} s (ratio {c['ratio']:.2f}) -> {c['steps']} steps.")
+            unit = c.get("unit", "s")
+            lines.append(f"Arm 2 (seed {result['seed']}): arm 3 trained {c['time_arm3_s']:.0f} {unit}, arm 1 "
+                         f"{c['time_arm1_s']:.0f} {unit} (ratio {c['ratio']:.2f}) -> {c['steps']} steps."
+                         + (" WARNING: a ratio this low means other jobs disturbed the timing; rerun arms 1-3 on a "
+                            "quiet machine (delete arms/2_llamagen_compute first)." if c["ratio"] < 1.2 else ""))
     decays = sorted({(r["arm"], r["teacher_decay"]) for r in study["results"] if "star" in r["arm"]})
     lines += ["", "Teacher decays: " + ", ".join(f"{k} {d:g}" for k, d in decays), "", "## Figures", ""]
     lines += [f"![{name}](figures/{path.name})" for name, path in figures.items()]
