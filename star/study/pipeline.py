@@ -53,10 +53,15 @@ class StageFailed(RuntimeError):
     pass
 
 
+def stage_settings(argv: list[str]) -> list[str]:
+    """What a stage's argv says beyond where Python and the checkout live (a moved checkout is no change)."""
+    return [Path(argv[1]).parent.name + "/" + Path(argv[1]).name, *argv[2:]]
+
+
 def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | None = None) -> dict:
     """Run one command unless its marker (and `done` outputs) exist; record seconds. Returns the marker."""
     marker = plan.out / "stages" / f"{name}.json"
-    if marker.is_file() and json.loads(marker.read_text())["argv"][1:] != argv[1:]:
+    if marker.is_file() and stage_settings(json.loads(marker.read_text())["argv"]) != stage_settings(argv):
         # a changed setting would retrain or overwrite on top of finished work: refuse, name the way out
         raise StageFailed(f"stage {name} in {plan.out} was run with other settings ({marker}); use a new --out, "
                           f"or delete {marker} and that stage's outputs to redo it")
