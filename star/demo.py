@@ -119,7 +119,8 @@ def main(argv=None) -> int:
 
     from star.eval.metrics import compute_metrics, format_report
     from star.eval.sample import SampleConfig, run_sampling
-    from star.eval.understanding import plot_curves, probe, shard_tokens
+    from star.eval.understanding import probe, shard_tokens
+    from star.study.plots import plot_probe_curves
 
     results = {}
     banner("5/6 the tokenizer's ceiling: FID of held-out images decoded from their tokens")
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
         log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         results[label] = {"metrics": metrics, "probe": rows, "final_loss_ar": log[-1]["loss_ar"], "run": str(run_dir),
                           "grid": str(sample_dir / "grid.png"), "samples": str(sample_dir / "samples.npz")}
-    probe_png = plot_curves(curves, ROOT / f"probe{suffix}.png")
+    probe_png = plot_probe_curves(curves, ROOT / f"probe{suffix}.png", chance=1 / GPT_CONFIG["num_classes"])
 
     summary = render_summary(results, ceiling, vq_metrics, timings, time.time() - started, probe_png, args)
     (ROOT / "summary.md").write_text(summary + "\n")

@@ -1,0 +1,118 @@
+"""`make study`: does ST-AR beat LlamaGen on Fashion-MNIST, at equal epochs and at equal compute? (issue 7)
+
+    python -m star.study                       # the full study -> runs/study/report.md
+    python -m star.study --quick               # the same pipeline on a subset -> runs/study-quick/
+    python -m star.study --arms 1,3 --seeds 0,1,2  # (re)run a subset; finished stages are skipped
+    python -m star.study --report-only         # redraw the report from finished runs
+
+Arms: 1 LlamaGen (--no-star, equal epochs), 2 LlamaGen at arm 3's measured compute, 3 ST-AR (paper),
+4 ST-AR --view-match geometry, 5a without L_MIM, 5b without L_step and L_view, 6 teacher decay scaled to the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from star.study.arms import ARM_KEYS, select_arms
+from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
+
+GPT_SMALL = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 10, "block_size": 64, "multiple_of": 64,
+             "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
+# name: (plan fields, images per class {"train", "test"} or None for the full splits)
+# name: (plan fields, images per class {"train": n, "test": m} (0 = all) or None for the full splits).
+# Sized from CPU-second rates measured on this 2-core machine (see the study's report): Inception features
+# (~4.4 images per CPU-second) and the VQ encoder dominate, so the full study trains on 1,000 images per class
+# (x 10 crops) and scores against the complete 10k test split.
+PRESETS = {
+    "full": (dict(vq_steps=600, vq_batch_size=32, gpt=GPT_SMALL, steps=300, batch_size=64, lr=1e-3,
+                  num_samples=5000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
+                  probe_limit=10000, main_seeds=[0, 1], other_seeds=[0], third_seed_if_close=True),
+             {"train": 1000, "test": 0}),
+    "quick": (dict(vq_steps=100, vq_batch_size=32, gpt=GPT_SMALL, steps=100, batch_size=32, lr=1e-3,
+                   num_samples=200, cfg_scale=2.0, probe_positions=[1, 16, 32, 48, 64], probe_limit=1000,
+                   main_seeds=[0], other_seeds=[0], third_seed_if_close=False), {"train": 100, "test": 20}),
+    "smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2},
+                   steps=4, batch_size=8, lr=1e-3, num_samples=20, cfg_scale=2.0, probe_positions=[1, 64],
+                   probe_limit=1000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False), None),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m star.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the QUICK preset (subset, own folder runs/study-quick)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="full (default) | quick | smoke (tests)")
+    p.add_argument("--out", default="", help="default: runs/study, or runs/study-quick with --quick")
+    p.add_argument("--data-root", default="data/fashion-mnist", help="where the converted ImageFolder goes")
+    p.add_argument("--idx-folder", default="", help="use these idx(.gz) files instead of downloading the package")
+    p.add_argument("--arms", default="", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a); default all (quick: 1,2,3)")
+    p.add_argument("--seeds", default="", help="seeds of arms 1 and 3 (default: the preset's, full: 0,1)")
+    p.add_argument("--other-seeds", default="", help="seeds of the other arms (default 0)")
+    p.add_argument("--steps", type=int, default=0, help="override the equal-epoch step count")
+    p.add_argument("--num-samples", type=int, default=0, help="override samples per FID")
+    p.add_argument("--no-third-seed", action="store_true", help="never add a third seed when arms 1 and 3 are close")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    return p.parse_args(argv)
+
+
+def build_plan(args):
+    from star.study.pipeline import StudyPlan
+
+    preset = args.preset or ("quick" if args.quick else "full")
+    fields, subset = PRESETS[preset]
+    out = Path(args.out or ("runs/study-quick" if preset == "quick" else f"runs/study{'' if preset == 'full' else '-' + preset}"))
+    data = Path(args.data_root)
+    if subset:
+        data = data.with_name(data.name + "-" + preset)
+    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or ("1,2,3" if preset == "quick" else "all")),
+                     preset=preset, **fields)
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    if args.seeds:
+        plan = replace(plan, main_seeds=ints(args.seeds))
+    if args.other_seeds:
+        plan = replace(plan, other_seeds=ints(args.other_seeds))
+    if args.steps:
+        plan = replace(plan, steps=args.steps)
+    if args.num_samples:
+        plan = replace(plan, num_samples=args.num_samples)
+    if args.no_third_seed:
+        plan = replace(plan, third_seed_if_close=False)
+    return plan, subset
+
+
+def main(argv=None) -> int:
+    from star.study.pipeline import StageFailed, run_study
+    from star.study.report import render
+
+    args = parse_args(argv)
+    try:
+        plan, subset = build_plan(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+    def prepare():
+        prepare_fashion_mnist(args.data_root, args.idx_folder or None)
+        if subset:
+            make_subset(args.data_root, plan.data, subset)
+
+    command = "python -m star.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        study = run_study(plan, prepare, reuse_only=args.report_only)
+    except (FetchError, StageFailed, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    (plan.out / "study.json").write_text(json.dumps(study, indent=1, default=str))
+    report = render(study, plan, plan.out, command.strip())
+    print(f"\nreport: {report}")
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The study's arms: what each one changes on the shared GPT, data, seed and batch (issue 7).
+
+Step counts: every arm trains `steps` optimizer steps of the same batch, i.e. the same epochs as ST-AR, except
+arm 2, the baseline given arm 3's wall-clock compute: steps_1 x (train time of arm 3 / train time of arm 1),
+measured in this study (both times are recorded in the report).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The paper's EMA horizon over its run length: 1 / (1 - 0.9999) = 10k steps of ~250k (ImageNet, 300 epochs).
+PAPER_HORIZON_FRACTION = 10_000 / 250_000  # 0.04
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str  # folder name and command-line id
+    label: str  # table / plot label
+    star: bool
+    flags: tuple[str, ...] = ()  # train/run.py flags beyond the shared ones
+    equal_compute: bool = False  # arm 2: steps scaled by the measured ST-AR / baseline time ratio
+    scaled_decay: bool = False  # arm 6: teacher decay from the run length
+    main: bool = False  # arms 1 and 3: the ones that get every seed
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("1_llamagen", "1 LlamaGen (equal epochs)", star=False, main=True,
+        notes="--no-star, the same steps and batch as ST-AR"),
+    Arm("2_llamagen_compute", "2 LlamaGen (equal compute)", star=False, equal_compute=True,
+        notes="--no-star, steps x (ST-AR time / baseline time)"),
+    Arm("3_star", "3 ST-AR (paper)", star=True, flags=("--view-match", "index", "--teacher-decay", "0.9999"), main=True,
+        notes="--view-match index, teacher decay 0.9999"),
+    Arm("4_star_geometry", "4 ST-AR geometry", star=True, flags=("--view-match", "geometry", "--teacher-decay", "0.9999"),
+        notes="--view-match geometry (ours)"),
+    Arm("5a_star_no_mim", "5a ST-AR w/o L_MIM", star=True, flags=("--view-match", "index", "--teacher-decay", "0.9999",
+                                                                  "--no-mim"),
+        notes="--no-mim"),
+    Arm("5b_star_no_contrastive", "5b ST-AR w/o L_step, L_view", star=True,
+        flags=("--view-match", "index", "--teacher-decay", "0.9999", "--no-step", "--no-view"),
+        notes="--no-step --no-view"),
+    Arm("6_star_decay_scaled", "6 ST-AR decay scaled", star=True, flags=("--view-match", "index"), scaled_decay=True,
+        notes="teacher decay 1 - 1/(0.04 x steps)"),
+)
+ARM_KEYS = tuple(arm.key for arm in ARMS)
+
+
+def scaled_teacher_decay(total_steps: int) -> float:
+    """Keep the paper's EMA-horizon / run-length ratio (10k / 250k): decay = 1 - 1 / (0.04 x steps) = 1 - 25 / steps.
+    Gives 0.9999 at 250k steps; clamped to [0, 0.9999]. (Lead: `--teacher-decay auto` computes this in train.)"""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    return min(0.9999, max(0.0, 1.0 - 1.0 / (PAPER_HORIZON_FRACTION * total_steps)))
+
+
+def select_arms(spec: str) -> list[Arm]:
+    """'all' or a comma list of arm keys or their leading numbers ('1,3,5a'); unknown names are errors."""
+    if spec.strip() in ("", "all"):
+        return list(ARMS)
+    chosen = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        matches = [arm for arm in ARMS if item in (arm.key, arm.key.split("_")[0])]
+        if not matches:
+            raise ValueError(f"--arms {item!r}: not an arm; choose from {', '.join(ARM_KEYS)} (or their numbers)")
+        chosen.extend(arm for arm in matches if arm not in chosen)
+    return [arm for arm in ARMS if arm in chosen]  # table order
+
+
+def arm_seeds(arm: Arm, main_seeds: list[int], other_seeds: list[int]) -> list[int]:
+    return list(main_seeds) if arm.main else list(other_seeds)

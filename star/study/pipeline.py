@@ -1,0 +1,335 @@
+"""The study's orchestration: data -> VQ -> tokens -> one training run per (arm, seed) -> samples, FID and
+probe per run -> report. Every stage is a subprocess of the project's own command (star/study/commands.py),
+its output and wall time logged under OUT/logs and OUT/stages; a stage whose marker exists is skipped, so a
+rerun resumes where the last one stopped (and the commands themselves resume inside a stage).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from star.io import write_json_atomic
+from star.study import commands
+from star.study.arms import Arm, arm_seeds, scaled_teacher_decay
+
+VQ_CONFIG = {"codebook_size": 512, "codebook_embed_dim": 8, "encoder_ch_mult": [1, 2, 2], "decoder_ch_mult": [1, 2, 2],
+             "z_channels": 64, "ch": 32, "num_res_blocks": 1}
+
+
+@dataclass
+class StudyPlan:
+    out: Path
+    data: Path  # ImageFolder root with train/ and test/
+    vq_steps: int
+    vq_batch_size: int
+    gpt: dict  # LlamaGen ModelArgs fields (vocab_size is filled from the VQ)
+    steps: int  # optimizer steps of every equal-epoch arm
+    batch_size: int
+    lr: float
+    num_samples: int  # per FID evaluation
+    cfg_scale: float
+    probe_positions: list[int]
+    probe_limit: int  # per split; >= the test split so every test image is probed
+    main_seeds: list[int]
+    other_seeds: list[int]
+    third_seed_if_close: bool = True
+    codebook_size: int = 512
+    arms: list[Arm] = field(default_factory=list)
+    preset: str = "full"
+
+    @property
+    def model_json(self) -> Path:
+        return self.out / "gpt_config.json"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def stage_settings(argv: list[str]) -> list[str]:
+    """What a stage's argv says beyond where Python and the checkout live (a moved checkout is no change)."""
+    return [Path(argv[1]).parent.name + "/" + Path(argv[1]).name, *argv[2:]]
+
+
+def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | None = None) -> dict:
+    """Run one command unless its marker (and `done` outputs) exist; record seconds. Returns the marker."""
+    marker = plan.out / "stages" / f"{name}.json"
+    if marker.is_file() and stage_settings(json.loads(marker.read_text())["argv"]) != stage_settings(argv):
+        # a changed setting would retrain or overwrite on top of finished work: refuse, name the way out
+        raise StageFailed(f"stage {name} in {plan.out} was run with other settings ({marker}); use a new --out, "
+                          f"or delete {marker} and that stage's outputs to redo it")
+    if marker.is_file() and all(p.exists() for p in done or []):
+        print(f"  [skip] {name} (done in {json.loads(marker.read_text())['seconds']:.0f} s)", flush=True)
+        return json.loads(marker.read_text())
+    log = plan.out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  [run ] {name}: {' '.join(argv[1:3])} ... (log: {log})", flush=True)
+    started, cpu_before = time.time(), child_cpu_seconds()
+    with open(log, "w") as handle:
+        handle.write(" ".join(argv) + "\n\n")
+        handle.flush()
+        code = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=commands.REPO).returncode
+    seconds = time.time() - started
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise StageFailed(f"stage {name} failed (exit {code}); see {log}:\n    " + "\n    ".join(tail))
+    # CPU seconds as well as wall: on a machine shared with other jobs, CPU time is what predicts an idle run
+    record = {"name": name, "seconds": round(seconds, 2), "cpu_seconds": round(child_cpu_seconds() - cpu_before, 2),
+              "argv": argv}
+    write_json_atomic(marker, record)
+    print(f"  [done] {name} in {seconds:.0f} s", flush=True)
+    return record
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_inline(plan: StudyPlan, name: str, fn, done: list[Path]) -> dict:
+    """The same bookkeeping for the one in-process step (decoding the test tokens for the VQ ceiling)."""
+    marker = plan.out / "stages" / f"{name}.json"
+    if marker.is_file() and all(p.exists() for p in done):
+        return json.loads(marker.read_text())
+    started, cpu_before = time.time(), time.process_time()
+    fn()
+    record = {"name": name, "seconds": round(time.time() - started, 2),
+              "cpu_seconds": round(time.process_time() - cpu_before, 2)}
+    write_json_atomic(marker, record)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared stages
+
+
+def stage_vq(plan: StudyPlan) -> dict:
+    folder = plan.out / "vq"
+    folder.mkdir(parents=True, exist_ok=True)
+    config_in = folder / "vq_config_in.json"
+    if not config_in.is_file():
+        write_json_atomic(config_in, {"config": {**VQ_CONFIG, "codebook_size": plan.codebook_size}})
+    run_stage(plan, "vq_train", commands.vq_train_argv(plan.data / "train", folder, config_in, plan.vq_steps,
+                                                       plan.vq_batch_size), [folder / "vq.pt", folder / "metrics.json"])
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def vq_files(plan: StudyPlan) -> tuple[Path, Path]:
+    return plan.out / "vq" / "vq.pt", plan.out / "vq" / "vq.json"
+
+
+def stage_tokenize(plan: StudyPlan) -> None:
+    vq_ckpt, vq_config = vq_files(plan)
+    for split, views in (("train", "tencrop"), ("test", "center")):
+        shards = plan.out / "shards" / split
+        run_stage(plan, f"tokenize_{split}", commands.tokenize_argv(plan.data / split, shards, vq_ckpt, vq_config,
+                                                                    views), [shards / "manifest.json"])
+
+
+def decode_test_tokens(plan: StudyPlan, npz: Path) -> None:
+    """Test centre-crop tokens decoded by the VQ: the images the best possible generator would produce."""
+    import torch
+
+    from star.eval.sample import tokens_to_uint8
+    from star.eval.understanding import shard_tokens
+    from star.io import atomic_path
+    from star.vq.model import VQConfig, load_vq
+
+    vq_ckpt, vq_config = vq_files(plan)
+    tokens, labels = shard_tokens(plan.out / "shards" / "test", view=0)  # [N, 64]
+    vq = load_vq(vq_ckpt, VQConfig.resolve(vq_config))
+    images = np.concatenate([tokens_to_uint8(vq, torch.from_numpy(tokens[i : i + 500]), int(tokens.shape[1] ** 0.5))
+                             for i in range(0, len(tokens), 500)])  # [N, 32, 32, 3]
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, arr_0=images, labels=labels)
+
+
+def stage_ceiling(plan: StudyPlan) -> dict:
+    folder = plan.out / "vq" / "ceiling"
+    npz, metrics = folder / "samples.npz", folder / "metrics.json"
+    timed_inline(plan, "ceiling_decode", lambda: decode_test_tokens(plan, npz), [npz])
+    run_stage(plan, "ceiling_fid", commands.fid_argv(npz, plan.data / "test", metrics, plan.out / "fid_cache"),
+              [metrics])
+    return json.loads(metrics.read_text())
+
+
+def write_model_json(plan: StudyPlan) -> None:
+    manifest = json.loads((plan.out / "shards" / "train" / "manifest.json").read_text())
+    config = {**plan.gpt, "vocab_size": int(manifest["codebook_size"])}
+    if not plan.model_json.is_file() or json.loads(plan.model_json.read_text()) != config:
+        write_json_atomic(plan.model_json, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run = (arm, seed)
+
+
+def run_folder(plan: StudyPlan, arm: Arm, seed: int) -> Path:
+    return plan.out / "arms" / arm.key / f"seed{seed}"
+
+
+def train_seconds(run: Path) -> float | None:
+    """The training loop's own clock (the last log record's `time`): startup and evaluation excluded."""
+    log = run / "train" / "log.jsonl"
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return float(records[-1]["time"]) if records else None
+
+
+def train_cost(plan: StudyPlan, arm: Arm, seed: int) -> tuple[float | None, str]:
+    """A training run's compute: the CPU seconds of its stage (less exposed than wall time to other jobs on a
+    shared machine; wall x cores on an idle one), else the training loop's own clock."""
+    marker = plan.out / "stages" / f"train_{arm.key}_seed{seed}.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("cpu_seconds"):
+        return float(json.loads(marker.read_text())["cpu_seconds"]), "CPU s"
+    return train_seconds(run_folder(plan, arm, seed)), "loop wall s"
+
+
+def equal_compute_steps(plan: StudyPlan, arms_by_key: dict[str, Arm], seed: int) -> tuple[int, dict]:
+    """Arm 2's steps: steps_1 x (arm 3 compute / arm 1 compute), measured on the same seed (else a main seed)."""
+    for candidate in [seed, *plan.main_seeds]:
+        (t1, unit1), (t3, unit3) = (train_cost(plan, arms_by_key[k], candidate) for k in ("1_llamagen", "3_star"))
+        if t1 and t3 and unit1 == unit3:
+            break
+    else:
+        raise StageFailed("arm 2 (equal compute) needs the measured training times of arms 1 and 3: run them first "
+                          "(--arms 1,3 or include them in --arms)")
+    # ST-AR does strictly more work per step; a ratio below 1 means other jobs disturbed the timing
+    steps = max(plan.steps, round(plan.steps * t3 / t1))
+    return steps, {"time_arm1_s": t1, "time_arm3_s": t3, "unit": unit1, "ratio": t3 / t1, "from_seed": candidate,
+                   "disturbed": t3 / t1 < 1.2}
+
+
+def arm_train_flags(plan: StudyPlan, arm: Arm, steps: int) -> list[str]:
+    flags = list(arm.flags)
+    if not arm.star:
+        flags.append("--no-star")
+    if arm.scaled_decay:
+        flags += ["--teacher-decay", f"{scaled_teacher_decay(steps):.6f}"]  # lead: `--teacher-decay auto`
+    return flags
+
+
+def run_arm_seed(plan: StudyPlan, arm: Arm, seed: int, arms_by_key: dict[str, Arm]) -> dict:
+    folder = run_folder(plan, arm, seed)
+    name = f"{arm.key}_seed{seed}"
+    vq_ckpt, vq_config = vq_files(plan)
+    steps, compute = plan.steps, None
+    if arm.equal_compute:
+        recorded = folder / "equal_compute.json"  # fixed once chosen, so a rerun resumes the same run
+        if recorded.is_file():
+            compute = json.loads(recorded.read_text())
+            steps = compute["steps"]
+        else:
+            steps, compute = equal_compute_steps(plan, arms_by_key, seed)
+            compute["steps"] = steps
+            write_json_atomic(recorded, compute)
+    train_dir = folder / "train"
+    train = run_stage(plan, f"train_{name}", commands.train_argv(
+        plan.out / "shards" / "train", train_dir, plan.model_json, steps, plan.batch_size, plan.lr, seed,
+        arm_train_flags(plan, arm, steps)), [train_dir / "log.jsonl"])
+    evaluations = {}
+    for cfg in (1.0, plan.cfg_scale):
+        tag = f"cfg{cfg:g}"
+        samples = folder / f"samples_{tag}"
+        run_stage(plan, f"sample_{name}_{tag}", commands.sample_argv(train_dir, samples, vq_ckpt, vq_config, cfg,
+                                                                     plan.num_samples, seed),
+                  [samples / "samples.npz"])
+        metrics = samples / "metrics.json"
+        fid = run_stage(plan, f"fid_{name}_{tag}", commands.fid_argv(samples / "samples.npz", plan.data / "test",
+                                                                     metrics, plan.out / "fid_cache"), [metrics])
+        evaluations[tag] = {**json.loads(metrics.read_text()), "fid_seconds": fid["seconds"],
+                            "grid": str(samples / "grid.png")}
+    probe_dir = folder / "probe"
+    run_stage(plan, f"probe_{name}", commands.probe_argv(train_dir, plan.out / "shards" / "train",
+                                                         plan.out / "shards" / "test", probe_dir,
+                                                         plan.probe_positions, plan.probe_limit),
+              [probe_dir / "probe.json"])
+    log = [json.loads(line) for line in (train_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    loop_seconds = float(log[-1]["time"])
+    result = {"arm": arm.key, "label": arm.label, "seed": seed, "steps": steps, "equal_compute": compute,
+              "train_wall_s": train["seconds"], "train_loop_s": loop_seconds,
+              "images_per_s": steps * plan.batch_size / max(loop_seconds, 1e-9),
+              "final_loss_ar": log[-1]["loss_ar"], "log": [{k: r[k] for k in ("step", "loss_ar", "loss")} for r in log],
+              "teacher_decay": json.loads((train_dir / "config.json").read_text())["star_settings"]["teacher_decay"],
+              "eval": evaluations, "probe": json.loads((probe_dir / "probe.json").read_text())}
+    write_json_atomic(folder / "result.json", result)
+    return result
+
+
+def gap_is_close(results: list[dict], key: str = "cfg1") -> bool:
+    """Arms 3 vs 1: is the FID gap within two seed spreads (then a third seed is worth its time)?"""
+    by_arm = {}
+    for r in results:
+        by_arm.setdefault(r["arm"], []).append(r["eval"][key]["fid"])
+    a, b = by_arm.get("1_llamagen", []), by_arm.get("3_star", [])
+    if len(a) < 2 or len(b) < 2:
+        return False
+    spread = max(float(np.std(a, ddof=1)), float(np.std(b, ddof=1)))
+    return abs(float(np.mean(a)) - float(np.mean(b))) <= 2 * spread
+
+
+def collect_finished(plan: StudyPlan) -> dict:
+    """--report-only: whatever finished runs exist, nothing is run."""
+    keys = [arm.key for arm in plan.arms]
+    results = [json.loads(p.read_text()) for p in sorted((plan.out / "arms").glob("*/seed*/result.json"))]
+    results = sorted((r for r in results if r["arm"] in keys), key=lambda r: (keys.index(r["arm"]), r["seed"]))
+    for name in ("vq/metrics.json", "vq/ceiling/metrics.json"):
+        if not (plan.out / name).is_file():
+            raise FileNotFoundError(f"{plan.out / name} missing: run the study first (without --report-only)")
+    return {"vq": json.loads((plan.out / "vq" / "metrics.json").read_text()),
+            "ceiling": json.loads((plan.out / "vq" / "ceiling" / "metrics.json").read_text()), "results": results,
+            "seconds": 0.0, "stage_seconds": stage_times(plan)}
+
+
+def run_study(plan: StudyPlan, prepare_data, reuse_only: bool = False) -> dict:
+    if reuse_only:
+        return collect_finished(plan)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan.out / "plan.json", {k: (str(v) if isinstance(v, Path) else v)
+                                               for k, v in asdict(plan).items() if k != "arms"}
+                      | {"arms": [a.key for a in plan.arms]})
+    started = time.time()
+    timed_inline(plan, "data", prepare_data, [plan.data / "train" / "complete.json", plan.data / "test" / "complete.json"])
+    vq_metrics = stage_vq(plan)
+    stage_tokenize(plan)
+    ceiling = stage_ceiling(plan)
+    write_model_json(plan)
+    arms_by_key = {arm.key: arm for arm in plan.arms}
+    from star.study.arms import ARMS
+
+    arms_by_key.update({arm.key: arm for arm in ARMS if arm.key not in arms_by_key})
+    results = []
+    for arm in sorted(plan.arms, key=lambda a: a.equal_compute):  # arm 2 needs arms 1 and 3 timed first
+        for seed in arm_seeds(arm, plan.main_seeds, plan.other_seeds):
+            print(f"== arm {arm.key}, seed {seed}", flush=True)
+            results.append(run_arm_seed(plan, arm, seed, arms_by_key))
+    if plan.third_seed_if_close and gap_is_close(results):
+        extra = max(plan.main_seeds) + 1
+        print(f"== arms 1 and 3 are within two spreads: a third seed ({extra})", flush=True)
+        for arm in plan.arms:
+            if arm.main:
+                results.append(run_arm_seed(plan, arm, extra, arms_by_key))
+    results.sort(key=lambda r: ([a.key for a in plan.arms].index(r["arm"]), r["seed"]))  # table order
+    return {"vq": vq_metrics, "ceiling": ceiling, "results": results, "seconds": time.time() - started,
+            "stage_seconds": stage_times(plan)}
+
+
+def stage_times(plan: StudyPlan) -> dict:
+    """{stage: (wall seconds, CPU seconds)} of every finished stage."""
+    records = [json.loads(p.read_text()) for p in sorted((plan.out / "stages").glob("*.json"))]
+    return {r["name"]: (r["seconds"], r.get("cpu_seconds")) for r in records}
+
+
+def copy_figure(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
