@@ -530,3 +530,26 @@ def test_fid_command_writes_metrics_json_and_names_missing_keys(tmp_path, tiny_w
     with pytest.raises(SystemExit):
         command.main(["fid", "--samples", str(tmp_path / "samples.npz"), *flags, "--batch-size", "0"])
     assert "--batch-size 0: must be > 0" in capsys.readouterr().err
+
+
+def test_bf16_inception_is_close_to_fp32_and_cached_apart(tmp_path):
+    """--precision bf16: features within a few percent of fp32, and its reference cache never mixes with fp32's."""
+    from star.eval.inception import InceptionFeatures, extract_features, find_inception_weights
+    from star.eval.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    weights = find_inception_weights()
+    fp32 = extract_features(images, model=InceptionFeatures(weights), progress=False).features
+    bf16 = extract_features(images, model=InceptionFeatures(weights, "bf16"), progress=False).features
+    relative = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
+    assert 0 < relative < 0.05, relative
+    with pytest.raises(ValueError, match="choose one of fp32, bf16"):
+        InceptionFeatures(weights, "fp16")
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=images)
+    cache = tmp_path / "cache"
+    first = compute_metrics(images, reference, cache_dir=cache, precision="bf16")
+    compute_metrics(images, reference, cache_dir=cache, precision="fp32")
+    assert first["inception_precision"] == "bf16"
+    assert len(list(cache.glob("reference-*.npz"))) == 2, "one cache file per precision"

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from star.study import commands
-from star.study.arms import ARM_KEYS, scaled_teacher_decay, select_arms
+from star.study.arms import ARM_KEYS, ARMS, select_arms
 from star.study.fashion_mnist import CLASS_NAMES, make_subset, prepare_fashion_mnist, read_idx, write_idx
 
 
@@ -61,8 +61,12 @@ def test_converter_writes_padded_rgb_imagefolder_once(tmp_path, idx_folder):
 
 
 def test_arm_table_and_scaled_decay():
-    assert abs(scaled_teacher_decay(250_000) - 0.9999) < 1e-12  # the paper's run length gives the paper's value
-    assert abs(scaled_teacher_decay(1000) - 0.975) < 1e-12
+    from star.train.objectives import resolve_teacher_decay
+
+    assert abs(resolve_teacher_decay("auto", 250_000) - 0.9999) < 1e-12  # the paper's run length: the paper's value
+    assert abs(resolve_teacher_decay("auto", 1000) - 0.975) < 1e-12
+    decay_arm = next(arm for arm in ARMS if arm.key.startswith("6_"))
+    assert decay_arm.flags[decay_arm.flags.index("--teacher-decay") + 1] == "auto"
     assert [a.key for a in select_arms("3,1,5b")] == ["1_llamagen", "3_star", "5b_star_no_contrastive"]
     assert len(select_arms("all")) == len(ARM_KEYS) == 7
     with pytest.raises(ValueError, match="not an arm"):

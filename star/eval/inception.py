@@ -205,6 +205,9 @@ class InceptionOutput(NamedTuple):
     spatial: torch.Tensor | None  # [B, 2023] sFID features, None when the trunk's blocks are not the known ones
 
 
+INCEPTION_PRECISIONS = ("fp32", "bf16")
+
+
 class InceptionFeatures(nn.Module):
     """pool3 features, bias-free classifier logits (when the file has the head) and sFID features of FID
     Inception-v3.
@@ -215,9 +218,14 @@ class InceptionFeatures(nn.Module):
     Input to `forward`: float32 [B, 3, 299, 299] in [0, 255], already resized with `preprocess`.
     """
 
-    def __init__(self, weights_path: str | os.PathLike):
+    def __init__(self, weights_path: str | os.PathLike, precision: str = "fp32"):
         super().__init__()
         self.weights_path = Path(weights_path)
+        if precision not in INCEPTION_PRECISIONS:
+            raise ValueError(f"Inception precision {precision!r}: choose one of {', '.join(INCEPTION_PRECISIONS)}")
+        # fp32: the standard FID network. bf16: autocast, ~2.4x faster on CPUs with AMX; features differ by ~2%
+        # (relative), so FIDs are comparable only with FIDs computed the same way (the cache key says which)
+        self.precision = precision
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -278,10 +286,12 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> InceptionOutput:
         scaled = (images - 128) / 128  # the two steps clean-fid takes, in its order
         scaled = scaled.contiguous(memory_format=torch.channels_last)  # faster convolutions, same values
-        if self.has_spatial:
-            pooled, spatial = self._trunk_with_spatial(scaled)
-        else:
-            pooled, spatial = self.network(scaled), None
+        with torch.autocast(scaled.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if self.has_spatial:
+                pooled, spatial = self._trunk_with_spatial(scaled)
+            else:
+                pooled, spatial = self.network(scaled), None
+        pooled, spatial = pooled.float(), None if spatial is None else spatial.float()
         features = pooled.flatten(1)  # [B, 2048] (pool3 comes out as [B, 2048, 1, 1])
         if self.classifier_weight is None:
             return InceptionOutput(features, None, spatial)

@@ -181,7 +181,7 @@ def resolve_reference(ref: str | os.PathLike) -> str:
     return str(ref)
 
 
-def _fingerprint(path: Path, weights_path: Path) -> str:
+def _fingerprint(path: Path, weights_path: Path, precision: str = "fp32") -> str:
     """Hash of the inputs' relative names, sizes and mtimes, the weights file, and the pipeline version."""
     files = list_image_files(path) if path.is_dir() else [path]
     entries = []
@@ -195,6 +195,8 @@ def _fingerprint(path: Path, weights_path: Path) -> str:
         "weights": [weights_path.name, weights_stat.st_size],
         "pipeline": FEATURE_PIPELINE_VERSION,
     }
+    if precision != "fp32":  # fp32 keys stay as they were, so existing caches stay valid
+        key["precision"] = precision
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
 
 
@@ -212,7 +214,7 @@ def _cached_activations(path: Path, model: InceptionFeatures, options: FeatureOp
     """Features [N, 2048] and sFID features [N, 2023] of the images at `path`, from the cache when up to date."""
     cache_file = None
     if options.cache_dir is not None:
-        cache_file = Path(options.cache_dir) / f"reference-{_fingerprint(path, model.weights_path)}.npz"
+        cache_file = Path(options.cache_dir) / f"reference-{_fingerprint(path, model.weights_path, model.precision)}.npz"
         if cache_file.is_file():
             with np.load(cache_file) as cached:
                 spatial = cached["spatial"] if "spatial" in cached.files else None

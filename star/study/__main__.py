@@ -56,7 +56,21 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=0, help="override samples per FID")
     p.add_argument("--no-third-seed", action="store_true", help="never add a third seed when arms 1 and 3 are close")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    p.add_argument("--fid-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="Inception's precision; auto: bf16 on a CPU with AMX-BF16 (2.4x faster here), else fp32")
     return p.parse_args(argv)
+
+
+def resolve_fid_precision(requested: str) -> str:
+    """auto: bf16 when the CPU multiplies bf16 in hardware (AMX), where it is ~2.4x faster than fp32; the
+    study's FIDs are then all bf16 and compare with each other, not with fp32 FIDs elsewhere."""
+    if requested != "auto":
+        return requested
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if "amx_bf16" in flags else "fp32"
 
 
 def build_plan(args):
@@ -81,6 +95,7 @@ def build_plan(args):
         plan = replace(plan, num_samples=args.num_samples)
     if args.no_third_seed:
         plan = replace(plan, third_seed_if_close=False)
+    plan = replace(plan, fid_precision=resolve_fid_precision(args.fid_precision))
     return plan, subset
 
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The paper's EMA horizon over its run length: 1 / (1 - 0.9999) = 10k steps of ~250k (ImageNet, 300 epochs).
-PAPER_HORIZON_FRACTION = 10_000 / 250_000  # 0.04
-
 
 @dataclass(frozen=True)
 class Arm:
@@ -19,7 +16,6 @@ class Arm:
     star: bool
     flags: tuple[str, ...] = ()  # train/run.py flags beyond the shared ones
     equal_compute: bool = False  # arm 2: steps scaled by the measured ST-AR / baseline time ratio
-    scaled_decay: bool = False  # arm 6: teacher decay from the run length
     main: bool = False  # arms 1 and 3: the ones that get every seed
     notes: str = ""
     extra: dict = field(default_factory=dict)
@@ -40,18 +36,11 @@ ARMS: tuple[Arm, ...] = (
     Arm("5b_star_no_contrastive", "5b ST-AR w/o L_step, L_view", star=True,
         flags=("--view-match", "index", "--teacher-decay", "0.9999", "--no-step", "--no-view"),
         notes="--no-step --no-view"),
-    Arm("6_star_decay_scaled", "6 ST-AR decay scaled", star=True, flags=("--view-match", "index"), scaled_decay=True,
-        notes="teacher decay 1 - 1/(0.04 x steps)"),
+    Arm("6_star_decay_scaled", "6 ST-AR decay scaled", star=True, flags=("--view-match", "index", "--teacher-decay",
+                                                                          "auto"),
+        notes="--teacher-decay auto: 1 - 1/(0.04 x steps), the paper's horizon / run length"),
 )
 ARM_KEYS = tuple(arm.key for arm in ARMS)
-
-
-def scaled_teacher_decay(total_steps: int) -> float:
-    """Keep the paper's EMA-horizon / run-length ratio (10k / 250k): decay = 1 - 1 / (0.04 x steps) = 1 - 25 / steps.
-    Gives 0.9999 at 250k steps; clamped to [0, 0.9999]. (Lead: `--teacher-decay auto` computes this in train.)"""
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    return min(0.9999, max(0.0, 1.0 - 1.0 / (PAPER_HORIZON_FRACTION * total_steps)))
 
 
 def select_arms(spec: str) -> list[Arm]:

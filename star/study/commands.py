@@ -1,9 +1,6 @@
 """One argv builder per stage command: the study runs the project's own commands, nothing study-only.
 
-The flag names are those on this branch today. Issue 8 renames some of them (names.md): the lead switches them
-here, and only here, after merging: tokenize `--views` -> `--view-policy`, `--workers` -> `--num-workers`;
-train `--workers` -> `--num-workers`, `--mixed-precision` -> `--precision` (and a numeric `--teacher-decay`
-may become `auto`, see arms.scaled_teacher_decay); probe `--steps` -> `--positions`.
+Every flag name the study uses appears here and nowhere else in star/study.
 """
 from __future__ import annotations
 
@@ -25,16 +22,16 @@ def vq_train_argv(data: Path, out: Path, config_json: Path, steps: int, batch_si
 
 def tokenize_argv(data: Path, out: Path, vq_ckpt: Path, vq_config: Path, views: str) -> list[str]:
     return script("tokenize/run.py") + ["--data", str(data), "--out", str(out), "--vq-ckpt", str(vq_ckpt),
-                                         "--vq-config", str(vq_config), "--image-size", "32", "--views", views,
+                                         "--vq-config", str(vq_config), "--image-size", "32", "--view-policy", views,
                                          "--crop-range", "1.1", "--shard-size", "5000", "--batch-size", "256",
-                                         "--workers", "0", "--no-progress"]
+                                         "--num-workers", "0", "--no-progress"]
 
 
 def train_argv(shards: Path, out: Path, model_json: Path, steps: int, batch_size: int, lr: float, seed: int,
                arm_flags: list[str]) -> list[str]:
     return script("train/run.py") + ["--shards", str(shards), "--out", str(out), "--model", str(model_json),
                                       "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
-                                      "--seed", str(seed), "--workers", "0", "--log-every", "25",
+                                      "--seed", str(seed), "--num-workers", "0", "--log-every", "25",
                                       "--ckpt-every", str(steps), "--keep-checkpoints", "1", "--resume", "auto",
                                       "--no-progress", *arm_flags]
 
@@ -47,14 +44,15 @@ def sample_argv(run: Path, out: Path, vq_ckpt: Path, vq_config: Path, cfg_scale:
                                          str(seed), "--no-progress"]
 
 
-def fid_argv(samples: Path, reference: Path, out_json: Path, cache_dir: Path) -> list[str]:
+def fid_argv(samples: Path, reference: Path, out_json: Path, cache_dir: Path, precision: str = "fp32") -> list[str]:
     return script("evaluate/run.py") + ["fid", "--samples", str(samples), "--ref", str(reference), "--out",
-                                         str(out_json), "--cache-dir", str(cache_dir), "--batch-size", "100"]
+                                         str(out_json), "--cache-dir", str(cache_dir), "--batch-size", "100",
+                                         "--precision", precision]
 
 
 def probe_argv(run: Path, train_shards: Path, test_shards: Path, out: Path, positions: list[int],
                train_limit: int) -> list[str]:
     # --limit caps both splits: keep it >= the test split so the probe scores every test image
     return script("evaluate/run.py") + ["probe", "--ckpt", str(run), "--shards", str(train_shards), "--eval-shards",
-                                         str(test_shards), "--steps", ",".join(map(str, positions)), "--view", "0",
+                                         str(test_shards), "--positions", ",".join(map(str, positions)), "--view", "0",
                                          "--limit", str(train_limit), "--out", str(out)]
