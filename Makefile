@@ -10,7 +10,7 @@ SHARDS ?= shards/builtin
 VQ_CKPT ?= runs/demo/vq/vq.pt
 VQ_CONFIG ?= runs/demo/vq/vq.json
 IMAGE_SIZE ?= 32
-VIEWS ?= tencrop
+VIEW_POLICY ?= tencrop
 VQ_OUT ?= runs/vq
 SAMPLES ?= runs/demo/samples/gpt_star/samples.npz
 REF ?= data/builtin/val
@@ -48,7 +48,7 @@ vq: setup
 
 tokenize: setup
 	$(PY) tokenize/run.py --data $(DATA) --out $(SHARDS) --vq-ckpt $(VQ_CKPT) --vq-config $(VQ_CONFIG) \
-		--image-size $(IMAGE_SIZE) --view-policy $(VIEWS)
+		--image-size $(IMAGE_SIZE) --view-policy $(VIEW_POLICY)
 
 # One process here; for many GPUs or nodes: accelerate launch train/run.py ... (same flags)
 train: setup

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from star.io import atomic_path, write_json_atomic
+
 ROOT = Path("runs/demo")
 DATA = Path("data/builtin")
 IMAGE_SIZE = 32  # 8x8 tokens through a downsample-4 VQ: what 2 CPU cores train in minutes
@@ -65,7 +67,7 @@ def stage_train(vq_codebook: int, steps: int, batch_size: int, star: bool, name:
     model_json.write_text(json.dumps({**GPT_CONFIG, "vocab_size": vq_codebook}, indent=2))
     out = ROOT / name
     train(TrainConfig(shards=str(ROOT / "shards" / "train"), out=str(out), model=str(model_json), steps=steps,
-                      batch_size=batch_size, lr=1e-3, workers=0, log_every=25, ckpt_every=steps, star=star,
+                      batch_size=batch_size, lr=1e-3, num_workers=0, log_every=25, ckpt_every=steps, star=star,
                       resume="auto", projector_hidden=256, view_match=view_match, seed=seed))
     return out
 
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
     banner("5/6 the tokenizer's ceiling: FID of held-out images decoded from their tokens")
     ceiling = timed("fid_vq_ceiling", vq_ceiling, vq_ckpt, vq_config, compute_metrics)
     print(format_report(ceiling))
+    control = timed("fid_control", held_out_control, compute_metrics)
     train_x, train_y = shard_tokens(ROOT / "shards" / "train", view=4)  # the unflipped centre crop
     test_x, test_y = shard_tokens(ROOT / "shards" / "val", view=0)
     curves = {}
@@ -140,11 +143,11 @@ def main(argv=None) -> int:
         t = time.time()
         metrics = compute_metrics(sample_dir / "samples.npz", DATA / "val", cache_dir=ROOT / "fid_cache")
         timings[f"fid_{run_dir.name}"] = time.time() - t
-        (sample_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json_atomic(sample_dir / "metrics.json", metrics)
         print(format_report(metrics))
 
         banner(f"6/6 linear probe per step, layer {GPT_CONFIG['n_layer'] // 2} ({label})")
-        from star.eval.sample import load_generator
+        from star.checkpoint import load_generator
 
         model = load_generator(str(run_dir))
         steps = [8, 16, 24, 32, 40, 48, 56, 64]  # step t = sequence position t - 1
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
                           "grid": str(sample_dir / "grid.png"), "samples": str(sample_dir / "samples.npz")}
     probe_png = plot_probe_curves(curves, ROOT / f"probe{suffix}.png", chance=1 / GPT_CONFIG["num_classes"])
 
-    summary = render_summary(results, ceiling, vq_metrics, timings, time.time() - started, probe_png, args)
+    summary = render_summary(results, ceiling, control, vq_metrics, timings, time.time() - started, probe_png)
     (ROOT / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
     return 0
@@ -175,12 +178,28 @@ def vq_ceiling(vq_ckpt: Path, vq_config: Path, compute_metrics) -> dict:
     vq = load_vq(vq_ckpt, VQConfig.resolve(vq_config))
     images = tokens_to_uint8(vq, torch.from_numpy(tokens), int(tokens.shape[1] ** 0.5))
     metrics = compute_metrics(images, DATA / "val", cache_dir=ROOT / "fid_cache")
-    cached.write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(cached, metrics)
     return metrics
 
 
-def render_summary(results: dict, ceiling: dict, vq_metrics: dict, timings: dict, seconds: float, probe_png: Path,
-                   args) -> str:
+def held_out_control(compute_metrics) -> dict:
+    """Held-out half against held-out half: what FID / precision / recall read for two sets of REAL images of
+    this size, the floor every row of the table is to be read against."""
+    import numpy as np
+
+    from star.eval.reference import image_source
+
+    images = np.stack(list(image_source(DATA / "val")))  # [N, H, W, 3], in file order (classes interleaved below)
+    first, second = images[0::2], images[1::2]
+    reference = ROOT / "fid_cache" / "held_out_second_half.npz"
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(reference) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, arr_0=second)
+    return compute_metrics(first, reference, cache_dir=ROOT / "fid_cache")
+
+
+def render_summary(results: dict, ceiling: dict, control: dict, vq_metrics: dict, timings: dict, seconds: float,
+                   probe_png: Path) -> str:
     lines = ["ST-AR demo: summary", "===================",
              f"data      : {DATA}/ (8 photo classes; train / held-out split)",
              f"tokenizer : {ROOT / 'vq' / 'vq.pt'}  held-out PSNR {vq_metrics['holdout_psnr']:.2f} dB, "
@@ -195,7 +214,12 @@ def render_summary(results: dict, ceiling: dict, vq_metrics: dict, timings: dict
                      f"{result['probe'][-1]['accuracy']:.3f} | {result['final_loss_ar']:.3f} |")
     lines.append(f"| VQ reconstructions (ceiling) | {ceiling['fid']:.2f} | {ceiling['precision']:.3f} | "
                  f"{ceiling['recall']:.3f} | - | - |")
+    lines.append(f"| control: held-out half vs held-out half ({control['num_samples']} vs {control['num_reference']}) | "
+                 f"{control['fid']:.2f} | {control['precision']:.3f} | {control['recall']:.3f} | - | - |")
     lines.append("")
+    lines.append("Precision (recall) is the fraction of samples (real images) inside the k-NN balls (k=3) of the "
+                 "other set; 0.000 means none was: at a few hundred tiny images the balls are small, so read each "
+                 "row against the control row, not against 1.")
     for label, result in results.items():
         lines.append(f"probe accuracy by step ({label}): "
                      + ", ".join(f"{row['step']}: {row['accuracy']:.2f}" for row in result["probe"]))
