@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from star.cli import add_config_flags, build_or_exit  # noqa: E402
+from star.cli import add_config_flags, build_or_exit, run_command  # noqa: E402
 
 
 def commands() -> dict:
@@ -48,15 +48,7 @@ def main(argv=None) -> int:
     namespace = parser.parse_args(argv)
     _, settings_class, run, summarise = table[namespace.command]
     config = build_or_exit(subparsers.choices[namespace.command], settings_class, namespace)
-    try:
-        result = run(config)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    summary = summarise(result)
-    if summary:  # other ranks of a data-parallel sampling run have nothing to report
-        print(summary)
-    return 0
+    return run_command(run, config, summarise, user_errors=(KeyError,))
 
 
 if __name__ == "__main__":

@@ -164,3 +164,21 @@ def check(condition: bool, message: str) -> None:
     """A settings check: raise ValueError(message) unless condition holds (NaN fails every comparison)."""
     if not condition:
         raise ValueError(message)
+
+
+# Errors a user can cause (a bad path, a bad value, a folder in use): a command prints them as one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def run_command(work, config, summarise=None, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """The body every stage command shares: run `work(config)`; a user error is one line on stderr and exit 2;
+    otherwise print `summarise(result)` when it says something (other ranks of a data-parallel run do not)."""
+    try:
+        result = work(config)
+    except USER_ERRORS + tuple(user_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = summarise(result) if summarise is not None else None
+    if summary:
+        print(summary)
+    return 0

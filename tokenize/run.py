@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from star.cli import parse_config  # noqa: E402
+from star.cli import parse_config, run_command  # noqa: E402
 from star.data.extract import TokenizeConfig, format_summary, run_tokenize  # noqa: E402
 from star.io import FolderLocked  # noqa: E402
 
@@ -25,14 +25,8 @@ def main(argv=None) -> int:
             print(f"error: {old} was renamed; use {RENAMED_FLAGS[old]}", file=sys.stderr)
             return 2
     config = parse_config(TokenizeConfig, argv, description=__doc__)
-    try:
-        summary = run_tokenize(config)
-    except (ValueError, FileNotFoundError, FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if "out" in summary:
-        print(format_summary(summary))
-    return 0
+    return run_command(run_tokenize, config, lambda summary: format_summary(summary) if "out" in summary else "",
+                       user_errors=(FolderLocked,))
 
 
 if __name__ == "__main__":

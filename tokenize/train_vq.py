@@ -10,20 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from star.cli import parse_config  # noqa: E402
+from star.cli import parse_config, run_command  # noqa: E402
 from star.io import FolderLocked  # noqa: E402
 from star.vq.train import VQTrainConfig, format_summary, train_vq  # noqa: E402
 
 
 def main(argv=None) -> int:
     config = parse_config(VQTrainConfig, argv, description=__doc__)
-    try:
-        metrics = train_vq(config)
-    except (ValueError, FileNotFoundError, FolderLocked) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_summary(metrics))
-    return 0
+    return run_command(train_vq, config, format_summary, user_errors=(FolderLocked,))
 
 
 if __name__ == "__main__":

@@ -11,22 +11,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from star.checkpoint import CheckpointWriteError, NonFiniteWeights  # noqa: E402
-from star.cli import parse_config  # noqa: E402
+from star.cli import parse_config, run_command  # noqa: E402
 from star.io import FolderLocked  # noqa: E402
 from star.train.loop import NonFiniteLoss, TrainConfig, train  # noqa: E402
 
 
 def main(argv=None) -> int:
     config = parse_config(TrainConfig, argv, __doc__)  # a bad value exits 2 with one line
-    try:
-        summary = train(config)
-    except (ValueError, FileNotFoundError, FolderLocked, NonFiniteLoss, NonFiniteWeights, CheckpointWriteError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if summary["rank"] == 0:
-        print(f"\ntrained {summary['steps']} steps in {summary['seconds']} s; last checkpoint: "
-              f"{summary['last_checkpoint']}\nlog: {Path(summary['out']) / 'log.jsonl'}")
-    return 0
+    return run_command(train, config, summarise,
+                       user_errors=(FolderLocked, NonFiniteLoss, NonFiniteWeights, CheckpointWriteError))
+
+
+def summarise(summary: dict) -> str:
+    if summary["rank"] != 0:
+        return ""
+    return (f"\ntrained {summary['steps']} steps in {summary['seconds']} s; last checkpoint: "
+            f"{summary['last_checkpoint']}\nlog: {Path(summary['out']) / 'log.jsonl'}")
 
 
 if __name__ == "__main__":

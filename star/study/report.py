@@ -135,6 +135,9 @@ def make_figures(study: dict, figures: Path, cfg_tag: str, cfg_scale: float) -> 
     }
 
 
+BF16_NOTE = ": these FIDs compare with each other, not with fp32 FIDs elsewhere"
+
+
 def render(study: dict, plan, out: Path, command: str) -> Path:
     cfg_tag = f"cfg{plan.cfg_scale:g}"
     grouped = group(study["results"])
@@ -150,8 +153,8 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
              f"Data: `{plan.data}` (train {plan.data / 'train'}, FID reference = the {ref_n} test images). "
              f"GPT: {plan.gpt}. Batch {plan.batch_size}, lr {plan.lr}, {plan.steps} steps for equal-epoch arms. "
              f"{n_label}: {n} samples per arm and setting, class-balanced, against the {ref_n} test images "
-             f"(clean-fid features, Inception in {getattr(plan, 'fid_precision', 'fp32')}"
-             f"{'; bf16 FIDs compare with each other, not with fp32 FIDs elsewhere' if getattr(plan, 'fid_precision', 'fp32') == 'bf16' else ''}). Probe: middle layer, null class, view 0 of the first {plan.probe_limit} train "
+             f"(clean-fid features, Inception in {plan.fid_precision}{BF16_NOTE if plan.fid_precision == 'bf16' else ''})."
+             " Probe: middle layer, null class, view 0 of the first {plan.probe_limit} train "
              f"images vs every test image's centre crop.", "",
              "## Result", "", *verdict(grouped, cfg_tag), "",
              "## All arms (mean ± sd over seeds)", "", *table(grouped, cfg_tag, plan.cfg_scale, n_label), "",
