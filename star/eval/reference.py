@@ -30,9 +30,8 @@ from star.eval.inception import (
     find_inception_weights,
 )
 from star.eval.scores import check_statistics, feature_statistics
+from star.images import IMAGE_EXTENSIONS  # the one extension list
 from star.io import atomic_path
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class _ImageStream:
