@@ -553,3 +553,12 @@ def test_bf16_inception_is_close_to_fp32_and_cached_apart(tmp_path):
     compute_metrics(images, reference, cache_dir=cache, precision="fp32")
     assert first["inception_precision"] == "bf16"
     assert len(list(cache.glob("reference-*.npz"))) == 2, "one cache file per precision"
+
+
+def test_a_shard_folder_as_reference_stands_for_its_source_images(tiny_shards, tmp_path):
+    from star.data.shards import Manifest
+    from star.eval.reference import resolve_reference
+
+    source = Manifest.load(tiny_shards).source
+    assert resolve_reference(tiny_shards) == source["data"] and Path(source["data"]).is_dir()
+    assert resolve_reference(tmp_path / "samples.npz") == str(tmp_path / "samples.npz")  # anything else: itself

@@ -2,6 +2,7 @@
 study end to end through the real stage commands (no network: the idx files are written here)."""
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, idx_folder, capsys):
     report = (out / "report.md").read_text()
     for label in ("1 LlamaGen (equal epochs)", "3 ST-AR (paper)", "VQ ceiling", "FID-20 no CFG"):
         assert label in report
+    assert not re.search(r"\{[a-z_.]+\}", report), "an f-string placeholder reached the report unformatted"
     for png in ("loss_curves", "probe_by_step", "fid_per_arm", "samples_per_arm"):
         assert (out / "figures" / f"{png}.png").stat().st_size > 1000
     probe = json.loads((out / "arms" / "3_star" / "seed0" / "result.json").read_text())["probe"]
@@ -122,3 +124,13 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, idx_folder, capsys):
     assert "[run ]" not in capsys.readouterr().out
     assert main([*argv, "--steps", "5"]) == 2  # changed settings never overwrite finished runs
     assert "other settings" in capsys.readouterr().err
+
+
+def test_ceiling_subset_is_class_balanced_and_as_large_as_an_arm():
+    from star.study.pipeline import balanced_subset
+
+    labels = np.repeat(np.arange(10), 100)[np.random.default_rng(0).permutation(1000)]
+    keep = balanced_subset(labels, 500)
+    assert len(keep) == 500 and np.all(np.bincount(labels[keep], minlength=10) == 50)
+    assert np.all(np.diff(keep) > 0)  # in split order
+    assert len(balanced_subset(labels, 5000)) == 1000  # a count past the split keeps all of it

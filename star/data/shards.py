@@ -349,11 +349,6 @@ class Manifest:
             record["precision"] = self.precision
         return {**record, **self.extra}
 
-    @property
-    def data(self) -> dict[str, Any]:
-        """The manifest as the plain dict of `manifest.json` (read-only copy; prefer the typed fields)."""
-        return self.to_dict()
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "manifest") -> "Manifest":
         if data.get("format") != FORMAT_NAME:

@@ -173,7 +173,7 @@ def resolve_reference(ref: str | os.PathLike) -> str:
     from star.data.shards import Manifest
 
     if (Path(ref) / "manifest.json").is_file():
-        source = Manifest.load(ref).data["source"]
+        source = Manifest.load(ref).source
         if source["kind"] != "folder":
             raise ValueError(f"--ref {ref}: shards made from tars; give the image folder or an .npz instead")
         return source["data"]

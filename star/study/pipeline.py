@@ -134,8 +134,19 @@ def stage_tokenize(plan: StudyPlan) -> None:
                                                                     views), [shards / "manifest.json"])
 
 
+def balanced_subset(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the first count // classes samples of every class (all of them when count covers the split):
+    the ceiling is scored on as many images, as class-balanced, as each arm's samples (FID is biased by N)."""
+    classes = np.unique(labels)
+    per_class = count // len(classes)
+    if count >= len(labels) or per_class == 0:
+        return np.arange(len(labels))
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
+
+
 def decode_test_tokens(plan: StudyPlan, npz: Path) -> None:
-    """Test centre-crop tokens decoded by the VQ: the images the best possible generator would produce."""
+    """Test centre-crop tokens decoded by the VQ: the images the best possible generator would produce, as many
+    (class-balanced) as one arm's samples."""
     import torch
 
     from star.eval.sample import tokens_to_uint8
@@ -145,6 +156,8 @@ def decode_test_tokens(plan: StudyPlan, npz: Path) -> None:
 
     vq_ckpt, vq_config = vq_files(plan)
     tokens, labels = shard_tokens(plan.out / "shards" / "test", view=0)  # [N, 64]
+    keep = balanced_subset(labels, plan.num_samples)
+    tokens, labels = tokens[keep], labels[keep]
     vq = load_vq(vq_ckpt, VQConfig.resolve(vq_config))
     images = np.concatenate([tokens_to_uint8(vq, torch.from_numpy(tokens[i : i + 500]), int(tokens.shape[1] ** 0.5))
                              for i in range(0, len(tokens), 500)])  # [N, 32, 32, 3]

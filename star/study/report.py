@@ -154,11 +154,12 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
              f"GPT: {plan.gpt}. Batch {plan.batch_size}, lr {plan.lr}, {plan.steps} steps for equal-epoch arms. "
              f"{n_label}: {n} samples per arm and setting, class-balanced, against the {ref_n} test images "
              f"(clean-fid features, Inception in {plan.fid_precision}{BF16_NOTE if plan.fid_precision == 'bf16' else ''})."
-             " Probe: middle layer, null class, view 0 of the first {plan.probe_limit} train "
+             f" Probe: middle layer, null class, view 0 of the first {plan.probe_limit} train "
              f"images vs every test image's centre crop.", "",
              "## Result", "", *verdict(grouped, cfg_tag), "",
              "## All arms (mean ± sd over seeds)", "", *table(grouped, cfg_tag, plan.cfg_scale, n_label), "",
-             f"VQ ceiling (test tokens decoded): FID {ceiling['fid']:.2f}, precision {ceiling['precision']:.3f}, "
+             f"VQ ceiling ({ceiling.get('num_samples', '?')} test images' tokens decoded, the arms' N): "
+             f"{n_label} {ceiling['fid']:.2f}, precision {ceiling['precision']:.3f}, "
              f"recall {ceiling['recall']:.3f}; VQ held-out PSNR {vq['holdout_psnr']:.2f} dB, codebook usage "
              f"{100 * vq['holdout_codebook_usage']:.1f}% ({vq.get('holdout_codes_used', '?')} codes).", "",
              "## Gaps against the seed spread", "",
