@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,15 +42,10 @@ def best_of(fn, repeats: int = 3) -> float:
 
 
 def hardware() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    from star.runtime import cpu_description
+
+    info = {"cpu": cpu_description()[0], "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -3,11 +3,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+from pathlib import Path
 
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_description() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (Linux); elsewhere the platform's name and no
+    flags. Benchmarks and reports name the hardware with it; the study checks for AMX with it."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return name, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return name, flags
 
 
 def cpu_forced() -> bool:

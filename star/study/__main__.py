@@ -17,6 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from star.runtime import cpu_description
 from star.study.arms import ARM_KEYS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
 
@@ -65,11 +66,7 @@ def resolve_fid_precision(requested: str) -> str:
     study's FIDs are then all bf16 and compare with each other, not with fp32 FIDs elsewhere."""
     if requested != "auto":
         return requested
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if "amx_bf16" in flags else "fp32"
+    return "bf16" if "amx_bf16" in cpu_description()[1] else "fp32"
 
 
 def build_plan(args):

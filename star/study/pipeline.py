@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -341,9 +340,3 @@ def stage_times(plan: StudyPlan) -> dict:
     """{stage: (wall seconds, CPU seconds)} of every finished stage."""
     records = [json.loads(p.read_text()) for p in sorted((plan.out / "stages").glob("*.json"))]
     return {r["name"]: (r["seconds"], r.get("cpu_seconds")) for r in records}
-
-
-def copy_figure(source: Path, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return target

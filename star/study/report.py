@@ -3,11 +3,11 @@ plain verdict, the figures and the per-stage timings."""
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
 
+from star.runtime import cpu_description
 from star.study import plots
 
 
@@ -146,10 +146,11 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
     ref_n = study["ceiling"].get("num_reference", "?")
     n_label = f"FID-{n // 1000}k" if n >= 1000 else f"FID-{n}"
     vq, ceiling = study["vq"], study["ceiling"]
+    stage_total = sum(wall for wall, _ in study["stage_seconds"].values())
     lines = [f"# ST-AR vs LlamaGen on Fashion-MNIST (preset: {plan.preset})", "",
-             f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}),"
-             f" total wall time {study['seconds'] / 60:.1f} min this invocation (stages skipped on resume not counted;"
-             " per-stage times below).", "",
+             f"Command: `{command}`. Machine: {os.cpu_count()} cores of {cpu_description()[0]},"
+             f" {study['seconds'] / 60:.1f} min wall this invocation; the stages of every finished run add up to"
+             f" {stage_total / 60:.0f} min wall (a fresh run's cost here; per-stage times below).", "",
              f"Data: `{plan.data}` (train {plan.data / 'train'}, FID reference = the {ref_n} test images). "
              f"GPT: {plan.gpt}. Batch {plan.batch_size}, lr {plan.lr}, {plan.steps} steps for equal-epoch arms. "
              f"{n_label}: {n} samples per arm and setting, class-balanced, against the {ref_n} test images "
