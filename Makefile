@@ -61,7 +61,7 @@ study: setup
 	$(PY) -m star.study $(if $(QUICK),--quick,) $(STUDY_ARGS)
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py --compile
 
 clean-demo:
 	rm -rf runs/demo data/builtin shards/builtin

@@ -44,8 +44,7 @@ def best_of(fn, repeats: int = 3) -> float:
 def hardware() -> dict:
     from star.runtime import cpu_description
 
-    info = {"cpu": cpu_description()[0], "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    info = {"cpu": cpu_description()[0], "cores": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -183,6 +182,25 @@ def _print_summary(name: str, result: dict) -> None:
     print(f"{name}: {json.dumps(rounded(result))}", flush=True)
 
 
+def planned_benches(args, thread_counts: list[int], work: Path) -> list[tuple]:
+    """(result key, name for --only, torch threads, function): the step and sampling comparisons at each thread
+    count (the first is the headline; the others are keyed NAME_Nthreads), the rest once on every core."""
+    from step_bench import bench_sampling, bench_train_steps, profile_star_step
+
+    every_core = os.cpu_count() or 1
+    benches = [("profile", "profile", thread_counts[0], profile_star_step)]
+    for index, threads in enumerate(thread_counts):
+        suffix = "" if index == 0 else f"_{threads}threads"
+        benches.append((f"train_steps{suffix}", "train_steps", threads, lambda: bench_train_steps(args.rounds, False)))
+        if args.compile and index == 0:
+            benches.append(("train_steps_compiled", "train_steps_compiled", threads,
+                            lambda: bench_train_steps(args.rounds, True)))
+        benches.append((f"sample{suffix}", "sample", threads, bench_sampling))
+    return benches + [("tokenize", "tokenize", every_core, lambda: bench_tokenize(work)),
+                      ("loader", "loader", every_core, lambda: bench_loader(work)),
+                      ("train_loop", "train_loop", every_core, lambda: bench_train_loop(work))]
+
+
 def main() -> int:
     import argparse
 
@@ -191,33 +209,30 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time our steps with torch.compile")
     parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_compiled,"
                         "profile,sample,tokenize,loader,train_loop")
+    parser.add_argument("--threads", default="1,all", help="torch thread counts for the step and sampling "
+                        "comparisons, comma-separated ('all' = every core); the first is the headline, each other "
+                        "count writes KEY_Nthreads. Tokenize, loader and train_loop run once, on every core")
     parser.add_argument("--merge", action="store_true", help="update bench/results/latest.json with the benchmarks "
                         "run now, keeping the other entries (for --only runs)")
     args = parser.parse_args()
-    from step_bench import bench_sampling, bench_train_steps, profile_star_step
-
-    results = {"hardware": hardware(), "when": time.strftime("%Y-%m-%d %H:%M"),
-               "note": "medians over interleaved rounds on a CPU shared with other jobs"}
+    thread_counts = list(dict.fromkeys((os.cpu_count() or 1) if t == "all" else int(t)
+                                       for t in args.threads.split(",")))  # "1,all" on one core: once
+    results = {"hardware": hardware(), "when": time.strftime("%Y-%m-%d %H:%M"), "thread_counts": thread_counts,
+               "note": "medians over interleaved rounds; 1 thread: CPU-time ratios; more: wall-time ratios"}
     wanted = set(filter(None, args.only.split(","))) or None
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        benches = [("train_steps", lambda: bench_train_steps(args.rounds, False))]
-        if args.compile:
-            benches.append(("train_steps_compiled", lambda: bench_train_steps(args.rounds, True)))
-        benches += [("sample", bench_sampling), ("tokenize", lambda: bench_tokenize(work)),
-                    ("loader", lambda: bench_loader(work)), ("train_loop", lambda: bench_train_loop(work))]
-        if wanted is None or "profile" in wanted:
-            print("profile of one ST-AR step (dim 384, 6 layers, 4 images x 2 views):")
-            print(profile_star_step(), flush=True)
-        for name, fn in benches:
-            if wanted is not None and name not in wanted and name.removesuffix("_compiled") not in wanted:
+        for key, name, threads, fn in planned_benches(args, thread_counts, Path(tmp)):
+            if wanted is not None and name not in wanted:
                 continue
-            if wanted is not None and name == "train_steps" and "train_steps" not in wanted:
-                continue  # --only train_steps_compiled: the compiled comparison alone
-            if name == "train_loop" and (wanted is not None and "loader" not in wanted):
-                bench_loader(work)  # writes the shards train_loop reads
-            results[name] = fn()
-            _print_summary(name, results[name])
+            torch.set_num_threads(threads)
+            if name == "profile":
+                print(f"profile of one ST-AR step (dim 384, 6 layers, 4 images x 2 views, {threads} threads):")
+                print(fn(), flush=True)
+                continue
+            if name == "train_loop" and wanted is not None and "loader" not in wanted:
+                bench_loader(Path(tmp))  # writes the shards train_loop reads
+            results[key] = fn()
+            _print_summary(f"{key} ({threads} threads)", results[key])
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     if args.merge and (out / "latest.json").is_file():

@@ -62,6 +62,24 @@ def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradients(monk
         torch.testing.assert_close(chunked_head_loss(hidden, weight, targets), expected.detach())
 
 
+def test_chunked_head_loss_under_bf16_autocast_follows_the_plain_head(monkeypatch):
+    monkeypatch.setattr(gpt_model, "_HEAD_CHUNK_ELEMENTS", 7 * 50)
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    results = []
+    for head in (lambda: F.cross_entropy((hidden @ weight.t()).float(), targets),
+                 lambda: chunked_head_loss(hidden, weight, targets)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head()
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    for plain, chunked in zip(*results):  # both round the matmuls to bf16; the rest is float32
+        torch.testing.assert_close(chunked, plain, rtol=0.02, atol=0.02 * plain.abs().max().item())
+
+
 def test_forward_with_targets_matches_logits_loss_and_head_can_be_skipped():
     model = tiny_model()
     tokens, labels = torch.randint(0, 50, (3, 16)), torch.tensor([0, 2, 5])
