@@ -15,18 +15,15 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 def cpu_description() -> tuple[str, set[str]]:
     """The CPU's model name and feature flags from /proc/cpuinfo (Linux); elsewhere the platform's name and no
     flags. Benchmarks and reports name the hardware with it; the study checks for AMX with it."""
-    name, flags = platform.processor() or platform.machine(), set()
+    fields: dict[str, str] = {}
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's entry of each field
     except OSError:
-        return name, flags
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return name, set(fields.get("flags", "").split())
 
 
 def cpu_forced() -> bool:

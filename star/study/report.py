@@ -138,19 +138,24 @@ def make_figures(study: dict, figures: Path, cfg_tag: str, cfg_scale: float) -> 
 BF16_NOTE = ": these FIDs compare with each other, not with fp32 FIDs elsewhere"
 
 
+def fid_label(num_samples: int) -> str:
+    """FID-5k for 5,000 samples, FID-200 for 200: FIDs compare only at the same N."""
+    return f"FID-{num_samples // 1000}k" if num_samples >= 1000 else f"FID-{num_samples}"
+
+
 def render(study: dict, plan, out: Path, command: str) -> Path:
     cfg_tag = f"cfg{plan.cfg_scale:g}"
     grouped = group(study["results"])
     figures = make_figures(study, out / "figures", cfg_tag, plan.cfg_scale) if study["results"] else {}
     n = study["results"][0]["eval"]["cfg1"]["num_samples"] if study["results"] else plan.num_samples
     ref_n = study["ceiling"].get("num_reference", "?")
-    n_label = f"FID-{n // 1000}k" if n >= 1000 else f"FID-{n}"
+    n_label = fid_label(n)
     vq, ceiling = study["vq"], study["ceiling"]
     stage_total = sum(wall for wall, _ in study["stage_seconds"].values())
     lines = [f"# ST-AR vs LlamaGen on Fashion-MNIST (preset: {plan.preset})", "",
              f"Command: `{command}`. Machine: {os.cpu_count()} cores of {cpu_description()[0]},"
              f" {study['seconds'] / 60:.1f} min wall this invocation; the stages of every finished run add up to"
-             f" {stage_total / 60:.0f} min wall (a fresh run's cost here; per-stage times below).", "",
+             f" {stage_total / 60:.0f} min wall (roughly a fresh run's cost here; per-stage times below).", "",
              f"Data: `{plan.data}` (train {plan.data / 'train'}, FID reference = the {ref_n} test images). "
              f"GPT: {plan.gpt}. Batch {plan.batch_size}, lr {plan.lr}, {plan.steps} steps for equal-epoch arms. "
              f"{n_label}: {n} samples per arm and setting, class-balanced, against the {ref_n} test images "
@@ -159,8 +164,8 @@ def render(study: dict, plan, out: Path, command: str) -> Path:
              f"images vs every test image's centre crop.", "",
              "## Result", "", *verdict(grouped, cfg_tag), "",
              "## All arms (mean ± sd over seeds)", "", *table(grouped, cfg_tag, plan.cfg_scale, n_label), "",
-             f"VQ ceiling ({ceiling.get('num_samples', '?')} test images' tokens decoded, the arms' N): "
-             f"{n_label} {ceiling['fid']:.2f}, precision {ceiling['precision']:.3f}, "
+             f"VQ ceiling ({ceiling['num_samples']} test images' tokens decoded, class-balanced): "
+             f"{fid_label(ceiling['num_samples'])} {ceiling['fid']:.2f}, precision {ceiling['precision']:.3f}, "
              f"recall {ceiling['recall']:.3f}; VQ held-out PSNR {vq['holdout_psnr']:.2f} dB, codebook usage "
              f"{100 * vq['holdout_codebook_usage']:.1f}% ({vq.get('holdout_codes_used', '?')} codes).", "",
              "## Gaps against the seed spread", "",
