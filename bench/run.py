@@ -7,9 +7,10 @@ shared with other jobs); everything goes to bench/results/latest.json with the h
   LlamaGen's own step (bench/llamagen_ref.py: its model structure, full float32 logits + F.cross_entropy,
   foreach AdamW as on CPU) vs our trainer's plain step vs our ST-AR step on 4 images x 2 views;
   `--compile` compiles our model (LlamaGen's baseline stays eager; a compiled baseline is reported beside it);
+- train_steps_bf16: the same three steps, all under bf16 autocast (both train in bf16 on GPUs; AMX on this CPU);
 - profile: the torch.profiler table of one ST-AR step (printed);
 - sample: our generate vs LlamaGen's algorithm (whole-cache attention with its mask, batched CFG) at batch 8
-  and 64, same weights;
+  and 64, same weights; with `--compile`, sample_compiled: both decoders compiled, at batch 8;
 - tokenize: batched encoding of all views with DataLoader workers vs a naive one-image-at-a-time loop;
 - loader: batches/s the token loader delivers vs the training steps/s it must feed;
 - train_loop: our full trainer's steady-state step (plain, --no-star) vs a bare loop over the same data: the
@@ -30,15 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/llamagen_ref.py, bench/step_bench.py
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamagen"
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def hardware() -> dict:
@@ -76,9 +68,12 @@ def bench_tokenize(work: Path) -> dict:
                 with torch.inference_mode():
                     vq.encode_indices(pixels)
 
-    ours_s, naive_s = best_of(ours, 2), best_of(naive, 2)
+    from step_bench import interleaved
+
+    timed = interleaved({"ours": ours, "naive": naive}, rounds=3)  # wall time: ours uses a worker process
+    ours_s, naive_s = timed["ours"]["median_s"], timed["naive"]["median_s"]
     return {"images": len(images), "ours_s": ours_s, "baseline_s": naive_s, "speedup": naive_s / ours_s,
-            "ours_images_per_s": len(images) / ours_s, "target": "speedup >= 2"}
+            "ours_images_per_s": len(images) / ours_s, "rounds": 3, "target": "speedup >= 2"}
 
 
 def tiny_batch(model_config, batch: int, views: int):
@@ -185,17 +180,22 @@ def _print_summary(name: str, result: dict) -> None:
 def planned_benches(args, thread_counts: list[int], work: Path) -> list[tuple]:
     """(result key, name for --only, torch threads, function): the step and sampling comparisons at each thread
     count (the first is the headline; the others are keyed NAME_Nthreads), the rest once on every core."""
-    from step_bench import bench_sampling, bench_train_steps, profile_star_step
+    from step_bench import bench_sampling, bench_sampling_compiled, bench_train_steps, profile_star_step
 
     every_core = os.cpu_count() or 1
     benches = [("profile", "profile", thread_counts[0], profile_star_step)]
     for index, threads in enumerate(thread_counts):
         suffix = "" if index == 0 else f"_{threads}threads"
         benches.append((f"train_steps{suffix}", "train_steps", threads, lambda: bench_train_steps(args.rounds, False)))
+        if index == 0:
+            benches.append(("train_steps_bf16", "train_steps_bf16", threads,
+                            lambda: bench_train_steps(args.rounds, False, bf16=True)))
         if args.compile and index == 0:
             benches.append(("train_steps_compiled", "train_steps_compiled", threads,
                             lambda: bench_train_steps(args.rounds, True)))
         benches.append((f"sample{suffix}", "sample", threads, bench_sampling))
+        if args.compile and index == 0:
+            benches.append(("sample_compiled", "sample_compiled", threads, bench_sampling_compiled))
     return benches + [("tokenize", "tokenize", every_core, lambda: bench_tokenize(work)),
                       ("loader", "loader", every_core, lambda: bench_loader(work)),
                       ("train_loop", "train_loop", every_core, lambda: bench_train_loop(work))]
@@ -206,9 +206,10 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per training-step comparison")
-    parser.add_argument("--compile", action="store_true", help="also time our steps with torch.compile")
-    parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_compiled,"
-                        "profile,sample,tokenize,loader,train_loop")
+    parser.add_argument("--compile", action="store_true", help="also time training steps and sampling compiled "
+                        "(torch.compile), ours and LlamaGen's")
+    parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_bf16,"
+                        "train_steps_compiled,profile,sample,sample_compiled,tokenize,loader,train_loop")
     parser.add_argument("--threads", default="1,all", help="torch thread counts for the step and sampling "
                         "comparisons, comma-separated ('all' = every core); the first is the headline, each other "
                         "count writes KEY_Nthreads. Tokenize, loader and train_loop run once, on every core")

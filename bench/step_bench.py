@@ -122,11 +122,23 @@ class StepContenders:
         self._our_step(self.star_module, True, self.star_batch)
 
 
-def bench_train_steps(rounds: int, compile_model: bool, sizes=STEP_SIZES) -> dict:
+def under_autocast(step: Callable[[], None], dtype: torch.dtype) -> Callable[[], None]:
+    """The step under CPU autocast, as Accelerate's mixed_precision runs it (LlamaGen's default is bf16)."""
+    def run() -> None:
+        with torch.autocast("cpu", dtype=dtype):
+            step()
+    return run
+
+
+def bench_train_steps(rounds: int, compile_model: bool, sizes=STEP_SIZES, bf16: bool = False) -> dict:
+    """bf16: every contender (LlamaGen's too) runs under bf16 autocast, the precision both train in on GPUs;
+    on a CPU with AMX the matrix multiplies shrink, so the step's other costs weigh as they do on a GPU."""
     results = {}
     for name, spec in sizes.items():
         contenders = StepContenders(spec, compile_model=compile_model)
         steps = {"llamagen": contenders.ref_step, "plain": contenders.plain_step, "star": contenders.star_step}
+        if bf16:
+            steps = {key: under_autocast(step, torch.bfloat16) for key, step in steps.items()}
         if compile_model:  # LlamaGen's DDP trainer compiles by default: the fair baseline for our compiled step
             compiled_ref = torch.compile(contenders.ref)
             steps["llamagen_compiled"] = functools.partial(contenders.ref_step, compiled_ref)
@@ -135,7 +147,8 @@ def bench_train_steps(rounds: int, compile_model: bool, sizes=STEP_SIZES) -> dic
         ref, plain, star = (timed[k][clock] for k in ("llamagen", "plain", "star"))
         tokens = 8 * BLOCK
         results[name] = {
-            **spec, "vocab": VOCAB, "sequences": 8, "tokens": BLOCK, "compiled": compile_model, "timings": timed,
+            **spec, "vocab": VOCAB, "sequences": 8, "tokens": BLOCK, "compiled": compile_model,
+            "precision": "bf16 autocast" if bf16 else "fp32", "timings": timed,
             "threads": torch.get_num_threads(), "ratio_clock": clock,
             "plain_speedup_vs_llamagen": ref / plain, "plain_target": ">= 1.2 (tokens/s ratio)",
             "star_over_plain": star / plain, "star_target": "<= 1.25",
@@ -157,9 +170,8 @@ def profile_star_step(spec=STEP_SIZES["d384-L6"], rows: int = 25) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
 
 
-def bench_sampling(batches=(8, 64), rounds: int = 2) -> dict:
-    """Our generate vs LlamaGen's algorithm (full-length cache with its mask, batched CFG), same weights."""
-    from star.gpt.generate import generate
+def _sampling_setup():
+    """The sampling benchmark's model (dim 256, 6 layers, 256 tokens) and LlamaGen's, with the same weights."""
     from star.gpt.model import GPT, GPTConfig
 
     config = GPTConfig.resolve({"dim": 256, "n_layer": 6, "n_head": 8, "vocab_size": 1024, "num_classes": 10,
@@ -169,7 +181,25 @@ def bench_sampling(batches=(8, 64), rounds: int = 2) -> dict:
     torch.nn.init.normal_(model.output.weight, std=0.02)  # a non-degenerate head, so sampling does real work
     ref = RefTransformer(config).eval()
     ref.load_state_dict(model.state_dict())
-    results, clock = {}, ratio_clock()
+    return config, model, ref
+
+
+def _sampling_result(batch: int, timed: dict, lead_over: dict[str, str]) -> dict:
+    clock = ratio_clock()
+    result = {"images": batch, "cfg_scale": 2.0, "timings": timed, "threads": torch.get_num_threads(),
+              "ratio_clock": clock, "target": "speedup >= 2.4 (keep the lead)"}
+    for key, (ours, theirs) in lead_over.items():
+        result[key] = timed[theirs][clock] / timed[ours][clock]
+        result[f"{ours}_images_per_s"] = batch / timed[ours][clock]
+    return result
+
+
+def bench_sampling(batches=(8, 64), rounds: int = 2) -> dict:
+    """Our generate vs LlamaGen's algorithm (full-length cache with its mask, batched CFG), same weights."""
+    from star.gpt.generate import generate
+
+    config, model, ref = _sampling_setup()
+    results = {}
     for batch in batches:
         labels = torch.arange(batch) % config.num_classes
         contenders = {
@@ -177,10 +207,39 @@ def bench_sampling(batches=(8, 64), rounds: int = 2) -> dict:
             "llamagen": lambda: ref_generate(ref, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0)),
         }
         timed = interleaved(contenders, rounds, warmup=0)
-        results[f"batch{batch}"] = {
-            "images": batch, "cfg_scale": 2.0, "timings": timed,
-            "speedup": timed["llamagen"][clock] / timed["ours"][clock], "threads": torch.get_num_threads(),
-            "ratio_clock": clock, "ours_images_per_s": batch / timed["ours"][clock],
-            "target": "speedup >= 2.4 (keep the lead)",
-        }
+        results[f"batch{batch}"] = _sampling_result(batch, timed, {"speedup": ("ours", "llamagen")})
     return results
+
+
+def bench_sampling_compiled(batch: int = 8, rounds: int = 3) -> dict:
+    """Compiled decoding on both sides (`evaluate/run.py sample --compile`; LlamaGen's sample_c2i --compile), at
+    steady state: the compile itself is timed apart (first call, compile plus one run)."""
+    from star.gpt.generate import generate
+
+    config, model, ref = _sampling_setup()
+    compiled_ref = torch.compile(ref)
+    labels = torch.arange(batch) % config.num_classes
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    contenders = {
+        "ours": lambda: generate(model, labels, cfg_scale=2.0, generator=seeded()),
+        "ours_compiled": lambda: generate(model, labels, cfg_scale=2.0, generator=seeded(), compile_decode=True),
+        "llamagen": lambda: ref_generate(ref, labels, cfg_scale=2.0, generator=seeded()),
+        "llamagen_compiled": lambda: ref_generate(compiled_ref, labels, cfg_scale=2.0, generator=seeded()),
+    }
+    first_call_s = {}
+    for name in ("ours_compiled", "llamagen_compiled"):
+        start = time.perf_counter()
+        contenders[name]()
+        first_call_s[name] = time.perf_counter() - start
+    same_tokens = torch.equal(contenders["ours_compiled"](), contenders["llamagen_compiled"]())
+    timed = interleaved(contenders, rounds, warmup=0)
+    result = _sampling_result(batch, timed, {"speedup_compiled_vs_llamagen_compiled": ("ours_compiled",
+                                                                                      "llamagen_compiled"),
+                                             "speedup_compiled_vs_llamagen_eager": ("ours_compiled", "llamagen"),
+                                             "speedup_eager": ("ours", "llamagen")})
+    result["first_call_s"] = first_call_s
+    result["compiled_tokens_equal"] = same_tokens  # compiled kernels may round differently; recorded, not assumed
+    return result
