@@ -184,7 +184,8 @@ def _sampling_setup():
     return config, model, ref
 
 
-def _sampling_result(batch: int, timed: dict, lead_over: dict[str, str]) -> dict:
+def _sampling_result(batch: int, timed: dict, lead_over: dict[str, tuple[str, str]]) -> dict:
+    """lead_over: {result key: (our contender, LlamaGen's)}; each key gets LlamaGen's time / ours."""
     clock = ratio_clock()
     result = {"images": batch, "cfg_scale": 2.0, "timings": timed, "threads": torch.get_num_threads(),
               "ratio_clock": clock, "target": "speedup >= 2.4 (keep the lead)"}
