@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/llamagen_ref.py, bench/step_bench.py
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamagen"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llamagen"
 
 
 def hardware() -> dict:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "llamagen"
+FIXTURES = REPO / "tests" / "fixtures" / "llamagen"  # outputs of LlamaGen's own code (see its README)
 
 # One intra-op thread: tiny tensors gain nothing from two, and two threads stall badly whenever another
 # process (a DataLoader worker, a 2-process launch) holds the second core.
@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    assert FIXTURES.is_dir(), f"LlamaGen fixtures not found at {FIXTURES} (shared/ must sit beside the checkout)"
+    assert FIXTURES.is_dir(), f"LlamaGen fixtures not found at {FIXTURES}"
     return FIXTURES
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES  # noqa: E402 (../shared beside the checkout)
+from conftest import FIXTURES  # noqa: E402
 from safetensors.torch import load_file
 
 from star.checkpoint import load_gpt, load_llamagen_state_dict, save_gpt
