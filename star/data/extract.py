@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tqdm import tqdm
 
 from star.cli import check, setting
-from star.data.inputs import InputPlan, class_member, image_member, open_rgb_image, plan_inputs
+from star.data.inputs import SHARD_ORDERS, InputPlan, class_member, image_member, open_rgb_image, plan_inputs
 from star.data.shards import (
     MANIFEST_NAME,
     PLAN_NAME,
@@ -70,6 +70,9 @@ class TokenizeConfig:
     crop_range: float = setting(1.1, help="ADM centre-crop frame = crop_range x image size (>= 1)")
     seed: int = setting(0, help="seed of the random:N views")
     shard_size: int = setting(1000, help="images per shard (folder inputs)")
+    shard_order: str = setting("shuffled", choices=SHARD_ORDERS,
+                               help="folder inputs: shuffled (images dealt to shards by a permutation seeded by "
+                                    "--seed, so every shard holds many classes) or listing (class by class)")
     batch_size: int = setting(16, help="images per encoder batch (each brings all its views)")
     num_workers: int = setting(4, help="DataLoader workers for decoding and cropping")
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
@@ -83,6 +86,8 @@ class TokenizeConfig:
         check(math.isfinite(self.crop_range) and self.crop_range >= 1.0,
               f"--crop-range must be a finite number >= 1 (the ten crops are taken inside that frame), got {self.crop_range}")
         check(self.shard_size > 0, f"--shard-size must be > 0, got {self.shard_size}")
+        check(self.shard_order in SHARD_ORDERS, f"--shard-order {self.shard_order!r}: choose one of "
+              f"{', '.join(SHARD_ORDERS)}")
         check(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         check(self.precision in TOKENIZE_PRECISIONS,
@@ -243,18 +248,25 @@ def check_output_folder(out: Path, expected: dict) -> None:
         raise ValueError(f"--out {out} already holds shards not made by this tool's current format; use an empty folder")
     if existing is None:
         return
-    differences = [f"{name}: folder has {existing.get(name)!r}, this run has {value!r}"
-                   for name, value in expected.items()
-                   if existing.get(name) != value and not (name in PLAN_KEYS_ADDED_LATER and name not in existing)]
+    differences = [f"{name}: folder has {recorded!r}, this run has {value!r}" for name, value in expected.items()
+                   if (recorded := _recorded_setting(existing, name, value)) != value]
     if differences:
         raise ValueError(
             f"--out {out} holds shards made with different settings:\n  " + "\n  ".join(differences)
-            + "\nUse a new --out folder (or delete this one) to tokenize with these settings."
+            + "\nPass the folder's settings to complete it (e.g. --shard-order listing), or use a new --out folder "
+            "(or delete this one) to tokenize with these settings."
         )
 
 
-# Keys a plan.json written by an earlier version lacks: such a folder is not refused for them.
-PLAN_KEYS_ADDED_LATER = ("precision",)
+# What a plan.json that lacks a setting recorded: a folder's images went to shards in listing order until the
+# order became a setting; its encoder precision was not written down, so any is accepted.
+_WHEN_UNRECORDED = {"shard_order": "listing"}
+
+
+def _recorded_setting(plan: dict, name: str, wanted):
+    if name in plan:
+        return plan[name]
+    return _WHEN_UNRECORDED.get(name, wanted)
 
 
 def _plan_record(config: TokenizeConfig, plan: InputPlan, encoder: Encoder) -> dict:
@@ -271,6 +283,7 @@ def _plan_record(config: TokenizeConfig, plan: InputPlan, encoder: Encoder) -> d
         "crop_range": config.crop_range,
         "seed": config.seed,
         "shard_size": config.shard_size,
+        "shard_order": config.shard_order if plan.kind == "folder" else "input",
         "precision": encoder.precision,  # bf16 and fp32 tokens may differ: one folder holds one kind
     }
 
@@ -414,7 +427,7 @@ def run_tokenize(config: TokenizeConfig) -> dict:
     state = _distributed_state(device)
     if state.num_processes > 1 and state.device.type == "cuda":
         device = state.device  # one GPU per process under accelerate launch / torchrun
-    plan = plan_inputs(config.data, config.shard_size)
+    plan = plan_inputs(config.data, config.shard_size, config.shard_order, config.seed)
     encoder = _load_encoder(config, device)
     expected = _plan_record(config, plan, encoder)
 

@@ -1,8 +1,11 @@
 """Stage-one inputs: an ImageFolder tree (`class/**/*.jpg|png|...`) or WebDataset tars of images with `cls`.
 
 Inputs are listed in a fixed order and cut into work units, one output shard each: chunks of `shard_size`
-images for a folder, one input tar for tars. The order is a pure function of the input, so every process of a
-run, and every rerun after a crash, agrees on which image goes to which shard.
+images for a folder, one input tar for tars. A folder's images are dealt to shards by a seeded permutation
+(`shard_order="shuffled"`), so each shard holds a spread of classes instead of one or two: the stream loader,
+which reads a few shards at a time, then sees batches close to a global shuffle. The order is a pure function
+of the input and the seed, so every process of a run, and every rerun after a crash, agrees on which image goes
+to which shard.
 
 Nothing is dropped silently: what the listing cannot use (a file at the top level beside the class folders, an
 unreadable directory, a dangling symlink, a symlink loop, a folder reached a second time through a symlink) is
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 
 from star.images import IMAGE_EXTENSIONS
@@ -165,23 +169,36 @@ def _has_class_dirs(root: Path) -> bool:
         raise ValueError(f"--data {root}: cannot read it ({error.strerror or error})") from error
 
 
-def _folder_plan(data: str, root: Path, shard_size: int) -> InputPlan:
-    classes, items, rejected = list_image_folder(root)
-    if not items:
+SHARD_ORDERS = ("shuffled", "listing")  # images dealt to shards by a seeded permutation, or in listing order
+
+
+def shard_order(count: int, order: str, seed: int) -> list[int]:
+    """The listing indices in the order they are dealt to shards."""
+    if order == "listing":
+        return list(range(count))
+    return np.random.default_rng([seed, count]).permutation(count).tolist()
+
+
+def _folder_plan(data: str, root: Path, shard_size: int, order: str, seed: int) -> InputPlan:
+    classes, listed, rejected = list_image_folder(root)
+    if not listed:
         raise ValueError(f"--data {data}: the class folders hold no files. Expected {data}/<class>/<image>.jpg")
+    items = [listed[index] for index in shard_order(len(listed), order, seed)]
     units = [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
     digest = hashlib.sha256()
-    for item in items:
+    for item in listed:
         digest.update(f"{item.relative_path}\0{item.class_id}\0{item.size}\n".encode())
     for problem in rejected:  # only when there are any: a clean input keeps the fingerprint of earlier versions
         digest.update(f"rejected\0{problem['path']}\0{problem['reason']}\n".encode())
     return InputPlan("folder", root, classes, units, digest.hexdigest(), rejected)
 
 
-def plan_inputs(data: str, shard_size: int) -> InputPlan:
+def plan_inputs(data: str, shard_size: int, order: str = "shuffled", seed: int = 0) -> InputPlan:
+    """The work units of `data`. Folder images go to shards in `order` (see SHARD_ORDERS); input tars are
+    streamed, so each becomes one shard in its own order (shuffle the tars when writing them)."""
     root = Path(data)
     if _has_class_dirs(root):
-        return _folder_plan(data, root, shard_size)
+        return _folder_plan(data, root, shard_size, order, seed)
     tars = find_input_tars(data)
     if tars:
         digest = hashlib.sha256()
