@@ -312,11 +312,16 @@ def load_generator(ckpt: str, model_spec: str = "", weights: str = "student") ->
 # ---------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step of a `step-NNNNNNN` checkpoint folder."""
+    return int(folder.name.split("-")[1])
+
+
 def checkpoint_dirs(run: str | Path) -> list[Path]:
     """Complete checkpoints of a run folder (meta.json present), oldest first, sorted by step number."""
     found = [p for p in (Path(run) / CHECKPOINTS).glob("step-*")
              if _STEP_DIR.fullmatch(p.name) and (p / META_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def run_holds_a_run(run: str | Path) -> bool:
@@ -341,8 +346,10 @@ def _non_finite(state: Mapping[str, torch.Tensor] | None) -> list[str]:
     return [k for k, v in (state or {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def save_training_state(run: str | Path, step: int, state: TrainingState, keep: int) -> Path:
-    """Write `checkpoints/step-NNNNNNN/` through a staging folder; prune to the newest `keep` (0: keep all).
+def save_training_state(run: str | Path, step: int, state: TrainingState, keep: int,
+                        keep_steps: Sequence[int] = ()) -> Path:
+    """Write `checkpoints/step-NNNNNNN/` through a staging folder; prune to the newest `keep` (0: keep all),
+    never removing the checkpoints of `keep_steps` (milestones evaluated later).
 
     Refuses non-finite weights (NonFiniteWeights) so a poisoned model never becomes "the last checkpoint". A
     failed write (disk full, ...) removes the staging folder and raises CheckpointWriteError with one line.
@@ -374,7 +381,8 @@ def save_training_state(run: str | Path, step: int, state: TrainingState, keep: 
                                    f"and resume with --resume auto") from error
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
-    for old in checkpoint_dirs(run)[:-keep] if keep > 0 else []:
+    prunable = [folder for folder in checkpoint_dirs(run) if checkpoint_step(folder) not in keep_steps]
+    for old in prunable[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

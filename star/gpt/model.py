@@ -345,10 +345,16 @@ class Attention(nn.Module):
             v = v.repeat_interleave(repeat, dim=1)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )  # [B, H, S, hd]
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # The CPU's bf16 attention kernel is slow (its backward ~8x the fp32 one's at head_dim 32); under
+            # autocast the projections stay bf16 and the attention runs in fp32, as GPUs' flash kernels accumulate.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                     is_causal=is_causal, dropout_p=dropout_p).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 dropout_p=dropout_p)  # [B, H, S, hd]
         batch, _, seq, _ = out.shape
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(batch, seq, -1)))
 

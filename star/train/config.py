@@ -57,6 +57,8 @@ class TrainConfig:
     projector_hidden: int = setting(0, help="hidden width of the contrastive projector; 0: min(2048, 4 x dim)")
     ckpt_every: int = setting(5000, help="steps between checkpoints (the last step is always saved)")
     keep_checkpoints: int = setting(3, help="newest checkpoints kept; 0: keep all")
+    ckpt_at: str = setting("", help="comma list of further steps to checkpoint (e.g. 300,1500), never pruned: "
+                                    "evaluate a run along its length")
     log_every: int = setting(10, help="steps between log.jsonl records")
     resume: str = setting("", help="'auto' (newest intact checkpoint in --out) or a checkpoint folder")
     init_from: str = setting("", help="start from these weights (LlamaGen .pt or our checkpoint) to fine-tune")
@@ -99,8 +101,17 @@ class TrainConfig:
         check(self.projector_hidden >= 0, f"--projector-hidden {self.projector_hidden}: must be >= 0")
         check(self.ckpt_every >= 1, f"--ckpt-every {self.ckpt_every}: must be >= 1")
         check(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0 (0: all)")
+        check(all(step > 0 for step in self.milestones), f"--ckpt-at {self.ckpt_at}: steps must be > 0")
         check(self.log_every >= 1, f"--log-every {self.log_every}: must be >= 1")
         check(self.num_workers >= 0, f"--num-workers {self.num_workers}: must be >= 0")
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        """The --ckpt-at steps, sorted."""
+        try:
+            return tuple(sorted({int(part) for part in self.ckpt_at.split(",") if part.strip()}))
+        except ValueError:
+            raise ValueError(f"--ckpt-at {self.ckpt_at!r}: give a comma list of step numbers") from None
 
     @property
     def uses_star(self) -> bool:
@@ -125,6 +136,7 @@ class ResolvedTrainConfig:
     tokenizer_checkpoint: str
     command: str
     start_step: int = 0
+    start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)
     resumed_from: str | None = None
     changed_on_resume: tuple[str, ...] = ()  # optimizer settings the resumed run changed (applied)
     skipped_on_resume: tuple[str, ...] = ()  # damaged checkpoints `--resume auto` passed over

@@ -239,7 +239,8 @@ def resume_into(plan: ResolvedTrainConfig, parts: Parts) -> ResolvedTrainConfig:
     now = {"lr": plan.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip}
     changed = tuple(f"{name}: checkpoint {saved[name]!r}, now {now[name]!r}" for name in RESUMABLE_CHANGES
                     if name in saved and saved[name] != now[name])
-    return dataclasses.replace(plan, start_step=int(state.meta["step"]), resumed_from=str(folder),
+    return dataclasses.replace(plan, start_step=int(state.meta["step"]), start_cpu_s=float(state.meta.get("cpu_s", 0.0)),
+                               resumed_from=str(folder),
                                changed_on_resume=changed, skipped_on_resume=tuple(skipped))
 
 
@@ -262,9 +263,15 @@ class Run:
     last_good_checkpoint: str | None = None  # newest checkpoint known to hold finite weights
     guard: NonFiniteGuard | None = None  # device-side NaN/inf flags of the loss terms and gradient norm
     uses_scaler: bool = False  # fp16: GradScaler skips overflowing steps itself (an inf norm is routine there)
+    teacher_forward: Any = None  # the teacher's forward (compiled with --compile); the EMA updates `teacher`
+    cpu_started: float = 0.0  # process CPU time when this invocation's loop began
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(GUARDED, self.accelerator.device)
+        if self.teacher_forward is None:
+            self.teacher_forward = self.teacher
+            if self.teacher is not None and self.plan.settings.compile and not is_sharded(self.teacher):
+                self.teacher_forward = torch.compile(self.teacher)
         self.uses_scaler = getattr(self.accelerator, "scaler", None) is not None
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if not inner.defaults.get("fused"):
@@ -325,7 +332,15 @@ def _prepare(plan: ResolvedTrainConfig, parts: Parts, accelerator) -> tuple[nn.M
         raise ValueError("ST-AR under FSDP needs FSDP2 (its EMA teacher is sharded and updated parameter by parameter "
                          "like the student): set fsdp_version: 2 in the Accelerate config (or `accelerate launch "
                          "--fsdp_version 2`), or train ST-AR with DDP")
-    student = torch.compile(parts.student) if plan.settings.compile else parts.student
+    student = parts.student
+    if plan.settings.compile:
+        if accelerator.device.type == "cpu":
+            # inductor's own CPU random numbers cost ~20 ns each (dropout masks dominate a small model's step);
+            # with the fallback, dropout draws from the same generator as eager mode
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+        student = torch.compile(student)
     wrapped, optimizer = accelerator.prepare(StudentWithProjector(student, parts.projector), parts.optimizer)
     if parts.named_optimizer_state is not None:
         _load_named_optimizer_state(wrapped, optimizer, parts.named_optimizer_state)
@@ -461,7 +476,7 @@ def _train_step(run: Run, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator(device=device).manual_seed(seed)
         with accelerator.accumulate(run.wrapped):
             with accelerator.autocast():
-                terms = _forward_losses(batch, run.wrapped, run.teacher, plan.star, plan.model, generator)
+                terms = _forward_losses(batch, run.wrapped, run.teacher_forward, plan.star, plan.model, generator)
             sums += torch.stack([terms[name].detach().float() for name in (*LOSS_TERMS, "loss")]) / config.grad_accum
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients:
@@ -500,13 +515,19 @@ def _log(run: Run, step: int, sums: torch.Tensor, interval: tuple[int, float, fl
     record.update({"grad_norm": round(float(grad_norm), 4), "lr": run.optimizer.param_groups[0]["lr"],
                    "images_per_s": round(images_per_second, 2),
                    "tokens_per_s": round(images_per_second * plan.model.block_size * plan.views_per_image, 1),
-                   "memory_gb": round(_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2)})
+                   "memory_gb": round(_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2),
+                   "cpu_s": round(_cpu_seconds(run), 2)})
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     if plan.settings.tensorboard:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     return record
+
+
+def _cpu_seconds(run: Run) -> float:
+    """CPU seconds this process spent in the training loop since the run began (earlier invocations included)."""
+    return run.plan.start_cpu_s + time.process_time() - run.cpu_started
 
 
 def _full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
@@ -546,11 +567,12 @@ def _save(run: Run, step: int) -> None:
         meta = {"step": step, "tokenizer_sha256": plan.tokenizer_sha256, "star": plan.star is not None,
                 "views_per_image": plan.views_per_image, "seed": config.seed, "world_size": plan.world_size,
                 "batch_per_process": plan.batch_per_process, "grad_accum": config.grad_accum,
-                "batches_consumed_per_process": step * config.grad_accum,
+                "batches_consumed_per_process": step * config.grad_accum, "cpu_s": round(_cpu_seconds(run), 2),
                 "optimizer": {"lr": plan.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
                               "betas": list(config.betas)}}
         state = TrainingState(plan.model, student, teacher, projector or None, optimizer_state, meta)
-        run.last_good_checkpoint = str(save_training_state(run.out, step, state, config.keep_checkpoints))
+        run.last_good_checkpoint = str(save_training_state(run.out, step, state, config.keep_checkpoints,
+                                                           keep_steps=config.milestones))
     accelerator.wait_for_everyone()
 
 
@@ -563,14 +585,17 @@ def _train_loop(run: Run) -> dict:
     sums = torch.zeros(len(LOSS_TERMS) + 1, device=accelerator.device)  # [5] summed on the device between logs
     interval_steps, interval_start = 0, time.time()
     step, started = plan.start_step, time.time()
+    run.cpu_started = time.process_time()
     data = iter(run.loader)
+    milestones = set(config.milestones)
     while step < total_steps:
         step_sums, grad_norm = _train_step(run, data, step)
         sums += step_sums
         step += 1
         interval_steps += 1
         bar.update(1)
-        log_now, save_now = step % config.log_every == 0 or step == total_steps, step % config.ckpt_every == 0
+        save_now = step % config.ckpt_every == 0 or step in milestones
+        log_now = save_now or step % config.log_every == 0 or step == total_steps  # a record at every checkpoint
         if log_now or save_now:
             _raise_if_non_finite(run)  # before any log line or checkpoint
         if log_now:
