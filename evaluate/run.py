@@ -4,9 +4,10 @@
     python evaluate/run.py fid --samples OUT/samples.npz --ref VIRTUAL_imagenet256_labeled.npz
     python evaluate/run.py probe --ckpt runs/NAME --shards shards/train --eval-shards shards/val --layer 6
     python evaluate/run.py attention --ckpt runs/NAME --shards shards/val --layers 1,6,12 --positions 32,128,256
+    python evaluate/run.py nll --ckpt runs/NAME --shards shards/val --out nll.json
 
 Every flag comes from a settings dataclass (star/eval/sample.py SampleConfig, star/eval/metrics.py FidConfig,
-star/eval/understanding.py ProbeConfig / AttentionConfig); a bad value exits with status 2 and one line.
+star/eval/understanding.py ProbeConfig / AttentionConfig, star/eval/nll.py NllConfig); a bad value exits with status 2 and one line.
 """
 import argparse
 import sys
@@ -20,6 +21,7 @@ from star.cli import add_config_flags, build_or_exit, run_command  # noqa: E402
 def commands() -> dict:
     """name -> (help, settings class, run function, summary formatter)."""
     from star.eval.metrics import FidConfig, format_report, run_fid
+    from star.eval.nll import NllConfig, format_nll, run_nll
     from star.eval.sample import SampleConfig, format_sampling_summary, run_sampling
     from star.eval.understanding import (
         AttentionConfig,
@@ -36,6 +38,7 @@ def commands() -> dict:
         "probe": ("linear probe accuracy per position (paper Fig. 1b)", ProbeConfig, run_probe, format_probe),
         "attention": ("attention maps and class / neighbour mass per layer", AttentionConfig, run_attention,
                       format_attention),
+        "nll": ("held-out next-token NLL with and without the label", NllConfig, run_nll, format_nll),
     }
 
 

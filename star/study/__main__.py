@@ -18,34 +18,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from star.runtime import cpu_description
-from star.study.arms import ARM_KEYS, select_arms
+from star.study.arms import ARM_KEYS, ARMS, LONG_ARMS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
-
-GPT_SMALL = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 10, "block_size": 64, "multiple_of": 64,
-             "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
-# name: (plan fields, images per class {"train": n, "test": m} (0 = all) or None for the full splits).
-# Sized from CPU-second rates measured on this 2-core machine (see the study's report): Inception features
-# (about 18 images per CPU-second in bf16 with AMX, 5 in fp32) and the VQ dominate, so the full study trains
-# on 1,000 images per class (x 10 crops) and scores against the complete 10k test split.
-PRESETS = {
-    "full": (dict(vq_steps=600, vq_batch_size=32, gpt=GPT_SMALL, steps=300, batch_size=64, lr=1e-3,
-                  num_samples=5000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
-                  probe_limit=10000, main_seeds=[0, 1], other_seeds=[0], third_seed_if_close=True),
-             {"train": 1000, "test": 0}),
-    "quick": (dict(vq_steps=100, vq_batch_size=32, gpt=GPT_SMALL, steps=100, batch_size=32, lr=1e-3,
-                   num_samples=200, cfg_scale=2.0, probe_positions=[1, 16, 32, 48, 64], probe_limit=1000,
-                   main_seeds=[0], other_seeds=[0], third_seed_if_close=False), {"train": 100, "test": 20}),
-    "smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2},
-                   steps=4, batch_size=8, lr=1e-3, num_samples=20, cfg_scale=2.0, probe_positions=[1, 64],
-                   probe_limit=1000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False), None),
-}
+from star.study.presets import PRESETS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m star.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the QUICK preset (subset, own folder runs/study-quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="full (default) | quick | smoke (tests)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="full (default) | quick | long (runs scored along their length) | smoke, long-smoke (tests)")
     p.add_argument("--out", default="", help="default: runs/study, or runs/study-quick with --quick")
     p.add_argument("--data-root", default="data/fashion-mnist", help="where the converted ImageFolder goes")
     p.add_argument("--idx-folder", default="", help="use these idx(.gz) files instead of downloading the package")
@@ -56,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=0, help="override samples per FID")
     p.add_argument("--no-third-seed", action="store_true", help="never add a third seed when arms 1 and 3 are close")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    p.add_argument("--train-only", action="store_true", help="long presets: stop after training (score later)")
     p.add_argument("--fid-precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="Inception's precision; auto: bf16 on a CPU with AMX-BF16 (2.4x faster here), else fp32")
     return p.parse_args(argv)
@@ -69,6 +53,10 @@ def resolve_fid_precision(requested: str) -> str:
     return "bf16" if "amx_bf16" in cpu_description()[1] else "fp32"
 
 
+def is_long(preset: str) -> bool:
+    return preset.startswith("long")
+
+
 def build_plan(args):
     from star.study.pipeline import StudyPlan
 
@@ -78,7 +66,8 @@ def build_plan(args):
     data = Path(args.data_root)
     if subset:
         data = data.with_name(data.name + "-" + preset)
-    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or ("1,2,3" if preset == "quick" else "all")),
+    table = LONG_ARMS if is_long(preset) else ARMS
+    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or ("1,2,3" if preset == "quick" else "all"), table),
                      preset=preset, **fields)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     if args.seeds:
@@ -114,12 +103,25 @@ def main(argv=None) -> int:
 
     command = "python -m star.study " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        study = run_study(plan, prepare, reuse_only=args.report_only)
+        if is_long(plan.preset):
+            from star.study.long import run_long_study
+
+            study = run_long_study(plan, prepare, train_only=args.train_only)
+            if args.train_only:
+                print("\ntraining done (--train-only): rerun without it to score every checkpoint")
+                return 0
+        else:
+            study = run_study(plan, prepare, reuse_only=args.report_only)
     except (FetchError, StageFailed, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     (plan.out / "study.json").write_text(json.dumps(study, indent=1, default=str))
-    report = render(study, plan, plan.out, command.strip())
+    if is_long(plan.preset):
+        from star.study.long_report import render_long
+
+        report = render_long(study, plan, plan.out, command.strip())
+    else:
+        report = render(study, plan, plan.out, command.strip())
     print(f"\nreport: {report}")
     print(report.read_text())
     return 0

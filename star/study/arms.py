@@ -1,8 +1,12 @@
-"""The study's arms: what each one changes on the shared GPT, data, seed and batch (issue 7).
+"""The study's arms: what each one changes on the shared GPT, data, seed and batch.
 
 Step counts: every arm trains `steps` optimizer steps of the same batch, i.e. the same epochs as ST-AR, except
 arm 2, the baseline given arm 3's wall-clock compute: steps_1 x (train time of arm 3 / train time of arm 1),
 measured in this study (both times are recorded in the report).
+
+The long preset has its own arms (LONG_ARMS): long runs evaluated along their length (so equal compute is read
+off the curves, with no arm of its own), and short arms that separate the paper's ImageNet settings (loss
+weights, dropout, the mask) from ST-AR itself.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ class Arm:
     main: bool = False  # arms 1 and 3: the ones that get every seed
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    short: bool = False  # long preset: trained the preset's short length (the cheap arms)
+    candidate: bool = False  # long preset: an ST-AR arm that gets the extra seed if it is the best one
 
 
 ARMS: tuple[Arm, ...] = (
@@ -42,18 +48,46 @@ ARMS: tuple[Arm, ...] = (
 )
 ARM_KEYS = tuple(arm.key for arm in ARMS)
 
+NO_DROPOUT = ("--dropout", "0", "--token-dropout", "0")  # residual, FFN and token dropout; class dropout stays (CFG)
+# The fixed decay: arm 6's 0.917 (--teacher-decay auto at 300 steps) gave the short study's best probe; held
+# fixed while the run grows 10x, it separates a horizon of ~12 steps from a horizon scaled with the run.
+FIXED_DECAY = "0.92"
+LONG_ARMS: tuple[Arm, ...] = (
+    Arm("L1_llamagen", "L1 LlamaGen", star=False, main=True, notes="--no-star"),
+    Arm("L3_star", "L3 ST-AR (paper, decay 0.9999)", star=True, candidate=True,
+        flags=("--view-match", "index", "--teacher-decay", "0.9999"), notes="the paper's settings"),
+    Arm("L6_star_auto", "L6 ST-AR, decay auto", star=True, candidate=True,
+        flags=("--view-match", "index", "--teacher-decay", "auto"), notes="1 - 1/(0.04 x steps)"),
+    Arm("L7_star_decay092", f"L7 ST-AR, decay {FIXED_DECAY}", star=True, candidate=True,
+        flags=("--view-match", "index", "--teacher-decay", FIXED_DECAY), notes="arm 6's short-run decay, fixed"),
+    Arm("S1_star_w025", "S1 ST-AR, weights 0.25 / 0.125", star=True, short=True, main=True,
+        flags=("--view-match", "index", "--teacher-decay", "0.9999", "--mim-weight", "0.25",
+               "--contrastive-weight", "0.125"), notes="alpha, beta a quarter of the paper's"),
+    Arm("S2_star_w010", "S2 ST-AR, weights 0.1 / 0.05", star=True, short=True, main=True,
+        flags=("--view-match", "index", "--teacher-decay", "0.9999", "--mim-weight", "0.1",
+               "--contrastive-weight", "0.05"), notes="alpha, beta a tenth of the paper's"),
+    Arm("S3_llamagen_drop0", "S3 LlamaGen, dropout 0", star=False, short=True, main=True, flags=NO_DROPOUT,
+        notes="--no-star, residual / FFN / token dropout 0"),
+    Arm("S4_star_drop0", "S4 ST-AR, dropout 0", star=True, short=True, main=True,
+        flags=("--view-match", "index", "--teacher-decay", "0.9999", *NO_DROPOUT), notes="dropout 0"),
+    Arm("S5_star_mask0", "S5 ST-AR, mask ratio 0", star=True, short=True, main=True,
+        flags=("--view-match", "index", "--teacher-decay", "0.9999", "--mask-ratio", "0"),
+        notes="L_MIM without the mask: what the mask adds"),
+)
 
-def select_arms(spec: str) -> list[Arm]:
-    """'all' or a comma list of arm keys or their leading numbers ('1,3,5a'); unknown names are errors."""
+
+def select_arms(spec: str, table: tuple[Arm, ...] = ARMS) -> list[Arm]:
+    """'all' or a comma list of arm keys or their leading ids ('1,3,5a', 'L1,S2'); unknown names are errors."""
     if spec.strip() in ("", "all"):
-        return list(ARMS)
+        return list(table)
     chosen = []
     for item in (part.strip() for part in spec.split(",") if part.strip()):
-        matches = [arm for arm in ARMS if item in (arm.key, arm.key.split("_")[0])]
+        matches = [arm for arm in table if item in (arm.key, arm.key.split("_")[0])]
         if not matches:
-            raise ValueError(f"--arms {item!r}: not an arm; choose from {', '.join(ARM_KEYS)} (or their numbers)")
+            keys = ", ".join(arm.key for arm in table)
+            raise ValueError(f"--arms {item!r}: not an arm; choose from {keys} (or their leading ids)")
         chosen.extend(arm for arm in matches if arm not in chosen)
-    return [arm for arm in ARMS if arm in chosen]  # table order
+    return [arm for arm in table if arm in chosen]  # table order
 
 
 def arm_seeds(arm: Arm, main_seeds: list[int], other_seeds: list[int]) -> list[int]:

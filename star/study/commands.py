@@ -56,3 +56,7 @@ def probe_argv(run: Path, train_shards: Path, test_shards: Path, out: Path, posi
     return script("evaluate/run.py") + ["probe", "--ckpt", str(run), "--shards", str(train_shards), "--eval-shards",
                                          str(test_shards), "--positions", ",".join(map(str, positions)), "--view", "0",
                                          "--limit", str(train_limit), "--out", str(out)]
+
+
+def nll_argv(ckpt: Path, shards: Path, out_json: Path) -> list[str]:
+    return script("evaluate/run.py") + ["nll", "--ckpt", str(ckpt), "--shards", str(shards), "--out", str(out_json)]

@@ -6,7 +6,7 @@ rerun resumes where the last one stopped (and the commands themselves resume ins
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +43,16 @@ class StudyPlan:
     arms: list[Arm] = field(default_factory=list)
     preset: str = "full"
     fid_precision: str = "fp32"  # Inception's: bf16 where the CPU has AMX (2.4x); FIDs compare only within a study
+    train_flags: list[str] = field(default_factory=list)  # train/run.py flags every arm shares (the fast step)
+    jobs: int = 1  # runs (and their evaluations) side by side, each on cores // jobs threads
+    milestones: list[float] = field(default_factory=list)  # long preset: fractions of a run checkpointed and scored
+    short_steps: int = 0  # long preset: the length of the short arms
+    curve_samples: int = 0  # long preset: samples per FID at every checkpoint (the curves); the last also gets
+    # num_samples
+
+    @property
+    def threads_per_job(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.jobs)
 
     @property
     def model_json(self) -> Path:
@@ -71,26 +81,30 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
     log = plan.out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  [run ] {name}: {' '.join(argv[1:3])} ... (log: {log})", flush=True)
-    started, cpu_before = time.time(), child_cpu_seconds()
+    started = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads_per_job)} if plan.jobs > 1 else None
     with open(log, "w") as handle:
         handle.write(" ".join(argv) + "\n\n")
         handle.flush()
-        code = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=commands.REPO).returncode
+        child = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=commands.REPO, env=env)
+        code, cpu_seconds = wait_with_cpu_seconds(child)
     seconds = time.time() - started
     if code != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise StageFailed(f"stage {name} failed (exit {code}); see {log}:\n    " + "\n    ".join(tail))
     # CPU seconds as well as wall: on a machine shared with other jobs, CPU time is what predicts an idle run
-    record = {"name": name, "seconds": round(seconds, 2), "cpu_seconds": round(child_cpu_seconds() - cpu_before, 2),
-              "argv": argv}
+    record = {"name": name, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "argv": argv}
     write_json_atomic(marker, record)
     print(f"  [done] {name} in {seconds:.0f} s", flush=True)
     return record
 
 
-def child_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def wait_with_cpu_seconds(child: subprocess.Popen) -> tuple[int, float]:
+    """(exit code, CPU seconds of the child and its own children): this child's alone, even while other stages
+    run beside it (wait4 reports one child's usage; RUSAGE_CHILDREN would mix every finished child's)."""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, usage.ru_utime + usage.ru_stime
 
 
 def timed_inline(plan: StudyPlan, name: str, fn, done: list[Path]) -> dict:
@@ -143,7 +157,7 @@ def balanced_subset(labels: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
 
 
-def decode_test_tokens(plan: StudyPlan, npz: Path) -> None:
+def decode_test_tokens(plan: StudyPlan, npz: Path, count: int) -> None:
     """Test centre-crop tokens decoded by the VQ: the images the best possible generator would produce, as many
     (class-balanced) as one arm's samples."""
     import torch
@@ -155,7 +169,7 @@ def decode_test_tokens(plan: StudyPlan, npz: Path) -> None:
 
     vq_ckpt, vq_config = vq_files(plan)
     tokens, labels = shard_tokens(plan.out / "shards" / "test", view=0)  # [N, 64]
-    keep = balanced_subset(labels, plan.num_samples)
+    keep = balanced_subset(labels, count)
     tokens, labels = tokens[keep], labels[keep]
     vq = load_vq(vq_ckpt, VQConfig.resolve(vq_config))
     images = np.concatenate([tokens_to_uint8(vq, torch.from_numpy(tokens[i : i + 500]), int(tokens.shape[1] ** 0.5))
@@ -165,13 +179,15 @@ def decode_test_tokens(plan: StudyPlan, npz: Path) -> None:
         np.savez(handle, arr_0=images, labels=labels)
 
 
-def stage_ceiling(plan: StudyPlan) -> dict:
-    folder = plan.out / "vq" / "ceiling"
+def stage_ceiling(plan: StudyPlan, count: int = 0) -> dict:
+    """FID of `count` (default: an arm's num_samples) test images decoded from their tokens."""
+    count = count or plan.num_samples
+    suffix = "" if count == plan.num_samples else f"_n{count}"
+    folder = plan.out / "vq" / f"ceiling{suffix}"
     npz, metrics = folder / "samples.npz", folder / "metrics.json"
-    timed_inline(plan, "ceiling_decode", lambda: decode_test_tokens(plan, npz), [npz])
-    run_stage(plan, "ceiling_fid", commands.fid_argv(npz, plan.data / "test", metrics, plan.out / "fid_cache",
-                                                       plan.fid_precision),
-              [metrics])
+    timed_inline(plan, f"ceiling_decode{suffix}", lambda: decode_test_tokens(plan, npz, count), [npz])
+    run_stage(plan, f"ceiling_fid{suffix}", commands.fid_argv(npz, plan.data / "test", metrics,
+                                                                plan.out / "fid_cache", plan.fid_precision), [metrics])
     return json.loads(metrics.read_text())
 
 
@@ -307,9 +323,7 @@ def run_study(plan: StudyPlan, prepare_data, reuse_only: bool = False) -> dict:
     if reuse_only:
         return collect_finished(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan.out / "plan.json", {k: (str(v) if isinstance(v, Path) else v)
-                                               for k, v in asdict(plan).items() if k != "arms"}
-                      | {"arms": [a.key for a in plan.arms]})
+    write_plan_record(plan)
     started = time.time()
     timed_inline(plan, "data", prepare_data, [plan.data / "train" / "complete.json", plan.data / "test" / "complete.json"])
     vq_metrics = stage_vq(plan)
@@ -334,6 +348,11 @@ def run_study(plan: StudyPlan, prepare_data, reuse_only: bool = False) -> dict:
     results.sort(key=lambda r: ([a.key for a in plan.arms].index(r["arm"]), r["seed"]))  # table order
     return {"vq": vq_metrics, "ceiling": ceiling, "results": results, "seconds": time.time() - started,
             "stage_seconds": stage_times(plan)}
+
+
+def write_plan_record(plan: StudyPlan) -> None:
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items() if k != "arms"}
+    write_json_atomic(plan.out / "plan.json", record | {"arms": [a.key for a in plan.arms]})
 
 
 def stage_times(plan: StudyPlan) -> dict:

@@ -1,0 +1,211 @@
+"""The long preset (`make study PRESET=long`): does ST-AR help once runs are long enough for the problem it
+fixes to appear? Every run is checkpointed at fixed fractions of its length and scored at each checkpoint
+(held-out NLL with and without the label, the probe, FID without and with CFG), so the comparison at equal
+steps and at equal compute is read off curves rather than off one extra arm.
+
+Order of work: the shared stages (data, VQ, tokens, the VQ ceiling); every run trained, `plan.jobs` side by
+side; the held-out NLL of the candidate ST-AR arms' last checkpoints, and one more seed for the best of them;
+every checkpoint scored. Each stage is one of the project's commands, skipped when already done, so an
+interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from star.io import write_json_atomic
+from star.study import commands
+from star.study.arms import Arm
+from star.study.pipeline import (
+    StageFailed,
+    StudyPlan,
+    run_stage,
+    stage_ceiling,
+    stage_times,
+    stage_tokenize,
+    stage_vq,
+    timed_inline,
+    vq_files,
+    write_model_json,
+    write_plan_record,
+)
+
+_print_lock = threading.Lock()
+
+
+def run_dir(plan: StudyPlan, arm: Arm, seed: int) -> Path:
+    return plan.out / "arms" / arm.key / f"seed{seed}"
+
+
+def arm_steps(plan: StudyPlan, arm: Arm) -> int:
+    return plan.short_steps if arm.short else plan.steps
+
+
+def milestone_steps(plan: StudyPlan, arm: Arm) -> list[int]:
+    """The checkpointed and scored steps: fractions of a long run; a short run's last step only."""
+    steps = arm_steps(plan, arm)
+    if arm.short:
+        return [steps]
+    return sorted({max(1, round(fraction * steps)) for fraction in plan.milestones} | {steps})
+
+
+def seeds_of(plan: StudyPlan, arm: Arm) -> list[int]:
+    return list(plan.main_seeds if arm.main else plan.other_seeds)
+
+
+def extra_seed(plan: StudyPlan) -> int:
+    return max(plan.other_seeds) + 1
+
+
+def in_parallel(plan: StudyPlan, tasks: list[tuple[str, Callable[[], object]]]) -> list:
+    """Run named tasks `plan.jobs` at a time; every task runs even when one fails, then the failures raise."""
+    failures: list[str] = []
+
+    def guarded(name: str, task: Callable[[], object]):
+        try:
+            return task()
+        except StageFailed as error:
+            with _print_lock:
+                print(f"  [fail] {name}: {error}", flush=True)
+            failures.append(f"{name}: {error}")
+            return None
+
+    with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+        results = list(pool.map(lambda item: guarded(*item), tasks))
+    if failures:
+        raise StageFailed(f"{len(failures)} task(s) failed:\n  " + "\n  ".join(failures))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and scoring one run
+
+
+def train_run(plan: StudyPlan, arm: Arm, seed: int) -> dict:
+    steps, milestones = arm_steps(plan, arm), milestone_steps(plan, arm)
+    flags = [*arm.flags, *([] if arm.star else ["--no-star"]), *plan.train_flags]
+    if len(milestones) > 1:
+        flags += ["--ckpt-at", ",".join(str(step) for step in milestones[:-1])]
+    train_dir = run_dir(plan, arm, seed) / "train"
+    return run_stage(plan, f"train_{arm.key}_seed{seed}", commands.train_argv(
+        plan.out / "shards" / "train", train_dir, plan.model_json, steps, plan.batch_size, plan.lr, seed, flags),
+        [train_dir / "log.jsonl"])
+
+
+def checkpoint_folder(plan: StudyPlan, arm: Arm, seed: int, step: int) -> Path:
+    return run_dir(plan, arm, seed) / "train" / "checkpoints" / f"step-{step:07d}"
+
+
+def nll_at(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
+    out = run_dir(plan, arm, seed) / "eval" / f"step{step}" / "nll.json"
+    run_stage(plan, f"nll_{arm.key}_seed{seed}_step{step}", commands.nll_argv(
+        checkpoint_folder(plan, arm, seed, step), plan.out / "shards" / "test", out), [out])
+    return json.loads(out.read_text())
+
+
+def fid_at(plan: StudyPlan, arm: Arm, seed: int, step: int, num_samples: int, cfg: float) -> dict:
+    vq_ckpt, vq_config = vq_files(plan)
+    name = f"{arm.key}_seed{seed}_step{step}_n{num_samples}_cfg{cfg:g}"
+    samples = run_dir(plan, arm, seed) / "eval" / f"step{step}" / f"samples_n{num_samples}_cfg{cfg:g}"
+    run_stage(plan, f"sample_{name}", commands.sample_argv(checkpoint_folder(plan, arm, seed, step), samples,
+                                                           vq_ckpt, vq_config, cfg, num_samples, seed),
+              [samples / "samples.npz"])
+    metrics = samples / "metrics.json"
+    run_stage(plan, f"fid_{name}", commands.fid_argv(samples / "samples.npz", plan.data / "test", metrics,
+                                                     plan.out / "fid_cache", plan.fid_precision), [metrics])
+    return {**json.loads(metrics.read_text()), "grid": str(samples / "grid.png")}
+
+
+def probe_at(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
+    out = run_dir(plan, arm, seed) / "eval" / f"step{step}" / "probe"
+    run_stage(plan, f"probe_{arm.key}_seed{seed}_step{step}", commands.probe_argv(
+        checkpoint_folder(plan, arm, seed, step), plan.out / "shards" / "train", plan.out / "shards" / "test", out,
+        plan.probe_positions, plan.probe_limit), [out / "probe.json"])
+    return json.loads((out / "probe.json").read_text())
+
+
+def score_checkpoint(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
+    """Everything measured at one checkpoint; the run's last one also gets FID at the full sample count."""
+    last = step == arm_steps(plan, arm)
+    counts = [plan.curve_samples] + ([plan.num_samples] if last and not arm.short else [])
+    fids = {f"n{n}": {f"cfg{cfg:g}": fid_at(plan, arm, seed, step, n, cfg) for cfg in (1.0, plan.cfg_scale)}
+            for n in counts}
+    return {"step": step, "nll": nll_at(plan, arm, seed, step), "probe": probe_at(plan, arm, seed, step),
+            "fid": fids}
+
+
+def read_log(plan: StudyPlan, arm: Arm, seed: int) -> list[dict]:
+    log = run_dir(plan, arm, seed) / "train" / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def run_result(plan: StudyPlan, arm: Arm, seed: int, scored: list[dict]) -> dict:
+    """One run's record for the report: its checkpoints' scores with the training compute spent to reach each."""
+    log = read_log(plan, arm, seed)
+    by_step = {record["step"]: record for record in log}
+    config = json.loads((run_dir(plan, arm, seed) / "train" / "config.json").read_text())
+    points = [{**point, "cpu_s": by_step[point["step"]].get("cpu_s"), "train_loss": by_step[point["step"]]["loss"],
+               "train_loss_ar": by_step[point["step"]]["loss_ar"]} for point in scored]
+    result = {"arm": arm.key, "label": arm.label, "seed": seed, "steps": arm_steps(plan, arm), "short": arm.short,
+              "star": arm.star, "teacher_decay": (config["star"] or {}).get("teacher_decay"), "points": points,
+              "log": [{k: r.get(k) for k in ("step", "loss", "loss_ar", "cpu_s", "time")} for r in log]}
+    write_json_atomic(run_dir(plan, arm, seed) / "result.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study
+
+
+def best_candidate(plan: StudyPlan, arms: list[Arm]) -> tuple[Arm | None, dict]:
+    """The candidate ST-AR arm with the lowest mean held-out NLL (with the label) at its last checkpoint."""
+    means = {}
+    for arm in (a for a in arms if a.candidate):
+        values = [nll_at(plan, arm, seed, arm_steps(plan, arm))["conditional"]["nats_per_token"]
+                  for seed in seeds_of(plan, arm)]
+        means[arm.key] = float(np.mean(values))
+    if not means:
+        return None, means
+    best = min(means, key=means.get)
+    return next(arm for arm in arms if arm.key == best), means
+
+
+def shared_stages(plan: StudyPlan, prepare_data) -> tuple[dict, dict]:
+    timed_inline(plan, "data", prepare_data, [plan.data / "train" / "complete.json",
+                                              plan.data / "test" / "complete.json"])
+    vq_metrics = stage_vq(plan)
+    stage_tokenize(plan)
+    ceilings = {n: stage_ceiling(plan, n) for n in sorted({plan.curve_samples, plan.num_samples})}
+    write_model_json(plan)
+    return vq_metrics, ceilings
+
+
+def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> dict:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_plan_record(plan)
+    started = time.time()
+    vq_metrics, ceilings = shared_stages(plan, prepare_data)
+    runs = [(arm, seed) for arm in plan.arms for seed in seeds_of(plan, arm)]
+    in_parallel(plan, [(f"train {a.key} seed {s}", lambda a=a, s=s: train_run(plan, a, s)) for a, s in runs])
+    best, nll_means = best_candidate(plan, plan.arms)
+    if best is not None:
+        print(f"== best ST-AR arm by held-out NLL: {best.key} ({nll_means}); seed {extra_seed(plan)} added", flush=True)
+        runs.append((best, extra_seed(plan)))
+        train_run(plan, best, extra_seed(plan))
+    if train_only:
+        return {}
+    tasks = [(f"score {a.key} seed {s} step {step}", lambda a=a, s=s, step=step: (a, s, score_checkpoint(plan, a, s, step)))
+             for a, s in runs for step in milestone_steps(plan, a)]
+    scored: dict[tuple[str, int], list[dict]] = {}
+    for arm, seed, point in in_parallel(plan, tasks):
+        scored.setdefault((arm.key, seed), []).append(point)
+    results = [run_result(plan, arm, seed, sorted(scored[(arm.key, seed)], key=lambda p: p["step"]))
+               for arm, seed in runs]
+    return {"vq": vq_metrics, "ceilings": ceilings, "results": results, "best_candidate": best.key if best else None,
+            "candidate_nll": nll_means, "seconds": time.time() - started, "stage_seconds": stage_times(plan)}

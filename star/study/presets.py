@@ -1,0 +1,40 @@
+"""The study's presets: one GPT, its data subset and the run lengths per preset.
+
+full (the default) and quick: the arms of star/study/arms.py ARMS, fp32, one run at a time. long: the long
+arms (LONG_ARMS) on the same data and model, checkpointed at fixed fractions of each run and evaluated at each
+one, trained with the fast step (bf16 autocast, compiled, two runs side by side on one thread each; `make bench`
+measures it against the default step).
+"""
+from __future__ import annotations
+
+# The study's fast step (see bench/study_step.py): bf16 autocast with fp32 attention on the CPU, compiled.
+FAST_STEP = ["--precision", "bf16", "--compile"]
+GPT_SMALL = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 10, "block_size": 64, "multiple_of": 64,
+             "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
+# name: (plan fields, images per class {"train": n, "test": m} (0 = all) or None for the full splits).
+# Sized from CPU-second rates measured on this 2-core machine (see the study's report): Inception features
+# (about 18 images per CPU-second in bf16 with AMX, 5 in fp32) and the VQ dominate, so the full study trains
+# on 1,000 images per class (x 10 crops) and scores against the complete 10k test split.
+PRESETS = {
+    "full": (dict(vq_steps=600, vq_batch_size=32, gpt=GPT_SMALL, steps=300, batch_size=64, lr=1e-3,
+                  num_samples=5000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
+                  probe_limit=10000, main_seeds=[0, 1], other_seeds=[0], third_seed_if_close=True),
+             {"train": 1000, "test": 0}),
+    "quick": (dict(vq_steps=100, vq_batch_size=32, gpt=GPT_SMALL, steps=100, batch_size=32, lr=1e-3,
+                   num_samples=200, cfg_scale=2.0, probe_positions=[1, 16, 32, 48, 64], probe_limit=1000,
+                   main_seeds=[0], other_seeds=[0], third_seed_if_close=False), {"train": 100, "test": 20}),
+    "smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2},
+                   steps=4, batch_size=8, lr=1e-3, num_samples=20, cfg_scale=2.0, probe_positions=[1, 64],
+                   probe_limit=1000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False), None),
+    "long": (dict(vq_steps=600, vq_batch_size=32, gpt=GPT_SMALL, steps=3000, short_steps=300, batch_size=64,
+                  lr=1e-3, num_samples=5000, curve_samples=1000, cfg_scale=2.0,
+                  probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64], probe_limit=10000, main_seeds=[0, 1, 2],
+                  other_seeds=[0, 1], third_seed_if_close=False, milestones=[0.1, 1 / 3, 2 / 3, 1.0],
+                  train_flags=FAST_STEP, jobs=2),
+             {"train": 1000, "test": 0}),
+    "long-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2},
+                        steps=6, short_steps=3, batch_size=8, lr=1e-3, num_samples=20, curve_samples=10,
+                        cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0, 1],
+                        other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=FAST_STEP,
+                        jobs=2), None),
+}
