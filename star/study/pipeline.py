@@ -68,8 +68,11 @@ def stage_settings(argv: list[str]) -> list[str]:
     return [Path(argv[1]).parent.name + "/" + Path(argv[1]).name, *argv[2:]]
 
 
-def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | None = None) -> dict:
-    """Run one command unless its marker (and `done` outputs) exist; record seconds. Returns the marker."""
+def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | None = None,
+              side_by_side: bool = True) -> dict:
+    """Run one command unless its marker (and `done` outputs) exist; record seconds. Returns the marker.
+    side_by_side: the stage may run beside others (plan.jobs > 1), so it gets cores // jobs threads; the shared
+    stages, which run alone, get every core."""
     marker = plan.out / "stages" / f"{name}.json"
     if marker.is_file() and stage_settings(json.loads(marker.read_text())["argv"]) != stage_settings(argv):
         # a changed setting would retrain or overwrite on top of finished work: refuse, name the way out
@@ -82,7 +85,7 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  [run ] {name}: {' '.join(argv[1:3])} ... (log: {log})", flush=True)
     started = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads_per_job)} if plan.jobs > 1 else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads_per_job)} if plan.jobs > 1 and side_by_side else None
     with open(log, "w") as handle:
         handle.write(" ".join(argv) + "\n\n")
         handle.flush()
@@ -131,7 +134,8 @@ def stage_vq(plan: StudyPlan) -> dict:
     if not config_in.is_file():
         write_json_atomic(config_in, {"config": {**VQ_CONFIG, "codebook_size": plan.codebook_size}})
     run_stage(plan, "vq_train", commands.vq_train_argv(plan.data / "train", folder, config_in, plan.vq_steps,
-                                                       plan.vq_batch_size), [folder / "vq.pt", folder / "metrics.json"])
+                                                       plan.vq_batch_size), [folder / "vq.pt", folder / "metrics.json"],
+              side_by_side=False)
     return json.loads((folder / "metrics.json").read_text())
 
 
@@ -144,7 +148,8 @@ def stage_tokenize(plan: StudyPlan) -> None:
     for split, views in (("train", "tencrop"), ("test", "center")):
         shards = plan.out / "shards" / split
         run_stage(plan, f"tokenize_{split}", commands.tokenize_argv(plan.data / split, shards, vq_ckpt, vq_config,
-                                                                    views), [shards / "manifest.json"])
+                                                                    views), [shards / "manifest.json"],
+                  side_by_side=False)
 
 
 def balanced_subset(labels: np.ndarray, count: int) -> np.ndarray:
@@ -187,7 +192,8 @@ def stage_ceiling(plan: StudyPlan, count: int = 0) -> dict:
     npz, metrics = folder / "samples.npz", folder / "metrics.json"
     timed_inline(plan, f"ceiling_decode{suffix}", lambda: decode_test_tokens(plan, npz, count), [npz])
     run_stage(plan, f"ceiling_fid{suffix}", commands.fid_argv(npz, plan.data / "test", metrics,
-                                                                plan.out / "fid_cache", plan.fid_precision), [metrics])
+                                                                plan.out / "fid_cache", plan.fid_precision), [metrics],
+              side_by_side=False)
     return json.loads(metrics.read_text())
 
 
