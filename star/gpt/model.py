@@ -11,7 +11,7 @@ docs/llamagen.md §2) so official checkpoints load strictly:
     layers.{i}.attention_norm/ffn_norm.weight [D]
     norm.weight [D];  output.weight [vocab, D]  (not tied, no biases anywhere)
 
-Traps reproduced on purpose (llamagen.md §0):
+Traps reproduced on purpose (docs/llamagen.md §0):
 - the class position's rotary rows are ZERO (cos = sin = 0), so its q and k are zero vectors in every layer;
 - rotary pairs are interleaved (x[2i], x[2i+1]); the first hd/4 pairs rotate by the grid row, the rest by the
   grid column;
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 # Configuration
 # ---------------------------------------------------------------------------------------------------------
 
-# name -> (n_layer, n_head, dim), as LlamaGen's registry (llamagen.md §2.2)
+# name -> (n_layer, n_head, dim), as LlamaGen's registry (docs/llamagen.md §2.2)
 GPT_PRESETS: dict[str, dict[str, int]] = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),

@@ -1,4 +1,4 @@
-"""ST-AR's self-guided objectives (design.md §ST-AR): attention-mask MIM against an EMA teacher, and the
+"""ST-AR's self-guided objectives (docs/st-ar.md): attention-mask MIM against an EMA teacher, and the
 inter-step / inter-view InfoNCE losses on middle-layer features through a student-only projector.
 
 Sequence layout: position 0 is the class, position s >= 1 holds image token s - 1 as input. Contrastive
@@ -107,7 +107,7 @@ def resolve_teacher_decay(decay: float | str, total_steps: int) -> float:
 
 @dataclass
 class StarSettings:
-    """ST-AR's self-guided losses (design.md §ST-AR). Flags of train/run.py; checked here for every caller."""
+    """ST-AR's self-guided losses (docs/st-ar.md). Flags of train/run.py; checked here for every caller."""
 
     mim_weight: float = setting(1.0, help="alpha, the weight of L_MIM")
     contrastive_weight: float = setting(0.5, help="beta, the weight of (L_step + L_view) / 2")
