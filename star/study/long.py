@@ -44,15 +44,18 @@ def run_dir(plan: StudyPlan, arm: Arm, seed: int) -> Path:
 
 
 def arm_steps(plan: StudyPlan, arm: Arm) -> int:
-    return plan.short_steps if arm.short else plan.steps
+    return plan.short_steps if arm.short else round(plan.steps * arm.length)
 
 
 def milestone_steps(plan: StudyPlan, arm: Arm) -> list[int]:
-    """The checkpointed and scored steps: fractions of a long run; a short run's last step only."""
+    """The checkpointed and scored steps: the preset's fractions of its steps (shared by every long arm, for
+    comparisons at equal steps), then the same fractions of a longer arm's own length; a short run's last step."""
     steps = arm_steps(plan, arm)
     if arm.short:
         return [steps]
-    return sorted({max(1, round(fraction * steps)) for fraction in plan.milestones} | {steps})
+    common = {max(1, round(fraction * plan.steps)) for fraction in plan.milestones}
+    beyond = {round(fraction * steps) for fraction in plan.milestones if fraction * steps > plan.steps}
+    return sorted({step for step in common if step <= steps} | beyond | {steps})
 
 
 def seeds_of(plan: StudyPlan, arm: Arm) -> list[int]:

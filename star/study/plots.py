@@ -79,3 +79,23 @@ def plot_sample_grids(grids: dict[str, Path], path: Path, columns: int = 4) -> P
         axis.imshow(plt.imread(grid))
         axis.set_title(name, fontsize=8)
     return _save(figure, path)
+
+
+def plot_metric_panels(panels: dict[str, dict[str, dict]], path: Path, xlabel: str, title: str,
+                       columns: int = 3) -> Path:
+    """A grid of panels, one per metric: {metric: {arm: {"x": [...], "mean": [...], "sd": [...]}}}, each arm a
+    line with its seed spread (± sd) as a band."""
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.axis("off")
+    for axis, (metric, curves) in zip(axes.flat, panels.items()):
+        for arm, curve in curves.items():
+            x, mean, sd = (np.asarray(curve[k], dtype=float) for k in ("x", "mean", "sd"))
+            axis.plot(x, mean, marker="o", markersize=3, label=arm)
+            axis.fill_between(x, mean - sd, mean + sd, alpha=0.15)
+        axis.set(xlabel=xlabel, title=metric)
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(title)
+    return _save(figure, path)
