@@ -189,9 +189,24 @@ def shared_stages(plan: StudyPlan, prepare_data) -> tuple[dict, dict]:
     return vq_metrics, ceilings
 
 
+def record_invocation(plan: StudyPlan, ended: bool = False) -> list[dict]:
+    """invocations.json: when each invocation of the study began and whether it finished (the report says
+    whether the study ran in one piece)."""
+    path = plan.out / "invocations.json"
+    invocations = json.loads(path.read_text()) if path.is_file() else []
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    if ended:
+        invocations[-1]["ended"] = now
+    else:
+        invocations.append({"started": now})
+    write_json_atomic(path, invocations)
+    return invocations
+
+
 def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     write_plan_record(plan)
+    record_invocation(plan)
     started = time.time()
     vq_metrics, ceilings = shared_stages(plan, prepare_data)
     runs = [(arm, seed) for arm in plan.arms for seed in seeds_of(plan, arm)]
@@ -202,6 +217,7 @@ def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> d
         runs.append((best, extra_seed(plan)))
         train_run(plan, best, extra_seed(plan))
     if train_only:
+        record_invocation(plan, ended=True)
         return {}
     tasks = [(f"score {a.key} seed {s} step {step}", lambda a=a, s=s, step=step: (a, s, score_checkpoint(plan, a, s, step)))
              for a, s in runs for step in milestone_steps(plan, a)]
@@ -211,4 +227,5 @@ def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> d
     results = [run_result(plan, arm, seed, sorted(scored[(arm.key, seed)], key=lambda p: p["step"]))
                for arm, seed in runs]
     return {"vq": vq_metrics, "ceilings": ceilings, "results": results, "best_candidate": best.key if best else None,
-            "candidate_nll": nll_means, "seconds": time.time() - started, "stage_seconds": stage_times(plan)}
+            "candidate_nll": nll_means, "seconds": time.time() - started, "stage_seconds": stage_times(plan),
+            "invocations": record_invocation(plan, ended=True)}

@@ -33,8 +33,8 @@ PRESETS = {
                   train_flags=FAST_STEP, jobs=2),
              {"train": 1000, "test": 0}),
     "long-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2},
-                        steps=6, short_steps=3, batch_size=8, lr=1e-3, num_samples=20, curve_samples=10,
-                        cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0, 1],
+                        steps=6, short_steps=3, batch_size=8, lr=1e-3, num_samples=20, curve_samples=20,
+                        cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0],
                         other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=FAST_STEP,
                         jobs=2), None),
 }

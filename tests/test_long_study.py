@@ -1,0 +1,112 @@
+"""Held-out NLL, and the long study: runs scored at fixed fractions of their length, in parallel, end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_study import idx_folder  # noqa: F401 (the hand-made Fashion-MNIST stand-in)
+
+from star.eval.nll import NllConfig, bits_per_dim, run_nll
+from star.eval.understanding import AnalysisModel, shard_tokens
+from star.train.loop import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_shards, tmp_path_factory):
+    from conftest import TINY_GPT
+
+    folder = tmp_path_factory.mktemp("nll")
+    (folder / "gpt.json").write_text(json.dumps(TINY_GPT))
+    train(TrainConfig(shards=str(tiny_shards), out=str(folder / "run"), model=str(folder / "gpt.json"), steps=6,
+                      batch_size=8, lr=3e-3, num_workers=0, progress=False, star=False, ckpt_at="1"))
+    return folder / "run"
+
+
+def test_nll_is_the_eval_mode_next_token_cross_entropy(trained_run, tiny_shards, tmp_path):
+    from star.checkpoint import load_generator
+
+    result = run_nll(NllConfig(AnalysisModel(str(trained_run)), shards=str(tiny_shards), out=str(tmp_path / "n.json")))
+    model = load_generator(str(trained_run)).eval()
+    tokens, labels = shard_tokens(tiny_shards)
+    batch = torch.from_numpy(tokens)
+    with torch.no_grad():
+        for name, given in (("conditional", torch.from_numpy(labels)),
+                            ("unconditional", torch.full((len(labels),), model.config.null_class))):
+            logits = model(batch[:, :-1], given).logits  # [N, T, V]: position t predicts token t
+            expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.reshape(-1)).item()
+            assert result[name]["nats_per_token"] == pytest.approx(expected, rel=1e-5)
+    assert result["images"] == len(labels) and json.loads((tmp_path / "n.json").read_text()) == result
+    assert result["conditional"]["nats_per_token"] != result["unconditional"]["nats_per_token"]
+    # bits per dimension: the whole grid's NLL in bits over H x W x 3 values
+    assert bits_per_dim(2.0, 64, 32) == pytest.approx(2.0 * 64 / math.log(2) / (32 * 32 * 3))
+    assert result["conditional"]["bits_per_dim"] == pytest.approx(
+        bits_per_dim(result["conditional"]["nats_per_token"], 64, 32))
+
+
+def test_nll_improves_with_training_and_refuses_a_foreign_grid(trained_run, tiny_shards, tmp_path):
+    early = run_nll(NllConfig(AnalysisModel(str(trained_run / "checkpoints" / "step-0000001")),
+                              shards=str(tiny_shards), out=str(tmp_path / "a.json")))
+    late = run_nll(NllConfig(AnalysisModel(str(trained_run)), shards=str(tiny_shards), out=str(tmp_path / "b.json")))
+    assert late["conditional"]["nats_per_token"] < early["conditional"]["nats_per_token"]
+    from star.data.synthetic import SyntheticLayout, write_synthetic_shards
+
+    write_synthetic_shards(tmp_path / "big", SyntheticLayout(20, num_classes=3, grid=4, codebook_size=256))
+    with pytest.raises(ValueError, match="block_size"):
+        run_nll(NllConfig(AnalysisModel(str(trained_run)), shards=str(tmp_path / "big"), out=str(tmp_path / "c.json")))
+
+
+def test_nll_command_exits_2_on_a_bad_flag(trained_run, tmp_path, capsys):
+    import runpy
+    import sys
+
+    sys.argv = ["evaluate/run.py", "nll", "--ckpt", str(trained_run), "--shards", "x", "--out", "y", "--limit", "-1"]
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path("evaluate/run.py", run_name="__main__")
+    assert exit_info.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+def test_milestones_are_shared_fractions_and_the_long_baseline_adds_its_own():
+    from pathlib import Path
+
+    from star.study.arms import LONG_ARMS
+    from star.study.long import milestone_steps
+    from star.study.pipeline import StudyPlan
+    from star.study.presets import PRESETS
+
+    plan = StudyPlan(out=Path("x"), data=Path("y"), arms=list(LONG_ARMS), preset="long", **PRESETS["long"][0])
+    arms = {arm.key: arm for arm in LONG_ARMS}
+    assert milestone_steps(plan, arms["L3_star"]) == [300, 1000, 2000, 3000]
+    assert milestone_steps(plan, arms["L1_llamagen"]) == [300, 1000, 2000, 3000, 5333, 8000]
+    assert milestone_steps(plan, arms["S2_star_w010"]) == [300]
+
+
+def test_long_study_end_to_end_scores_every_checkpoint_and_resumes(tmp_path, idx_folder, capsys):  # noqa: F811
+    from star.study.__main__ import main
+
+    out = tmp_path / "study"
+    argv = ["--preset", "long-smoke", "--out", str(out), "--data-root", str(tmp_path / "fm"), "--idx-folder",
+            str(idx_folder), "--arms", "L1,L3"]
+    assert main(argv) == 0
+    results = {(r["arm"], r["seed"]): r for r in json.loads((out / "study.json").read_text())["results"]}
+    # L3 is the only candidate: it gets the extra seed; the baseline runs 8/3 as long
+    assert set(results) == {("L1_llamagen", 0), ("L3_star", 0), ("L3_star", 1)}
+    assert [p["step"] for p in results[("L1_llamagen", 0)]["points"]] == [3, 6, 8, 16]
+    for result in results.values():
+        for point in result["points"]:
+            assert point["nll"]["conditional"]["nats_per_token"] > 0 and point["cpu_s"] > 0
+            assert set(point["fid"]["n20"]) == {"cfg1", "cfg2"} and point["probe"]["rows"]
+        cpu = [p["cpu_s"] for p in result["points"]]
+        assert cpu == sorted(cpu)
+    report = (out / "report.md").read_text()
+    for heading in ("(a) Does ST-AR", "(b) Once runs are long", "(c) Are the paper", "(d) What does dropout",
+                    "at equal steps", "at equal training compute"):
+        assert heading in report
+    for png in ("long_by_step", "long_by_cpu_s", "long_training_loss"):
+        assert (out / "figures" / f"{png}.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun redoes nothing
+    assert "[run ]" not in capsys.readouterr().out
+    assert len(json.loads((out / "invocations.json").read_text())) == 2
+    assert np.isfinite(results[("L3_star", 1)]["teacher_decay"])
