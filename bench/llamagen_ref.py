@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from star.gpt.model import GPTConfig, build_rotary_table_2d
+from star.gpt.config import GPTConfig
+from star.gpt.rotary import build_rotary_table_2d
 
 
 class RefRMSNorm(nn.Module):

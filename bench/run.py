@@ -102,7 +102,8 @@ def bench_loader(work: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from star.data.extract import TokenizeConfig, run_tokenize
-    from star.train.token_loader import EpochBatchSampler, TokenViews, build_token_cache, collate_views
+    from star.train.token_cache import build_token_cache
+    from star.train.token_loader import EpochBatchSampler, TokenViews, collate_views
 
     out = work / "loader-shards"
     run_tokenize(TokenizeConfig(data=str(work / "data" / "train"), out=str(out), vq_ckpt=str(FIXTURES / "vq_small.pt"),
@@ -125,9 +126,11 @@ def bench_train_loop(work: Path) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from star.gpt.model import GPT, GPTConfig, drop_class_labels
+    from star.gpt.model import GPT, GPTConfig
     from star.train.loop import TrainConfig, train
-    from star.train.token_loader import EpochBatchSampler, TokenViews, build_token_cache, collate_views
+    from star.train.objectives import drop_class_labels
+    from star.train.token_cache import build_token_cache
+    from star.train.token_loader import EpochBatchSampler, TokenViews, collate_views
 
     shards = work / "loader-shards"  # written by bench_loader
     model_spec = {"dim": 128, "n_layer": 4, "n_head": 4, "vocab_size": 256, "num_classes": 8, "block_size": 64}

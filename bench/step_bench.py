@@ -64,14 +64,15 @@ class StepContenders:
     """The three steps compared at one model size, sharing one set of weights where that is fair.
 
     ref: LlamaGen's computation (its model structure, full logits + F.cross_entropy, foreach AdamW as LlamaGen
-    gets on CPU, clip 1.0) on 8 sequences. plain: our trainer's step (`_forward_losses` + backward + clip +
+    gets on CPU, clip 1.0) on 8 sequences. plain: our trainer's step (`micro_batch_losses` + backward + clip +
     its optimiser) on the same 8 sequences. star: the ST-AR step on 4 images x 2 views = the same 8 sequences.
     """
 
     def __init__(self, spec: dict, compile_model: bool = False, images: int = 4, device="cpu"):
         from star.gpt.model import GPT, GPTConfig
+        from star.train.config import StarSettings
         from star.train.loop import parameter_groups
-        from star.train.objectives import Projector, StarSettings, StudentWithProjector, make_teacher
+        from star.train.objectives import Projector, StudentWithProjector, make_teacher
 
         self.device = torch.device(device)
         self.config = GPTConfig.resolve({"vocab_size": VOCAB, "num_classes": CLASSES, "block_size": BLOCK, **spec})
@@ -102,11 +103,10 @@ class StepContenders:
         self.ref_optimizer.zero_grad(set_to_none=True)
 
     def _our_step(self, module, star: bool, batch) -> None:
-        from star.train.loop import _forward_losses
-        from star.train.objectives import update_teacher
+        from star.train.objectives import micro_batch_losses, update_teacher
 
         generator = torch.Generator(device=self.device).manual_seed(0)
-        terms = _forward_losses(batch, module, self.teacher, self.settings if star else None, self.config, generator)
+        terms = micro_batch_losses(batch, module, self.teacher, self.settings if star else None, self.config, generator)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # the trainer's on-device skip, as in loop.py

@@ -10,9 +10,12 @@ A run folder (`train/run.py --out RUN`):
         teacher.safetensors              ST-AR's EMA teacher (same architecture)
         projector.safetensors            ST-AR's student-only projector
         optimizer.pt                     AdamW state (torch.save of tensors and numbers: weights_only loads it)
-        meta.json                        step, tokenizer hash, what exact resume depends on; written last
+        meta.json                        `CheckpointMeta`: step, data and tokenizer, what exact resume depends on,
+                                         the id every file of the checkpoint carries; written last
 
-Checkpoint folders are found one way (`checkpoint_dirs`, sorted by step number, never as text).
+Checkpoint folders are found one way (`checkpoint_dirs`, sorted by step number, never as text), and read one
+way (`read_training_state`, `read_meta`). Each safetensors file carries its checkpoint's id in its metadata, so
+a file swapped in from another checkpoint is refused instead of resumed.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ import errno
 import json
 import re
 import shutil
+import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -50,6 +54,10 @@ class CorruptCheckpoint(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the staging folder was removed."""
+
+
+class ForeignFile(ValueError):
+    """A checkpoint file written for another checkpoint (swapped or copied in): never resumed from."""
 
 
 class NonFiniteWeights(RuntimeError):
@@ -228,26 +236,36 @@ def save_gpt(model: GPT, path: str | Path) -> Path:
     return save_gpt_state(model.config, model.state_dict(), path)
 
 
-def save_gpt_state(config: GPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+def save_gpt_state(config: GPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | Path,
+                   checkpoint_id: str | None = None) -> Path:
     """`save_gpt` for a state dict gathered elsewhere (e.g. a full state dict from FSDP shards)."""
     weights_path, config_path = _save_paths(path)
-    _save_tensors(state_dict, weights_path)
+    _save_tensors(state_dict, weights_path, checkpoint_id)
     write_json_atomic(config_path, {"format": SAVE_FORMAT, "format_version": 1, "config": config.to_dict()})
     return weights_path
 
 
-def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, checkpoint_id: str | None = None) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    metadata = {"format": "pt", "star_format": SAVE_FORMAT, **({"checkpoint_id": checkpoint_id} if checkpoint_id
+                                                                 else {})}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "star_format": SAVE_FORMAT})
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path), device="cpu")
+
+
+def _file_checkpoint_id(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("checkpoint_id")
 
 
 def load_gpt(path: str | Path, device: str | torch.device = "cpu") -> GPT:
@@ -331,6 +349,51 @@ def run_holds_a_run(run: str | Path) -> bool:
 
 
 @dataclass
+class CheckpointMeta:
+    """meta.json: what a checkpoint is, and what continuing it exactly depends on. Fields an older checkpoint
+    lacks read as None (and are then not compared)."""
+
+    step: int
+    tokenizer_sha256: str | None = None
+    star: bool | None = None  # ST-AR's losses on (teacher and projector saved) or the plain baseline
+    views_per_image: int | None = None
+    seed: int | None = None
+    world_size: int | None = None
+    batch_per_process: int | None = None
+    grad_accum: int | None = None
+    batches_consumed_per_process: int | None = None
+    optimizer: dict = field(default_factory=dict)  # lr, weight_decay, grad_clip, betas
+    cpu_s: float = 0.0  # training-loop CPU seconds up to this step
+    data_digest: str | None = None  # Manifest.digest of the shards trained on
+    checkpoint_id: str | None = None  # carried by every safetensors file of this checkpoint
+
+    # compared on resume: a difference means the run cannot continue exactly
+    RESUME_FIELDS = ("tokenizer_sha256", "data_digest", "star", "views_per_image", "seed", "world_size",
+                     "batch_per_process", "grad_accum")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "CheckpointMeta":
+        record = dict(record)
+        if "views" in record and "views_per_image" not in record:
+            record["views_per_image"] = record.pop("views")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in record.items() if name in known})
+
+    def differences(self, now: "CheckpointMeta") -> list[str]:
+        """'name: checkpoint X, now Y' for every field exact resume depends on that differs (betas included)."""
+        lines = [f"{name}: checkpoint {getattr(self, name)!r}, now {getattr(now, name)!r}"
+                 for name in self.RESUME_FIELDS
+                 if getattr(self, name) is not None and getattr(self, name) != getattr(now, name)]
+        betas, betas_now = self.optimizer.get("betas"), now.optimizer.get("betas")
+        if betas is not None and list(betas) != list(betas_now):
+            lines.append(f"betas: checkpoint {betas!r}, now {betas_now!r}")
+        return lines
+
+
+@dataclass
 class TrainingState:
     """What one checkpoint holds, as CPU state dicts (None for parts a run does not have)."""
 
@@ -339,11 +402,14 @@ class TrainingState:
     teacher: dict[str, torch.Tensor] | None
     projector: dict[str, torch.Tensor] | None
     optimizer: dict | None
-    meta: dict
+    meta: CheckpointMeta
 
 
 def _non_finite(state: Mapping[str, torch.Tensor] | None) -> list[str]:
     return [k for k, v in (state or {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+TRAINER_FILES = (WEIGHTS_NAME, CONFIG_NAME, TEACHER_NAME, PROJECTOR_NAME, OPTIMIZER_NAME, META_NAME)
 
 
 def save_training_state(run: str | Path, step: int, state: TrainingState, keep: int,
@@ -362,43 +428,73 @@ def save_training_state(run: str | Path, step: int, state: TrainingState, keep: 
     final = root / f"step-{step:07d}"
     staging = root / f".step-{step:07d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    meta = dataclasses.replace(state.meta, checkpoint_id=uuid.uuid4().hex)
     try:
         staging.mkdir(parents=True)
-        save_gpt_state(state.model_config, state.student, staging)  # model.safetensors + config.json
+        save_gpt_state(state.model_config, state.student, staging, meta.checkpoint_id)  # model + config.json
         if state.teacher is not None:
-            _save_tensors(state.teacher, staging / TEACHER_NAME)
+            _save_tensors(state.teacher, staging / TEACHER_NAME, meta.checkpoint_id)
         if state.projector is not None:
-            _save_tensors(state.projector, staging / PROJECTOR_NAME)
+            _save_tensors(state.projector, staging / PROJECTOR_NAME, meta.checkpoint_id)
         if state.optimizer is not None:
             with atomic_path(staging / OPTIMIZER_NAME) as tmp:
                 torch.save(state.optimizer, tmp)
-        write_json_atomic(staging / META_NAME, state.meta)  # written last: its presence marks a complete checkpoint
-    except OSError as error:
+        write_json_atomic(staging / META_NAME, meta.to_json())  # written last: its presence marks a complete checkpoint
+    except Exception as error:  # OSError, and torch's / safetensors' own errors for a full disk
         shutil.rmtree(staging, ignore_errors=True)
-        reason = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise CheckpointWriteError(error.errno, f"could not write checkpoint {final}: {reason}; the staging folder "
-                                   f"was removed and earlier checkpoints are intact. Free space (or fix the folder) "
-                                   f"and resume with --resume auto") from error
+        raise CheckpointWriteError(getattr(error, "errno", None), f"could not write checkpoint {final}: "
+                                   f"{_write_failure(error)}; the staging folder was removed and earlier checkpoints "
+                                   "are intact. Free space (or fix the folder) and resume with --resume auto") from error
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     prunable = [folder for folder in checkpoint_dirs(run) if checkpoint_step(folder) not in keep_steps]
     for old in prunable[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
+
+
+def _write_failure(error: Exception) -> str:
+    """One line for a failed write: disk full, whichever library noticed it first."""
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "enforce fail" in text:
+        return "no space left on device"
+    if getattr(error, "strerror", None):
+        return error.strerror
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Remove the files the trainer wrote in a checkpoint folder, and the folder if nothing else is in it (samples
+    or notes a person put there are kept, with a warning)."""
+    for name in TRAINER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    others = sorted(path.name for path in folder.iterdir())
+    if others:
+        warnings.warn(f"pruned checkpoint {folder}: kept {len(others)} file(s) the trainer did not write "
+                      f"({', '.join(others[:3])})", stacklevel=2)
+        return
+    folder.rmdir()
+
+
+def read_meta(folder: str | Path) -> CheckpointMeta:
+    """A checkpoint's meta.json; CorruptCheckpoint when it is unreadable."""
+    path = Path(folder) / META_NAME
+    try:
+        return CheckpointMeta.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise CorruptCheckpoint(f"{path}: {type(error).__name__}: {error}") from error
 
 
 def read_training_state(path: str | Path, need_teacher: bool, need_projector: bool,
                         need_optimizer: bool = True) -> TrainingState:
     """Read a checkpoint folder into memory. Damaged files raise CorruptCheckpoint; an ST-AR part the run needs
-    but the folder lacks is a ValueError (a teacher is never silently re-initialised from the student)."""
+    but the folder lacks is a ValueError (a teacher is never silently re-initialised from the student), and so is
+    a weights file that belongs to another checkpoint (its id differs from meta.json's)."""
     path = Path(path)
-    try:
-        meta = json.loads((path / META_NAME).read_text())
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpoint(f"{path / META_NAME}: {type(error).__name__}: {error}") from error
+    meta = read_meta(path)
     lacking = [name for name, needed in ((TEACHER_NAME, need_teacher), (PROJECTOR_NAME, need_projector))
                if needed and not (path / name).is_file()]
-    if lacking and meta.get("star", True):  # a --no-star checkpoint lacks them by design: the caller compares "star"
+    if lacking and meta.star is not False:  # a --no-star checkpoint lacks them by design: the caller compares star
         raise ValueError(f"checkpoint {path} lacks {' and '.join(lacking)}, which this ST-AR run needs (copied "
                          "incompletely?); resume from another checkpoint")
     need_teacher = need_teacher and (path / TEACHER_NAME).is_file()
@@ -414,6 +510,14 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
     for name, reader in readers.items():
         try:
             read[name] = reader(path / name) if reader is not None else None
+            if name.endswith(".safetensors") and reader is not None and meta.checkpoint_id:
+                found = _file_checkpoint_id(path / name)
+                if found != meta.checkpoint_id:
+                    raise ForeignFile(f"{path / name} belongs to another checkpoint (id {found}, this one's is "
+                                      f"{meta.checkpoint_id}): it was copied or swapped in; restore the checkpoint's "
+                                      "own file, or resume from another checkpoint")
+        except ForeignFile:
+            raise
         except Exception as error:  # safetensors, pickle and json raise many types for damaged files
             first_line = str(error).splitlines()[0] if str(error) else ""
             raise CorruptCheckpoint(f"{path / name}: {type(error).__name__}: {first_line}") from error

@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     from star.eval.metrics import compute_metrics, format_report
     from star.eval.sample import SampleConfig, run_sampling
     from star.eval.understanding import probe, shard_tokens
+    from star.gpt.generate import SamplingSettings
     from star.study.plots import plot_probe_curves
 
     results = {}
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         sample_dir = ROOT / "samples" / run_dir.name
         t = time.time()
         run_sampling(SampleConfig(ckpt=str(run_dir), out=str(sample_dir), vq_ckpt=str(vq_ckpt), vq_config=str(vq_config),
-                                  cfg_scale=args.cfg_scale, num_samples=args.samples_per_class * GPT_CONFIG["num_classes"],
+                                  sampling=SamplingSettings(cfg_scale=args.cfg_scale),
+                                  num_samples=args.samples_per_class * GPT_CONFIG["num_classes"],
                                   batch_size=64, seed=args.seed))
         timings[f"sample_{run_dir.name}"] = time.time() - t
         t = time.time()

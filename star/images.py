@@ -25,5 +25,25 @@ def save_tile_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2)
             canvas[r * (size + gap) : r * (size + gap) + size, c * (size + gap) : c * (size + gap) + size] = tile
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
+        Image.fromarray(canvas).save(tmp, format="PNG", pnginfo=_signed())
     return path
+
+
+SOFTWARE = "star"  # the PNG text chunk that says this tool wrote the image
+
+
+def _signed():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
+    return info
+
+
+def is_star_png(path: str | Path) -> bool:
+    """Whether `path` is a PNG this tool wrote (an output it may replace)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
+    except (OSError, ValueError):
+        return False

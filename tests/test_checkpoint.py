@@ -1,10 +1,6 @@
 """star/checkpoint.py on its own: finding checkpoints, refusing poisoned or half-written ones, reading back."""
 import errno
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +19,7 @@ def tiny_state(step: int = 1, teacher: bool = True) -> ckpt.TrainingState:
     optimizer.step()
     return ckpt.TrainingState(TINY, student.state_dict(), student.state_dict() if teacher else None,
                               {"w": torch.ones(3)} if teacher else None, optimizer.state_dict(),
-                              {"step": step, "star": teacher})
+                              ckpt.CheckpointMeta(step=step, star=teacher))
 
 
 def test_checkpoints_sort_by_step_number_not_text(tmp_path):
@@ -57,7 +53,7 @@ def test_disk_full_during_save_is_one_line_and_removes_the_staging_folder(tmp_pa
     message = str(caught.value)
     assert "no space left on device" in message and "step-0000002" in message and "\n" not in message
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001"]  # staging removed
-    assert ckpt.read_training_state(tmp_path / "checkpoints" / "step-0000001", True, True).meta["step"] == 1
+    assert ckpt.read_training_state(tmp_path / "checkpoints" / "step-0000001", True, True).meta.step == 1
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "teacher.safetensors"])
@@ -70,13 +66,13 @@ def test_resume_reader_skips_a_truncated_newest_checkpoint(tmp_path, damaged):
         ckpt.read_training_state(target.parent, True, True)
     with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-0000004"):
         state, folder, skipped = ckpt.read_newest_intact(tmp_path, True, True)
-    assert folder.name == "step-0000002" and state.meta["step"] == 2
+    assert folder.name == "step-0000002" and state.meta.step == 2
     assert len(skipped) == 1 and "step-0000004" in skipped[0]
 
 
 def test_star_checkpoint_without_teacher_is_an_error_not_a_fresh_teacher(tmp_path):
     state = tiny_state(3, teacher=False)
-    state.meta["star"] = True  # an ST-AR checkpoint copied without its teacher and projector
+    state.meta.star = True  # an ST-AR checkpoint copied without its teacher and projector
     folder = ckpt.save_training_state(tmp_path, 3, state, keep=0)
     with pytest.raises(ValueError, match="lacks teacher.safetensors and projector.safetensors"):
         ckpt.read_training_state(folder, need_teacher=True, need_projector=True)
@@ -101,22 +97,6 @@ def test_teacher_file_needs_a_folder_and_weights_choice_is_checked(tmp_path):
         ckpt.resolve_checkpoint(str(folder), "ema")
     with pytest.raises(ValueError, match="needs a run or checkpoint folder"):
         ckpt.resolve_checkpoint(str(folder / "model.safetensors"), "teacher")
-
-
-def test_stale_token_cache_builds_are_removed(tmp_path):
-    from star.train.token_loader import remove_stale_builds
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = socket.gethostname()
-    stale = tmp_path / f".tokens-0123abcd.{host}.{dead.pid}.building"
-    live = tmp_path / f".tokens-0123abcd.{host}.{os.getpid()}.building"
-    remote = tmp_path / f".tokens-0123abcd.some.other.host.{dead.pid}.building"
-    for folder in (stale, live, remote):
-        folder.mkdir()
-        (folder / "tokens.npy").write_bytes(b"x")
-    assert remove_stale_builds(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and remote.exists()
 
 
 def test_run_config_json_is_read_nowhere_else(tmp_path):

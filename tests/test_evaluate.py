@@ -13,6 +13,7 @@ from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 from star.checkpoint import save_gpt
 from star.eval.sample import SampleConfig, run_sampling, sample_labels
 from star.eval.understanding import attention_maps, attention_statistics, linear_probe_accuracy
+from star.gpt.generate import SamplingSettings
 from star.gpt.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,8 @@ def tiny_generator(tmp_path, tiny_gpt_json):
 
 
 def test_sampling_writes_adm_npz_grid_and_is_seeded(tmp_path, tiny_generator, small_vq):
-    settings = dict(ckpt=str(tiny_generator), vq_ckpt=str(small_vq[0]), vq_config=str(small_vq[1]), cfg_scale=2.0,
-                    num_samples=7, batch_size=3, seed=5, progress=False)
+    settings = dict(ckpt=str(tiny_generator), vq_ckpt=str(small_vq[0]), vq_config=str(small_vq[1]),
+                    sampling=SamplingSettings(cfg_scale=2.0), num_samples=7, batch_size=3, seed=5, progress=False)
     run_sampling(SampleConfig(out=str(tmp_path / "a"), **settings))
     run_sampling(SampleConfig(out=str(tmp_path / "b"), **{**settings, "batch_size": 3}))
     run_sampling(SampleConfig(out=str(tmp_path / "c"), **{**settings, "seed": 6}))
@@ -39,7 +40,7 @@ def test_sampling_writes_adm_npz_grid_and_is_seeded(tmp_path, tiny_generator, sm
     assert np.array_equal(a["arr_0"], b["arr_0"])
     assert not np.array_equal(a["arr_0"], c["arr_0"])
     assert (tmp_path / "a" / "grid.png").is_file()
-    assert json.loads((tmp_path / "a" / "settings.json").read_text())["cfg_scale"] == 2.0
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["sampling"]["cfg_scale"] == 2.0
 
 
 def test_official_checkpoint_tokens_only_matches_greedy_fixture(tmp_path, fixtures_dir):
@@ -48,7 +49,8 @@ def test_official_checkpoint_tokens_only_matches_greedy_fixture(tmp_path, fixtur
     reference = load_file(fixtures_dir / "gpt_small_io.safetensors")
     classes = ",".join(str(int(c)) for c in reference["sample_classes"])
     run_sampling(SampleConfig(ckpt=str(fixtures_dir / "gpt_small.pt"), model=str(fixtures_dir / "gpt_small.json"),
-                              out=str(tmp_path), tokens_only=True, cfg_scale=2.0, top_k=1, classes=classes,
+                              out=str(tmp_path), tokens_only=True, sampling=SamplingSettings(cfg_scale=2.0, top_k=1),
+                              classes=classes,
                               num_samples=4, batch_size=4, save_tokens=str(tmp_path / "t.npy"), progress=False))
     assert np.array_equal(np.load(tmp_path / "t.npy"), reference["greedy_tokens_cfg2"].numpy())
     with pytest.raises(ValueError, match="give --model"):
@@ -111,7 +113,7 @@ def test_linear_probe_separates_separable_features_and_not_noise():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Settings are checked before any work (issue 10), and the command is only argument handling
+# Settings are checked before any work, and the command is only argument handling
 
 
 def evaluate_main(argv):
@@ -128,9 +130,9 @@ def evaluate_main(argv):
     (["--num-samples", "0"], "--num-samples 0"),
     (["--num-samples", "-3"], "--num-samples -3"),
     (["--batch-size", "0"], "--batch-size 0"),
-    (["--cfg-scale", "nan"], "cfg_scale=nan"),
-    (["--temperature", "-1"], "temperature=-1"),
-    (["--top-p", "0"], "top_p=0"),
+    (["--cfg-scale", "nan"], "--cfg-scale nan"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--top-p", "0"], "--top-p 0"),
     (["--device", "gpu"], "--device 'gpu'"),
 ])
 def test_sample_rejects_bad_settings_before_touching_the_output(tmp_path, capsys, flags, message):
@@ -153,7 +155,7 @@ def test_sample_config_checks_library_callers_too():
         SampleConfig(ckpt="run", out="o")
     with pytest.raises(ValueError, match="--precision 'fp16'"):
         SampleConfig(ckpt="run", out="o", tokens_only=True, precision="fp16")
-    assert SampleConfig(ckpt="run", out="o", tokens_only=True, cfg_scale=2.0).sampling().cfg_scale == 2.0
+    assert SampleConfig(ckpt="run", out="o", tokens_only=True, sampling={"cfg_scale": 2.0}).sampling.cfg_scale == 2.0
 
 
 def test_sampling_refuses_another_tokenizer_unless_allowed(tmp_path, tiny_generator, small_vq):
@@ -170,7 +172,7 @@ def test_sampling_refuses_another_tokenizer_unless_allowed(tmp_path, tiny_genera
     # the right VQ passes without a flag
     from star.io import sha256_file
 
-    (tiny_generator / "meta.json").write_text(json.dumps({"tokenizer_sha256": sha256_file(small_vq[0])}))
+    (tiny_generator / "meta.json").write_text(json.dumps({"step": 1, "tokenizer_sha256": sha256_file(small_vq[0])}))
     run_sampling(SampleConfig(out=str(tmp_path / "same"), **settings))
     assert json.loads((tmp_path / "same" / "settings.json").read_text())["resolved"]["tokenizer_check"].startswith(
         "matches")
@@ -208,11 +210,11 @@ def test_probe_and_attention_settings_are_checked(tiny_gpt_json):
         AnalysisModel(ckpt="run", weights="ema")
 
 
-def test_probe_limit_leaving_one_class_is_an_error(tmp_path, tiny_generator, tiny_shards, capsys):
+def test_probe_limit_below_the_class_count_is_an_error(tmp_path, tiny_generator, tiny_shards, capsys):
     code = evaluate_main(["probe", "--ckpt", str(tiny_generator), "--shards", str(tiny_shards), "--eval-shards",
                           str(tiny_shards), "--limit", "1", "--positions", "8", "--out", str(tmp_path / "probe")])
     assert code == 2
-    assert "--limit 1 leaves 1 samples of 1 class" in capsys.readouterr().err
+    assert "--limit 1 is fewer than the 3 classes" in capsys.readouterr().err
     assert not (tmp_path / "probe").exists()
 
 

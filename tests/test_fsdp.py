@@ -18,7 +18,7 @@ DECAY = 0.5  # far from 0 and 1: the EMA differs visibly from both the student a
 
 
 def _fsdp_on_cpu(make_accelerator):
-    """Wrap loop._make_accelerator: the same Accelerator, with Accelerate's FSDP2 plugin (per-block wrap) on."""
+    """Wrap loop.make_accelerator: the same Accelerator, with Accelerate's FSDP2 plugin (per-block wrap) on."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     def make(config):
@@ -58,10 +58,10 @@ def _worker(shards: str, model: str, out: str, steps: int, resume: str, precisio
     faulthandler.dump_traceback_later(int(os.environ.get("STAR_TEST_HANG_S", "150")), exit=True)  # a collective that hangs fails with its stack, not silently
     sys.path.insert(0, str(REPO))
     import star.train.loop as loop
-    from star.train.objectives import StarSettings
+    from star.train.config import StarSettings
 
     reference, seen = {}, {}
-    loop._make_accelerator = _fsdp_on_cpu(loop._make_accelerator)
+    loop.make_accelerator = _fsdp_on_cpu(loop.make_accelerator)
     loop.update_teacher = _tracking_update(loop.update_teacher, reference, seen)
     loop.train(loop.TrainConfig(
         shards=shards, out=out, model=model, steps=steps, batch_size=4, lr=2e-3, num_workers=0, log_every=1,
@@ -164,12 +164,12 @@ def test_star_under_fsdp1_is_refused_naming_the_setting():
     import pytest
     from accelerate.utils import DistributedType
 
-    from star.train.loop import Parts, _prepare
+    from star.train.loop import RunModules, prepare_run
 
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
-    parts = Parts(student=None, teacher=torch.nn.Linear(1, 1), projector=None, optimizer=None)
+    parts = RunModules(student=None, teacher=torch.nn.Linear(1, 1), projector=None, optimizer=None)
     with pytest.raises(ValueError, match="fsdp_version: 2"):
-        _prepare(SimpleNamespace(settings=SimpleNamespace(compile=False)), parts, fsdp1)
+        prepare_run(SimpleNamespace(settings=SimpleNamespace(compile=False)), parts, fsdp1, None)
 
 
 if __name__ == "__main__":  # one process of the launch in _launch

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from star.checkpoint import load_llamagen_gpt
 from star.gpt.generate import cfg_scale_at, generate, sample_logits
 from star.gpt.model import GPT, GPTConfig
 
@@ -16,7 +17,7 @@ def fixture_io(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def model(fixtures_dir):
-    return GPT.from_checkpoint(fixtures_dir / "gpt_small.pt", fixtures_dir / "gpt_small.json")
+    return load_llamagen_gpt(fixtures_dir / "gpt_small.pt", fixtures_dir / "gpt_small.json")
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,13 @@ def test_kv_cache_decoding_equals_full_forward(model, fixture_io):
         full = model(tokens[:, :-1], labels).logits  # [3, 64, V]
     with torch.inference_mode():
         model.setup_kv_cache(6, 65, torch.float32, "cpu")  # a larger cache than needed: rows 0..2 are used
-        cached = [model.forward_cached(None, labels, torch.tensor([0]))[:, -1]]
+        cached = [model.forward_cached(None, labels, torch.tensor([0]), cache_len=1)[:, -1]]
         for step in range(63):
-            cached.append(model.forward_cached(tokens[:, step : step + 1], None, torch.tensor([step + 1]))[:, -1])
+            cached.append(model.forward_cached(tokens[:, step : step + 1], None, torch.tensor([step + 1]),
+                                               cache_len=step + 2)[:, -1])
         cached = torch.stack(cached, dim=1)  # [3, 64, V]
         # a prefill of class + 10 known tokens in one call (the multi-position mask path), then one step
-        prefix = model.forward_cached(tokens[:, :10], labels, torch.arange(11))  # [3, 11, V]
+        prefix = model.forward_cached(tokens[:, :10], labels, torch.arange(11), cache_len=11)  # [3, 11, V]
         after = model.forward_cached(tokens[:, 10:11], None, torch.tensor([11]), cache_len=12)[:, -1]
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
     torch.testing.assert_close(prefix, full[:, :11], atol=1e-4, rtol=0)
@@ -88,13 +90,13 @@ def test_static_step_has_fixed_shapes_and_no_host_sync(tiny_model):
     step = torch.compile(model_step, backend=counting_backend, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         model.setup_kv_cache(2, 17, torch.float32, "cpu")
-        model.forward_cached(None, torch.tensor([1, 2]), torch.tensor([0]), static=True)
+        model.forward_cached(None, torch.tensor([1, 2]), torch.tensor([0]), cache_len=None)  # static
         input_pos = torch.tensor([1])
         token = torch.tensor([[3], [4]])
         expected = []
         for _ in range(4):
-            compiled_logits = step(model, token, input_pos, None)
-            expected.append(model_step(model, token, input_pos, None))  # rewrites the same slot: same values
+            compiled_logits = step(model, token, None, input_pos, None)
+            expected.append(model_step(model, token, None, input_pos, None))  # rewrites the same slot: same values
             torch.testing.assert_close(compiled_logits, expected[-1])
             input_pos += 1
     assert len(traces) == 1
@@ -130,7 +132,7 @@ def test_cfg_schedule_and_interval_follow_the_formula(tiny_model):
     assert not torch.equal(generate(model, labels, cfg_scale=scale, cfg_schedule="linear", top_k=1), tokens)
     assert cfg_scale_at(0, 64, 3.0, "linear") == 1.0 and cfg_scale_at(63, 64, 3.0, "linear") == 3.0
     assert cfg_scale_at(5, 64, 3.0, "constant") == 3.0
-    with pytest.raises(ValueError, match="cfg_schedule"):
+    with pytest.raises(ValueError, match="cfg-schedule"):
         generate(model, labels, cfg_scale=2.0, cfg_schedule="cosine")
 
 
@@ -140,9 +142,9 @@ def test_batch_is_doubled_only_under_cfg(tiny_model):
     batch_sizes = []
     original = model.forward_cached
 
-    def recording(tokens, labels, input_pos, **kwargs):
+    def recording(tokens, labels, input_pos, cache_len):
         batch_sizes.append((tokens if tokens is not None else labels).shape[0])
-        return original(tokens, labels, input_pos, **kwargs)
+        return original(tokens, labels, input_pos, cache_len)
 
     model.forward_cached = recording
     try:

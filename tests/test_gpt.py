@@ -8,19 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FIXTURES  # noqa: E402
+from reference import causal_bias, next_token_loss
 from safetensors.torch import load_file
 
-from star.checkpoint import load_gpt, load_llamagen_state_dict, save_gpt
-from star.gpt.model import (
-    GPT,
-    GPT_PRESETS,
-    GPTConfig,
-    apply_rotary,
-    causal_bias,
-    count_parameters,
-    drop_class_labels,
-    next_token_loss,
-)
+from star.checkpoint import load_gpt, load_llamagen_gpt, load_llamagen_state_dict, save_gpt
+from star.gpt.config import GPT_PRESETS, GPTConfig
+from star.gpt.model import GPT, count_parameters
+from star.gpt.rotary import apply_rotary
+from star.train.objectives import drop_class_labels
 
 CKPT = FIXTURES / "gpt_small.pt"
 CONFIG_JSON = FIXTURES / "gpt_small.json"
@@ -33,7 +28,7 @@ def fixture_io():
 
 @pytest.fixture(scope="module")
 def small_model():
-    return GPT.from_checkpoint(CKPT, CONFIG_JSON)
+    return load_llamagen_gpt(CKPT, CONFIG_JSON)
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -69,7 +64,7 @@ def test_teacher_forced_logits_match_llamagen(small_model, fixture_io, train_mod
 
 def test_model_never_drops_labels_in_train_mode(fixture_io):
     config = GPTConfig.resolve(CONFIG_JSON, class_dropout_prob=1.0)
-    model = GPT.from_checkpoint(CKPT, config)
+    model = load_llamagen_gpt(CKPT, config)
     tokens, labels = fixture_io["input_tokens"][:, :-1], fixture_io["input_classes"]
     with torch.no_grad():
         model.train()
@@ -191,12 +186,12 @@ def test_causal_bias_equals_no_bias_and_key_mask_is_applied():
     seq = 16
     with torch.no_grad():
         plain = model(tokens, labels).logits
-        biased = model(tokens, labels, attn_bias=causal_bias(seq)).logits
+        biased = model(tokens, labels, attn_mask=causal_bias(seq)).logits
         torch.testing.assert_close(biased, plain, atol=1e-5, rtol=0)
         # hide key 5 from every later query of sample 0 only
         bias = causal_bias(seq).repeat(2, 1, 1, 1)  # [B, 1, S, S]
         bias[0, 0, 6:, 5] = float("-inf")
-        masked = model(tokens, labels, attn_bias=bias).logits
+        masked = model(tokens, labels, attn_mask=bias).logits
     torch.testing.assert_close(masked[1], plain[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(masked[0, :6], plain[0, :6], atol=1e-5, rtol=0)
     assert (masked[0, 6:] - plain[0, 6:]).abs().amax(dim=-1).min() > 1e-4
@@ -252,7 +247,7 @@ def test_loading_strips_prefixes_and_stray_keys(tmp_path, fixture_io, small_mode
     wrapped_path = tmp_path / "wrapped.pt"
     torch.save({"module": messy}, wrapped_path)
     for path in (raw_path, wrapped_path):
-        model = GPT.from_checkpoint(path, CONFIG_JSON)
+        model = load_llamagen_gpt(path, CONFIG_JSON)
         with torch.no_grad():
             logits = model(fixture_io["input_tokens"][:, :-1], fixture_io["input_classes"]).logits
         torch.testing.assert_close(logits, fixture_io["teacher_forced_logits"], atol=1e-4, rtol=0)
@@ -260,15 +255,15 @@ def test_loading_strips_prefixes_and_stray_keys(tmp_path, fixture_io, small_mode
 
 def test_wrong_size_checkpoint_gives_clear_error():
     with pytest.raises(ValueError) as error:
-        GPT.from_checkpoint(CKPT, GPTConfig.resolve(CONFIG_JSON, vocab_size=1024))
+        load_llamagen_gpt(CKPT, GPTConfig.resolve(CONFIG_JSON, vocab_size=1024))
     message = str(error.value)
     assert str(CKPT) in message and "vocab_size=1024" in message
     assert "tok_embeddings.weight: checkpoint (512, 128) vs model (1024, 128)" in message
     assert "vocab_size differs (checkpoint 512, config 1024)" in message
     with pytest.raises(ValueError, match=r"num_classes differs .*11 rows"):
-        GPT.from_checkpoint(CKPT, GPTConfig.resolve(CONFIG_JSON, num_classes=1000))
+        load_llamagen_gpt(CKPT, GPTConfig.resolve(CONFIG_JSON, num_classes=1000))
     with pytest.raises(ValueError, match=r"missing key.*layers\.2\.(.|\n)*n_layer differs \(checkpoint 2, config 3\)"):
-        GPT.from_checkpoint(CKPT, GPTConfig.resolve(CONFIG_JSON, n_layer=3))
+        load_llamagen_gpt(CKPT, GPTConfig.resolve(CONFIG_JSON, n_layer=3))
 
 
 def test_save_and_load_round_trip(tmp_path, fixture_io, small_model):

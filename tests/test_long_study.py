@@ -82,13 +82,22 @@ def test_milestones_are_shared_fractions_and_the_long_baseline_adds_its_own():
     assert milestone_steps(plan, arms["S2_star_w010"]) == [300]
 
 
-def test_long_study_end_to_end_scores_every_checkpoint_and_resumes(tmp_path, idx_folder, capsys):  # noqa: F811
+@pytest.fixture(scope="module")
+def long_smoke(tmp_path_factory, idx_folder):  # noqa: F811
+    """The long-smoke study of arms L1 and L3, run once: (its argv, its out folder)."""
     from star.study.__main__ import main
 
-    out = tmp_path / "study"
-    argv = ["--preset", "long-smoke", "--out", str(out), "--data-root", str(tmp_path / "fm"), "--idx-folder",
+    root = tmp_path_factory.mktemp("long")
+    argv = ["--preset", "long-smoke", "--out", str(root / "study"), "--data-root", str(root / "fm"), "--idx-folder",
             str(idx_folder), "--arms", "L1,L3"]
     assert main(argv) == 0
+    return argv, root / "study"
+
+
+def test_long_study_end_to_end_scores_every_checkpoint_and_resumes(long_smoke, capsys):
+    from star.study.__main__ import main
+
+    argv, out = long_smoke
     results = {(r["arm"], r["seed"]): r for r in json.loads((out / "study.json").read_text())["results"]}
     # L3 is the only candidate: it gets the extra seed; the baseline runs 8/3 as long
     assert set(results) == {("L1_llamagen", 0), ("L3_star", 0), ("L3_star", 1)}
@@ -110,3 +119,25 @@ def test_long_study_end_to_end_scores_every_checkpoint_and_resumes(tmp_path, idx
     assert "[run ]" not in capsys.readouterr().out
     assert len(json.loads((out / "invocations.json").read_text())) == 2
     assert np.isfinite(results[("L3_star", 1)]["teacher_decay"])
+
+
+def test_gpu_preset_smoke_runs_the_same_pipeline(long_smoke, tmp_path):
+    """The GPU preset's smoke mode on this CPU (its data, VQ and tokens are the long smoke's: same settings)."""
+    import shutil
+
+    from star.study.__main__ import main
+
+    argv, source = long_smoke
+    out = tmp_path / "gpu"
+    (out / "stages").mkdir(parents=True)
+    for stage in source.glob("stages/*.json"):
+        if stage.name.startswith(("data", "vq_", "tokenize_", "ceiling_")):
+            shutil.copy(stage, out / "stages")
+    for folder in ("vq", "shards", "fid_cache"):
+        shutil.copytree(source / folder, out / folder)
+    data_root = argv[argv.index("--data-root") + 1]
+    assert main(["--preset", "gpu-smoke", "--out", str(out), "--data-root", data_root]) == 0
+    results = json.loads((out / "study.json").read_text())["results"]
+    assert sorted((r["arm"], r["seed"]) for r in results) == [("L1_llamagen", 0), ("L3_star", 0)]  # no extra seed
+    assert json.loads((out / "plan.json").read_text())["gpt"]["n_head"] == 2
+    assert "## (a) Does ST-AR" in (out / "report.md").read_text()

@@ -1,12 +1,13 @@
+"""ST-AR's terms on hand-computed cases: the mask, InfoNCE, L_step / L_view pairings, the EMA, view matching."""
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from reference import key_mask_bias
 
 from star.train.objectives import (
     info_nce,
-    key_mask_bias,
     make_teacher,
     step_loss,
     update_teacher,

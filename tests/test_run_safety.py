@@ -1,4 +1,5 @@
-"""Issue 10, trainer side: nothing a user does by mistake destroys a run, and every setting is checked first."""
+"""The trainer's side of run safety: nothing a user does by mistake destroys a run, every setting is checked
+first, and a poisoned step never reaches a checkpoint."""
 import importlib.util
 import json
 import math
@@ -14,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from star.cli import parse_config
-from star.train.config import TrainConfig, build_model_config
+from star.train.config import StarSettings, TrainConfig, build_model_config, resolve_teacher_decay
 from star.train.loop import NonFiniteGradient, NonFiniteLoss, train
-from star.train.objectives import StarSettings, resolve_teacher_decay
+from star.train.safety import NonFiniteGuard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def test_model_json_class_dropout_is_honoured_unless_the_flag_overrides(tmp_path
     assert build_model_config(TrainConfig(shards="s", out="o", model=str(spec))).class_dropout_prob == 0.3
     assert build_model_config(TrainConfig(shards="s", out="o", model=str(spec), class_dropout=0.0)).class_dropout_prob == 0
     spec.write_text(json.dumps({"dim": 64, "n_layer": 2, "n_head": 4, "class_dropout_prob": 1.5}))
-    with pytest.raises(ValueError, match="class_dropout_prob 1.5: must be in"):
+    with pytest.raises(ValueError, match="class_dropout_prob=1.5 must be a number in"):
         build_model_config(TrainConfig(shards="s", out="o", model=str(spec)))
 
 
@@ -148,7 +149,7 @@ class InfiniteGradient(torch.autograd.Function):
 def test_finite_loss_with_infinite_gradient_stops_before_the_update(tiny_shards, tiny_gpt_json, tmp_path, monkeypatch):
     import star.train.loop as loop
 
-    real, calls = loop._forward_losses, {"n": 0}
+    real, calls = loop.micro_batch_losses, {"n": 0}
 
     def poisoned(batch, *args):
         calls["n"] += 1
@@ -157,7 +158,7 @@ def test_finite_loss_with_infinite_gradient_stops_before_the_update(tiny_shards,
             terms["loss"] = terms["loss"] + InfiniteGradient.apply(terms["loss_ar"].reshape(1))
         return terms
 
-    monkeypatch.setattr(loop, "_forward_losses", poisoned)
+    monkeypatch.setattr(loop, "micro_batch_losses", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteGradient, match=r"gradient norm \((inf|nan)\) at step 3 .* not applied.*step-0000002, was"):
         train(run_config(tiny_shards, out, tiny_gpt_json, star=False, steps=6))
@@ -256,7 +257,7 @@ def test_neither_steps_nor_epochs_is_an_error_before_any_step(tiny_shards, tiny_
     assert not (tmp_path / "run" / "log.jsonl").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
-def test_checkpoints_written_before_this_change_still_resume(tiny_shards, tiny_gpt_json, tmp_path):
+def test_checkpoints_in_the_older_meta_format_still_resume(tiny_shards, tiny_gpt_json, tmp_path):
     out = tmp_path / "run"
     train(run_config(tiny_shards, out, tiny_gpt_json, steps=2))
     meta_path = out / "checkpoints" / "step-0000002" / "meta.json"
@@ -267,3 +268,16 @@ def test_checkpoints_written_before_this_change_still_resume(tiny_shards, tiny_g
     meta_path.write_text(json.dumps(old))
     summary = train(run_config(tiny_shards, out, tiny_gpt_json, steps=4, resume="auto"))
     assert summary["steps"] == 4 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+
+
+def test_non_finite_guard_reports_the_first_bad_step_only_when_asked():
+    guard = NonFiniteGuard(("loss_ar", "loss"), "cpu")
+    guard.record(torch.tensor([1.0, 2.0]), 1)
+    assert guard.first_failure() is None
+    guard.record(torch.tensor([float("nan"), 2.0]), 2)
+    guard.record(torch.tensor([float("inf"), float("inf")]), 3)
+    step, bad = guard.first_failure()
+    assert step == 2 and list(bad) == ["loss_ar"] and bad["loss_ar"] != bad["loss_ar"]  # NaN
+    assert guard.first_failure(lambda flags: flags * 0) is None  # no process is bad after the reduction: carry on
+    other = NonFiniteGuard(("loss",), "cpu")
+    assert other.first_failure(lambda flags: flags + 1) == (None, {})  # only another process saw one

@@ -1,4 +1,4 @@
-"""The study (issue 7): the Fashion-MNIST converter on a tiny hand-made idx file, the arm table, and a tiny
+"""The study: the Fashion-MNIST converter on a tiny hand-made idx file, the arm table, and a tiny
 study end to end through the real stage commands (no network: the idx files are written here)."""
 import gzip
 import json
@@ -62,7 +62,7 @@ def test_converter_writes_padded_rgb_imagefolder_once(tmp_path, idx_folder):
 
 
 def test_arm_table_and_scaled_decay():
-    from star.train.objectives import resolve_teacher_decay
+    from star.train.config import resolve_teacher_decay
 
     assert abs(resolve_teacher_decay("auto", 250_000) - 0.9999) < 1e-12  # the paper's run length: the paper's value
     assert abs(resolve_teacher_decay("auto", 1000) - 0.975) < 1e-12

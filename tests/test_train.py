@@ -137,14 +137,14 @@ def test_resume_with_another_tokenizer_is_refused(tiny_shards, tiny_gpt_json, tm
     meta = json.loads(meta_path.read_text())
     meta["tokenizer_sha256"] = "0" * 64
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="trained on tokenizer 000000000000"):
+    with pytest.raises(ValueError, match="tokenizer_sha256: checkpoint '000000000000"):
         train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=4, resume="auto"))
 
 
 def test_non_finite_loss_stops_with_step_and_term(tiny_shards, tiny_gpt_json, tmp_path, monkeypatch):
-    import star.train.loop as loop
+    import star.train.objectives as objectives
 
-    real = loop.star_losses
+    real = objectives.star_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_with_step_and_term(tiny_shards, tiny_gpt_json, tm
             terms["loss_mim"] = terms["loss_mim"] * float("nan")
         return terms
 
-    monkeypatch.setattr(loop, "star_losses", poisoned)
+    monkeypatch.setattr(objectives, "star_losses", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"step 3: loss_mim, loss =.*newest checkpoint, \S+step-0000002, was"):
         train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=6, ckpt_every=2))
     # The step-2 checkpoint is intact and nothing later was written.

@@ -4,6 +4,7 @@
     accelerate launch train/run.py ...          # DDP / FSDP / multi-node from Accelerate's config
     python train/run.py ... --no-star           # the plain LlamaGen baseline
     python train/run.py ... --resume auto       # continue from the newest intact checkpoint in --out
+    python train/run.py --shards shards/NAME --prepare-only   # build the token cache before a launch
 """
 import sys
 from pathlib import Path
@@ -13,18 +14,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from star.checkpoint import CheckpointWriteError, NonFiniteWeights  # noqa: E402
 from star.cli import parse_config, run_command  # noqa: E402
 from star.io import FolderLocked  # noqa: E402
-from star.train.loop import NonFiniteLoss, TrainConfig, train  # noqa: E402
+from star.train.loop import NonFiniteLoss, StopRequested, TrainConfig, train  # noqa: E402
 
 
 def main(argv=None) -> int:
     config = parse_config(TrainConfig, argv, __doc__)  # a bad value exits 2 with one line
-    return run_command(train, config, summarise,
-                       user_errors=(FolderLocked, NonFiniteLoss, NonFiniteWeights, CheckpointWriteError))
+    try:
+        return run_command(train, config, summarise,
+                           user_errors=(FolderLocked, NonFiniteLoss, NonFiniteWeights, CheckpointWriteError))
+    except StopRequested as stop:  # SIGTERM / SIGINT: a checkpoint was written at the step boundary
+        print(stop, file=sys.stderr)
+        return stop.exit_code
 
 
 def summarise(summary: dict) -> str:
-    if summary["rank"] != 0:
+    if summary.get("rank", 0) != 0:
         return ""
+    if "cache" in summary:  # --prepare-only
+        return f"shards checked ({summary['shards']} shards, {summary['samples']} samples); token cache: {summary['cache']}"
     return (f"\ntrained {summary['steps']} steps in {summary['seconds']} s; last checkpoint: "
             f"{summary['last_checkpoint']}\nlog: {Path(summary['out']) / 'log.jsonl'}")
 

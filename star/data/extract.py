@@ -55,7 +55,9 @@ from star.data.views import VIEW_POLICY_CHOICES, ViewPolicy, make_views
 from star.io import folder_lock, sha256_file, write_json_atomic
 from star.runtime import autocast_dtype, pick_device, resolve_precision
 
-TOKENIZE_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 is not offered: the VQ encoder was trained in fp32/bf16
+TOKENIZE_PRECISIONS = ("auto", "fp32", "bf16")
+MAX_IMAGE_SIZE = 1024  # LlamaGen's VQs are used at 256-512 px; past this a view is mostly memory
+MAX_CROP_RANGE = 2.0  # fp16 is not offered: the VQ encoder was trained in fp32/bf16
 
 
 @dataclass
@@ -77,14 +79,19 @@ class TokenizeConfig:
     num_workers: int = setting(4, help="DataLoader workers for decoding and cropping")
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
     precision: str = setting("auto", choices=TOKENIZE_PRECISIONS, help="encoder precision; auto = bf16 on CUDA, fp32 elsewhere")
+    follow_links: bool = setting(False, help="follow symlinks that lead outside --data (by default they are "
+                                             "listed as rejected inputs)")
+    break_lock: bool = setting(False, help="take over --out's lock even if its holder may be alive")
     progress: bool = setting(True, help="tqdm progress bar")
 
     def __post_init__(self) -> None:
         for name in ("data", "out", "vq_ckpt"):
             check(bool(getattr(self, name)), f"--{name.replace('_', '-')} is required")
-        check(self.image_size > 0, f"--image-size must be > 0, got {self.image_size}")
-        check(math.isfinite(self.crop_range) and self.crop_range >= 1.0,
-              f"--crop-range must be a finite number >= 1 (the ten crops are taken inside that frame), got {self.crop_range}")
+        check(16 <= self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be from 16 to {MAX_IMAGE_SIZE} pixels, got "
+              f"{self.image_size}")
+        check(math.isfinite(self.crop_range) and 1.0 <= self.crop_range <= MAX_CROP_RANGE,
+              f"--crop-range must be a number from 1 to {MAX_CROP_RANGE} (the ten crops are taken inside that "
+              f"frame; LlamaGen uses 1.1), got {self.crop_range}")
         check(self.shard_size > 0, f"--shard-size must be > 0, got {self.shard_size}")
         check(self.shard_order in SHARD_ORDERS, f"--shard-order {self.shard_order!r}: choose one of "
               f"{', '.join(SHARD_ORDERS)}")
@@ -271,7 +278,7 @@ def _recorded_setting(plan: dict, name: str, wanted):
 
 def _plan_record(config: TokenizeConfig, plan: InputPlan, encoder: Encoder) -> dict:
     side = config.image_size // encoder.vq_config.downsample
-    return {  # the key "views" holds the view policy: plan.json files written before the flag rename still match
+    return {
         "input_fingerprint": plan.fingerprint,
         "input_kind": plan.kind,
         "num_units": plan.num_units,
@@ -279,7 +286,7 @@ def _plan_record(config: TokenizeConfig, plan: InputPlan, encoder: Encoder) -> d
         "image_size": config.image_size,
         "grid": [side, side],
         "codebook_size": encoder.vq_config.codebook_size,
-        "views": config.view_policy,
+        "views": config.view_policy,  # the view policy
         "crop_range": config.crop_range,
         "seed": config.seed,
         "shard_size": config.shard_size,
@@ -427,13 +434,14 @@ def run_tokenize(config: TokenizeConfig) -> dict:
     state = _distributed_state(device)
     if state.num_processes > 1 and state.device.type == "cuda":
         device = state.device  # one GPU per process under accelerate launch / torchrun
-    plan = plan_inputs(config.data, config.shard_size, config.shard_order, config.seed)
+    plan = plan_inputs(config.data, config.shard_size, config.shard_order, config.seed, config.follow_links)
     encoder = _load_encoder(config, device)
     expected = _plan_record(config, plan, encoder)
 
     with contextlib.ExitStack() as held:
         if state.is_main_process:  # rank 0 holds the folder for the whole run (see the module docstring)
-            held.enter_context(folder_lock(out, f"tokenize/run.py (rank 0 of {state.num_processes})"))
+            held.enter_context(folder_lock(out, f"tokenize/run.py (rank 0 of {state.num_processes})",
+                                           break_lock=config.break_lock))
             check_output_folder(out, expected)
             remove_dead_writers_temporaries(out)
             write_json_atomic(out / PLAN_NAME, expected)
@@ -461,7 +469,7 @@ def merge_manifest(out: Path, plan: InputPlan, config: TokenizeConfig, encoder: 
         if not shard_is_complete(tar_path):
             raise RuntimeError(f"shard {tar_path} is missing after all processes finished; rerun the same command")
         sidecar = read_sidecar(tar_path)
-        shards.append(ShardEntry(tar_path.name, int(sidecar["samples"])))
+        shards.append(ShardEntry(tar_path.name, int(sidecar["samples"]), tar_path.stat().st_size))
         rejected.extend(RejectedInput(item["path"], item["reason"]) for item in sidecar["rejected"])
         class_ids.update(sidecar["class_ids"])
     classes = plan.classes

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -71,10 +72,13 @@ def _link_problem(path: str) -> str | None:
 
 
 class _FolderLister:
-    """Walks the class folders once, following symlinks, visiting each real directory at most once."""
+    """Walks the class folders once, following symlinks, visiting each real directory at most once. A symlink
+    that leads outside the root is rejected unless `follow_links` (a dataset is what lies under --data)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, follow_links: bool = False):
         self.root = root
+        self.real_root = os.path.realpath(root)
+        self.follow_links = follow_links
         self.items: list[FolderItem] = []
         self.rejected: list[dict] = []
         self._seen: dict[tuple[int, int], str] = {}  # (device, inode) of a visited directory -> its relative path
@@ -112,13 +116,23 @@ class _FolderLister:
         for entry in self.scan(directory) or ():
             if _hidden(entry.name):
                 continue
-            problem = _link_problem(entry.path) if entry.is_symlink() else None
+            problem = self._link_problem(entry.path) if entry.is_symlink() else None
             if problem:
                 self.reject(entry.path, problem)
-            elif not entry.is_dir():
+            elif entry.is_dir():
+                if self.first_visit(entry.path):
+                    yield entry, True
+            elif not stat.S_ISREG(os.stat(entry.path).st_mode):
+                self.reject(entry.path, "not a regular file (a FIFO, socket or device): never opened")
+            else:
                 yield entry, False
-            elif self.first_visit(entry.path):
-                yield entry, True
+
+    def _link_problem(self, path: str) -> str | None:
+        problem = _link_problem(path)
+        target = os.path.realpath(path)
+        if problem is None and not self.follow_links and os.path.commonpath([self.real_root, target]) != self.real_root:
+            return f"symlink to {target}, outside --data: not followed (pass --follow-links to read it)"
+        return problem
 
     def walk_class(self, directory: str, class_id: int) -> None:
         for entry, is_directory in self.entries(directory):
@@ -140,10 +154,11 @@ class _FolderLister:
         return folders
 
 
-def list_image_folder(root: Path) -> tuple[dict[str, int], list[FolderItem], list[dict]]:
-    """(classes, items, rejected): every non-hidden file under each class folder, recursively and through
-    symlinks; non-images are rejected later by the decoder, with a reason."""
-    lister = _FolderLister(Path(root))
+def list_image_folder(root: Path, follow_links: bool = False) -> tuple[dict[str, int], list[FolderItem], list[dict]]:
+    """(classes, items, rejected): every non-hidden regular file under each class folder, recursively and through
+    symlinks that stay inside `root` (any symlink with `follow_links`); non-images are rejected later by the
+    decoder, with a reason."""
+    lister = _FolderLister(Path(root), follow_links)
     folders = lister.class_folders()
     classes = {entry.name: index for index, entry in enumerate(folders)}
     for entry in folders:
@@ -179,8 +194,8 @@ def shard_order(count: int, order: str, seed: int) -> list[int]:
     return np.random.default_rng([seed, count]).permutation(count).tolist()
 
 
-def _folder_plan(data: str, root: Path, shard_size: int, order: str, seed: int) -> InputPlan:
-    classes, listed, rejected = list_image_folder(root)
+def _folder_plan(data: str, root: Path, shard_size: int, order: str, seed: int, follow_links: bool) -> InputPlan:
+    classes, listed, rejected = list_image_folder(root, follow_links)
     if not listed:
         raise ValueError(f"--data {data}: the class folders hold no files. Expected {data}/<class>/<image>.jpg")
     items = [listed[index] for index in shard_order(len(listed), order, seed)]
@@ -188,17 +203,19 @@ def _folder_plan(data: str, root: Path, shard_size: int, order: str, seed: int) 
     digest = hashlib.sha256()
     for item in listed:
         digest.update(f"{item.relative_path}\0{item.class_id}\0{item.size}\n".encode())
-    for problem in rejected:  # only when there are any: a clean input keeps the fingerprint of earlier versions
+    for problem in rejected:  # a clean input's fingerprint depends on its files alone
         digest.update(f"rejected\0{problem['path']}\0{problem['reason']}\n".encode())
     return InputPlan("folder", root, classes, units, digest.hexdigest(), rejected)
 
 
-def plan_inputs(data: str, shard_size: int, order: str = "shuffled", seed: int = 0) -> InputPlan:
+def plan_inputs(data: str, shard_size: int, order: str = "shuffled", seed: int = 0,
+                follow_links: bool = False) -> InputPlan:
     """The work units of `data`. Folder images go to shards in `order` (see SHARD_ORDERS); input tars are
     streamed, so each becomes one shard in its own order (shuffle the tars when writing them)."""
     root = Path(data)
+    _refuse_token_shards(root, data)
     if _has_class_dirs(root):
-        return _folder_plan(data, root, shard_size, order, seed)
+        return _folder_plan(data, root, shard_size, order, seed, follow_links)
     tars = find_input_tars(data)
     if tars:
         digest = hashlib.sha256()
@@ -211,6 +228,13 @@ def plan_inputs(data: str, shard_size: int, order: str = "shuffled", seed: int =
         f"--data {data}: no input found. Give an ImageFolder tree ({data}/<class>/<image>.jpg) "
         f"or WebDataset tars of images with a `cls` member (a folder of .tar files, one .tar, or a glob).{hint}"
     )
+
+
+def _refuse_token_shards(root: Path, data: str) -> None:
+    """A token-shard folder given as --data would be listed as a class called `cache` and 0 images."""
+    if (root / "manifest.json").is_file() or (root / "plan.json").is_file():
+        raise ValueError(f"--data {data} is a token-shard folder (it holds manifest.json or plan.json), not images: "
+                         "give the image folder (class/*.jpg) or WebDataset tars of images")
 
 
 def open_rgb_image(payload: bytes | str | Path) -> Image.Image:
@@ -234,11 +258,17 @@ def image_member(members: dict[str, bytes]) -> bytes | None:
     return None
 
 
+MAX_CLASS_ID = 1_000_000  # ImageNet-21k has 21,841 classes; an id past this is damage, and would size a table
+
+
 def class_member(members: dict[str, bytes]) -> int | None:
     for extension in TAR_CLASS_MEMBERS:
         if extension in members:
             try:
-                return int(members[extension].decode().strip())
+                class_id = int(members[extension].decode().strip())
             except (UnicodeDecodeError, ValueError) as error:
                 raise ValueError(f"`{extension}` member is not an integer class id: {error}") from error
+            if not 0 <= class_id <= MAX_CLASS_ID:
+                raise ValueError(f"`{extension}` class id {class_id} is outside 0..{MAX_CLASS_ID}")
+            return class_id
     return None

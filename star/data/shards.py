@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -22,9 +23,13 @@ import socket
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
+
+from star.data.location import ShardLocation, check_plain_name
+from star.data.views import ViewPolicy
+from star.io import pid_alive
 
 FORMAT_NAME = "star-token-shards"
 FORMAT_VERSION = 1
@@ -46,8 +51,9 @@ def token_dtype(codebook_size: int) -> np.dtype:
 
 
 def normalise_key(relative_path: str) -> str:
-    """A WebDataset-safe key: WebDataset splits a member name at the first '.', so dots become '_'."""
-    return relative_path.replace(os.sep, "/").replace(".", "_")
+    """A WebDataset-safe key, one per path: WebDataset splits a member name at the first '.', so '.' is written
+    %2E (and '%' itself %25, so two different paths never share a key: `x.y_z.png` and `x_y.z.png` stay apart)."""
+    return relative_path.replace(os.sep, "/").replace("%", "%25").replace(".", "%2E")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,16 +67,32 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
-def iter_tar_groups(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: payload}) for each run of consecutive members sharing a key, in tar order.
+# A token shard's members are a few KB; an input tar's images may be large, but not this large.
+MAX_SHARD_MEMBER_BYTES = 64 << 20
+MAX_INPUT_MEMBER_BYTES = 1 << 30
 
-    Raises the tar's own errors (tarfile.TarError, EOFError, OSError); callers say which file and what to do.
+
+class MemberTooLarge(ValueError):
+    """A tar member larger than the reader accepts (a damaged or hostile header): refused before it is read."""
+
+
+def iter_tar_groups(source: str | Path | BinaryIO, max_member_bytes: int = MAX_INPUT_MEMBER_BYTES
+                    ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: payload}) for each run of consecutive members sharing a key, in tar order. `source`: a
+    path, or a readable stream (a remote shard), read in one pass.
+
+    Raises the tar's own errors (tarfile.TarError, EOFError, OSError), and MemberTooLarge for a member over
+    `max_member_bytes` (never read into memory); callers say which file and what to do.
     """
     current_key, members = None, {}
-    with tarfile.open(tar_path, "r") as tar:
+    opened = tarfile.open(source, "r") if isinstance(source, (str, Path)) else tarfile.open(fileobj=source, mode="r|")
+    with opened as tar:
         for member in tar:
             if not member.isfile():
                 continue
+            if member.size > max_member_bytes:
+                raise MemberTooLarge(f"member {member.name} claims {member.size:,} bytes (more than "
+                                     f"{max_member_bytes:,}): damaged or not this kind of tar")
             key, extension = split_member_name(member.name)
             if key != current_key:
                 if members:
@@ -114,15 +136,68 @@ def encode_sample_members(sample: ShardSample) -> list[tuple[str, bytes]]:
     ]
 
 
-def decode_sample(members: dict) -> ShardSample:
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample of a shard folder must hold, from its manifest: checked as each sample is read (once per
+    cache build, or in the stream loader's workers), never on the training step."""
+
+    num_views: int
+    grid: tuple[int, int]
+    dtype: np.dtype
+    codebook_size: int
+    num_classes: int
+
+
+MAX_TOKEN_ELEMENTS = 1 << 22  # 64 views of a 256 x 256 grid; a header claiming more is damaged
+
+
+def _npy_header(payload: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    stream = io.BytesIO(payload)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _check_against(spec: SampleSpec, tokens: np.ndarray, class_id: int, views: list) -> None:
+    h, w = spec.grid
+    if tokens.shape != (spec.num_views, h, w) or tokens.dtype != spec.dtype:
+        raise ValueError(f"tokens.npy is {tokens.dtype}{list(tokens.shape)}; the manifest says "
+                         f"{spec.dtype}[{spec.num_views}, {h}, {w}]")
+    if tokens.size and int(tokens.max()) >= spec.codebook_size:
+        raise ValueError(f"token {int(tokens.max())} is outside the codebook of {spec.codebook_size}")
+    if not 0 <= class_id < spec.num_classes:
+        raise ValueError(f"class id {class_id} is outside the manifest's {spec.num_classes} classes "
+                         f"(0..{spec.num_classes - 1}; {spec.num_classes} is the null class)")
+    if len(views) != spec.num_views:
+        raise ValueError(f"{len(views)} view records for {spec.num_views} views")
+
+
+def decode_sample(members: dict, spec: SampleSpec | None = None) -> ShardSample:
+    """One sample from its tar members; with `spec`, checked against the manifest (shape, dtype, token and class
+    ranges, view records). Raises ValueError saying what is wrong; the npy header is read before its payload."""
+    missing = [name for name in ("tokens.npy", "cls", "json") if name not in members]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} member")
+    shape, dtype = _npy_header(members["tokens.npy"])
+    if int(np.prod(shape)) > MAX_TOKEN_ELEMENTS or dtype.kind not in "iu":
+        raise ValueError(f"tokens.npy header says {dtype}{list(shape)}: not a token grid")
     tokens = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
+    try:
+        class_id = int(members["cls"].decode() if isinstance(members["cls"], bytes) else members["cls"])
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"cls member {members['cls'][:20]!r} is not an integer class id") from None
     meta = json.loads(members["json"])
+    if not isinstance(meta, dict) or not isinstance(meta.get("views"), list):
+        raise ValueError("json member has no list of views")
+    if spec is not None:
+        _check_against(spec, tokens, class_id, meta["views"])
     return ShardSample(
         key=members["__key__"],
         tokens=tokens,
-        class_id=int(members["cls"]),
+        class_id=class_id,
         views=meta["views"],
-        source_size=tuple(meta["source_size"]),
+        source_size=tuple(meta.get("source_size", (0, 0))),
         source=meta.get("source", ""),
     )
 
@@ -132,26 +207,31 @@ def _rebuild_hint(tar_path: Path) -> str:
             "command to rebuild only that shard")
 
 
-def iter_shard(tar_path: str | Path) -> Iterator[dict]:
-    """The member dicts (`__key__`, `tokens.npy`, `cls`, `json`) of one shard, read without webdataset."""
-    tar_path = Path(tar_path)
+def iter_shard(tar_path: str | Path | BinaryIO, name: str = "") -> Iterator[dict]:
+    """The member dicts (`__key__`, `tokens.npy`, `cls`, `json`) of one shard (a path, or an opened stream called
+    `name`), read without webdataset."""
+    name = name or str(tar_path)
     try:
-        for key, members in iter_tar_groups(tar_path):
+        for key, members in iter_tar_groups(tar_path, MAX_SHARD_MEMBER_BYTES):
             yield {"__key__": key, **members}
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise ValueError(f"shard {tar_path} is unreadable or truncated ({error}); {_rebuild_hint(tar_path)}") from error
+    except (tarfile.TarError, EOFError, OSError, MemberTooLarge) as error:
+        raise ValueError(f"shard {name} is unreadable or truncated ({error}); {_rebuild_hint(Path(name))}") from error
 
 
-def iter_samples(tar_paths: Iterable[str | Path]) -> Iterator[ShardSample]:
-    """Every sample of the given shards, in order: the one shard-reading loop (the map cache, the probe and
-    `inspect_shards` all read through it). A damaged shard raises ValueError naming it."""
+def iter_samples(tar_paths: Iterable[str | Path], spec: SampleSpec | None = None) -> Iterator[ShardSample]:
+    """Every sample of the given shards, in order, checked against `spec`: the one shard-reading loop (the map
+    cache, the probe, NLL and `inspect_shards` all read through it). A damaged shard raises ValueError naming it."""
     for tar_path in tar_paths:
-        for members in iter_shard(tar_path):
-            try:
-                yield decode_sample(members)
-            except (KeyError, ValueError) as error:
-                raise ValueError(f"shard {tar_path}: sample {members.get('__key__')!r} is malformed ({error!r}); "
-                                 f"{_rebuild_hint(Path(tar_path))}") from error
+        yield from _decode_all(iter_shard(tar_path), str(tar_path), spec)
+
+
+def _decode_all(groups: Iterable[dict], name: str, spec: SampleSpec | None) -> Iterator[ShardSample]:
+    for members in groups:
+        try:
+            yield decode_sample(members, spec)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"shard {name}: sample {members.get('__key__')!r} is malformed ({error}); "
+                             f"{_rebuild_hint(Path(name))}") from error
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,16 +245,6 @@ def temp_path_for(final_path: Path) -> Path:
     return final_path.parent / f".{final_path.name}.pid{os.getpid()}@{socket.gethostname()}.tmp"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def remove_dead_writers_temporaries(folder: Path) -> list[Path]:
     """Delete `.shard-*.tmp` files written by a tokenize process of this host that no longer runs.
 
@@ -182,7 +252,7 @@ def remove_dead_writers_temporaries(folder: Path) -> list[Path]:
     removed, host = [], socket.gethostname()
     for path in folder.glob(".shard-*.tmp"):
         match = TEMP_PATTERN.match(path.name)
-        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+        if match and match["host"] == host and not pid_alive(int(match["pid"])):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -211,10 +281,15 @@ class ShardWriter:
         self._tmp_path = self._tar_context.__enter__()
         self._tar = tarfile.open(self._tmp_path, "w")
         self.keys: list[str] = []
+        self._written: set[str] = set()
         self.class_ids: set[int] = set()
         self.rejected: list[dict] = []
 
     def write(self, sample: ShardSample) -> None:
+        if sample.key in self._written:
+            raise ValueError(f"two samples of {self.tar_path.name} have the key {sample.key!r}: a reader would merge "
+                             "them into one")
+        self._written.add(sample.key)
         for name, payload in encode_sample_members(sample):
             _add_member(self._tar, name, payload)
         self.keys.append(sample.key)
@@ -252,8 +327,9 @@ def read_sidecar(tar_path: Path) -> dict:
 
 @dataclass(frozen=True)
 class ShardEntry:
-    file: str  # "shard-000000.tar", relative to the shard folder
+    file: str  # "shard-000000.tar", a plain name inside the shard folder
     samples: int
+    bytes: int | None = None  # the tar's size (verification without reading it); None in older manifests
 
 
 @dataclass(frozen=True)
@@ -291,7 +367,7 @@ class Manifest:
     precision: str | None = None  # the encoder's resolved precision (absent in manifests before it was recorded)
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
-    folder: Path | None = field(default=None, compare=False)  # where it was loaded from or written to
+    location: ShardLocation | None = field(default=None, compare=False)  # where it was loaded from or written to
 
     # -- derived values ---------------------------------------------------------------------------------
     @property
@@ -322,6 +398,22 @@ class Manifest:
     def dtype(self) -> np.dtype:
         return np.dtype(self.token_dtype)
 
+    @property
+    def folder(self) -> Path | None:
+        """The local folder it came from (None: not loaded, or remote)."""
+        return None if self.location is None or self.location.is_remote else self.location.folder
+
+    @property
+    def sample_spec(self) -> SampleSpec:
+        return SampleSpec(self.num_views, tuple(self.grid), self.dtype, self.codebook_size, self.num_classes)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of everything that decides the tokens and their order (the manifest minus when and how it was
+        written): the token cache's key, and what a run records to know its data again."""
+        record = {k: v for k, v in self.to_dict().items() if k not in ("created", "command", "versions")}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
     # -- (de)serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         record = {
@@ -337,7 +429,7 @@ class Manifest:
             "num_classes": self.num_classes,
             "num_samples": self.num_samples,
             "num_rejected": self.num_rejected,
-            "shards": [dataclasses.asdict(entry) for entry in self.shards],
+            "shards": [{k: v for k, v in dataclasses.asdict(entry).items() if v is not None} for entry in self.shards],
             "rejected": [dataclasses.asdict(item) for item in self.rejected],
             "source": self.source,
             "command": self.command,
@@ -351,6 +443,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict):
+            raise ValueError(f"{origin} holds a JSON {type(data).__name__}, not a manifest object; rerun tokenize "
+                             "into a new folder")
         if data.get("format") != FORMAT_NAME:
             raise ValueError(f"{origin} is not a {FORMAT_NAME} manifest (format={data.get('format')!r})")
         if data.get("format_version", 0) > FORMAT_VERSION:
@@ -361,34 +456,90 @@ class Manifest:
                  "command", "config", "versions", "created", "precision"}
         try:
             views = data["views"]
-            return cls(
+            manifest = cls(
                 tokenizer=data["tokenizer"], image_size=int(data["image_size"]),
                 grid=tuple(int(side) for side in data["grid"]), codebook_size=int(data["codebook_size"]),
                 token_dtype=data.get("token_dtype") or str(token_dtype(int(data["codebook_size"]))),
                 views=ViewsRecord(views["policy"], int(views["num_views"]), float(views["crop_range"]),
                                   int(views["seed"])),
                 classes={str(name): int(index) for name, index in data["classes"].items()},
-                shards=[ShardEntry(entry["file"], int(entry["samples"])) for entry in data["shards"]],
+                shards=[ShardEntry(entry["file"], int(entry["samples"]),
+                                   None if entry.get("bytes") is None else int(entry["bytes"]))
+                        for entry in data["shards"]],
                 rejected=[RejectedInput(item["path"], item["reason"]) for item in data.get("rejected", [])],
                 source=data.get("source", {}), command=data.get("command", ""), config=data.get("config", {}),
                 versions=data.get("versions", {}), created=data.get("created", ""), precision=data.get("precision"),
                 format_version=int(data.get("format_version", FORMAT_VERSION)),
                 extra={key: value for key, value in data.items() if key not in known},
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"{origin} is damaged or incomplete ({error!r}); rerun tokenize into a new folder") from error
+        problems = manifest.problems()
+        if problems:
+            raise ValueError(f"{origin} is inconsistent: {'; '.join(problems)}. Rerun tokenize into a new folder")
+        return manifest
+
+    def problems(self) -> list[str]:
+        """What makes this manifest unusable (empty when it is sound): names, counts, dtype, views, classes."""
+        problems = []
+        for entry in self.shards:
+            try:
+                check_plain_name(entry.file, "shard entry")
+            except ValueError as error:
+                problems.append(str(error))
+            if entry.samples < 0 or (entry.bytes is not None and entry.bytes < 0):
+                problems.append(f"shard {entry.file}: negative count")
+        names = [entry.file for entry in self.shards]
+        if len(set(names)) != len(names):
+            problems.append(f"a shard is listed twice ({sorted({n for n in names if names.count(n) > 1})})")
+        if not self.shards:
+            problems.append("no shards")
+        if self.image_size <= 0 or len(self.grid) != 2 or min(self.grid) <= 0 or self.codebook_size <= 0:
+            problems.append(f"image size {self.image_size}, grid {list(self.grid)}, codebook {self.codebook_size}: "
+                            "each must be positive")
+        if self.token_dtype not in ("uint16", "int32") or np.dtype(self.token_dtype) != token_dtype(self.codebook_size):
+            problems.append(f"token_dtype {self.token_dtype!r} does not fit codebook size {self.codebook_size} "
+                            f"(expected {token_dtype(self.codebook_size)})")
+        problems += self._view_problems() + self._class_problems()
+        return problems
+
+    def _view_problems(self) -> list[str]:
+        try:
+            expected = ViewPolicy.parse(self.views.policy).num_views
+        except ValueError as error:
+            return [str(error)]
+        if self.views.num_views != expected:
+            return [f"num_views {self.views.num_views} but view policy {self.views.policy} makes {expected}"]
+        return []
+
+    def _class_problems(self) -> list[str]:
+        ids = list(self.classes.values())
+        if not ids:
+            return ["no classes"]
+        if sorted(ids) != list(range(len(ids))):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            return [f"class ids must be 0..{len(ids) - 1}, each once" + (f" (repeated: {repeated[:5]})" if repeated
+                                                                          else "")]
+        return []
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {folder} a token-shard folder written by tokenize/run.py?")
+        """The manifest of a local shard folder or of a remote location (see star/data/location.py)."""
+        location = ShardLocation(str(folder))
+        where = location.url(MANIFEST_NAME)
+        if not location.is_remote and not Path(where).is_file():
+            hint = " (it is a file)" if Path(folder).is_file() else ""
+            raise FileNotFoundError(f"{where} not found: is {folder}{hint} a token-shard folder written by "
+                                    "tokenize/run.py?")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); rerun the same tokenize command to rewrite it") from error
-        manifest = cls.from_dict(data, origin=str(path))
-        manifest.folder = Path(folder)
+            data = json.loads(location.read_bytes(MANIFEST_NAME))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{where} is not valid JSON ({error}); rerun the same tokenize command to rewrite "
+                             "it") from error
+        except OSError as error:
+            raise FileNotFoundError(f"{where}: cannot read it ({error})") from error
+        manifest = cls.from_dict(data, origin=where)
+        manifest.location = location
         return manifest
 
     def write(self, folder: str | Path | None = None) -> Path:
@@ -397,34 +548,61 @@ class Manifest:
 
         folder = Path(folder) if folder is not None else self._folder()
         write_json_atomic(folder / MANIFEST_NAME, self.to_dict())
-        self.folder = folder
+        self.location = ShardLocation(str(folder))
         return folder / MANIFEST_NAME
 
     # -- the shard files --------------------------------------------------------------------------------
     def _folder(self, folder: str | Path | None = None) -> Path:
         if folder is not None:
             return Path(folder)
-        if self.folder is None:
+        if self.location is None:
             raise ValueError("this manifest has no folder: pass one, or use Manifest.load(folder)")
-        return self.folder
+        return self.location.folder
+
+    def _location(self) -> ShardLocation:
+        if self.location is None:
+            raise ValueError("this manifest has no location: use Manifest.load(folder)")
+        return self.location
 
     def shard_paths(self, folder: str | Path | None = None) -> list[Path]:
+        """Local shard files (each manifest entry checked to be a plain name inside the folder)."""
         folder = self._folder(folder)
-        return [folder / entry.file for entry in self.shards]
+        return [folder / check_plain_name(entry.file, "shard entry") for entry in self.shards]
 
-    def iter_samples(self, folder: str | Path | None = None) -> Iterator[ShardSample]:
-        """Every sample of every shard, in manifest order (see the module-level `iter_samples`)."""
-        return iter_samples(self.shard_paths(folder))
+    def shard_urls(self) -> list[str]:
+        """What WebDataset opens for each shard: local paths, or URLs under the remote root the user gave."""
+        return [self._location().url(entry.file) for entry in self.shards]
 
-    def shard_problems(self, folder: str | Path | None = None) -> list[str]:
-        """Cheap check of every shard file against the manifest, reading tar headers only (no payloads):
-        present, every member's bytes inside the file (a truncated copy fails here), and the sample count."""
+    def iter_samples(self, entries: Iterable[ShardEntry] | None = None) -> Iterator[ShardSample]:
+        """Every sample of every shard (or of `entries`), in manifest order, checked against the manifest
+        (`sample_spec`); local or remote. A damaged shard, or one whose count differs from the manifest's, raises
+        ValueError naming it."""
+        location, spec = self._location(), self.sample_spec
+        for entry in self.shards if entries is None else entries:
+            with location.open(entry.file) as stream:
+                count = 0
+                for sample in _decode_all(iter_shard(stream, location.url(entry.file)), location.url(entry.file), spec):
+                    count += 1
+                    yield sample
+            if count != entry.samples:
+                raise ValueError(f"shard {location.url(entry.file)} holds {count} samples, the manifest says "
+                                 f"{entry.samples}; {_rebuild_hint(Path(entry.file))}")
+
+    def shard_problems(self, folder: str | Path | None = None, full: bool = False) -> list[str]:
+        """Check every shard file against the manifest without reading payloads: present and of the recorded size
+        (a stat); with `full` (or a manifest that records no sizes) the tar headers too: every member's bytes
+        inside the file, and the sample count. Local folders only."""
         folder = self._folder(folder)
         problems = []
         for entry in self.shards:
-            tar_path = folder / entry.file
+            tar_path = folder / check_plain_name(entry.file, "shard entry")
             if not tar_path.is_file():
                 problems.append(f"{tar_path}: missing")
+                continue
+            if entry.bytes is not None and tar_path.stat().st_size != entry.bytes:
+                problems.append(f"{tar_path}: {tar_path.stat().st_size:,} bytes, the manifest says {entry.bytes:,}")
+                continue
+            if not full and entry.bytes is not None:
                 continue
             try:
                 count = _count_samples_from_headers(tar_path)
@@ -435,9 +613,9 @@ class Manifest:
                 problems.append(f"{tar_path}: holds {count} samples, the manifest says {entry.samples}")
         return problems
 
-    def verify(self, folder: str | Path | None = None) -> None:
+    def verify(self, folder: str | Path | None = None, full: bool = False) -> None:
         """Raise ValueError naming each damaged or truncated shard (see `shard_problems`); before training."""
-        problems = self.shard_problems(folder)
+        problems = self.shard_problems(folder, full)
         if problems:
             folder = self._folder(folder)
             shown = "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")

@@ -56,7 +56,8 @@ def write_synthetic_shards(out: str | Path, layout: SyntheticLayout, shard_size:
             tokens = rng.integers(0, codebook_size, (views, grid, grid)).astype(dtype)  # [V, h, w]
             writer.write(ShardSample(f"class{labels[item]:04d}/image{item:08d}", tokens, int(labels[item]),
                                      view_records, (image_size, image_size), f"synthetic/{item}"))
-        entries.append(ShardEntry(writer.tar_path.name, writer.close()["samples"]))
+        samples = writer.close()["samples"]
+        entries.append(ShardEntry(writer.tar_path.name, samples, writer.tar_path.stat().st_size))
     manifest = Manifest(
         tokenizer={"config": {"codebook_size": codebook_size}, "config_source": "synthetic", "checkpoint": "",
                    "checkpoint_sha256": f"synthetic-{codebook_size}"},

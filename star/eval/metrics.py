@@ -31,7 +31,7 @@ from star.eval.scores import (
     inception_score,
     precision_recall,
 )
-from star.io import write_json_atomic
+from star.io import check_output_file, is_json_with, write_json_atomic
 from star.runtime import DEVICE_CHOICES, pick_device
 
 
@@ -186,6 +186,7 @@ class FidConfig:
     precision: str = setting("fp32", choices=INCEPTION_PRECISIONS,
                              help="Inception's compute precision: fp32 is the standard FID network; bf16 is ~2.4x "
                                   "faster on CPUs with AMX but its FIDs compare only with other bf16 FIDs")
+    overwrite: bool = setting(False, help="replace --out even if it is not a metrics file this tool wrote")
 
     def __post_init__(self) -> None:
         check(bool(self.samples) and bool(self.ref), "--samples and --ref are required")
@@ -208,6 +209,8 @@ def run_fid(config: FidConfig) -> dict:
                             cache_dir=config.cache_dir, precision=config.precision)
     if not Path(config.samples).exists():
         raise FileNotFoundError(f"--samples {config.samples} not found")
+    check_output_file(config.metrics_path(), "--out", "metrics file", lambda path: is_json_with(path, "fid"),
+                      inputs=(config.samples, config.ref), overwrite=config.overwrite)
     metrics = compute_metrics(config.samples, resolve_reference(config.ref), options)
     write_json_atomic(config.metrics_path(), metrics)
     return {**metrics, "written": str(config.metrics_path())}

@@ -19,7 +19,7 @@ from star.cli import check, setting
 from star.data.shards import Manifest
 from star.eval.understanding import AnalysisModel, shard_tokens
 from star.gpt.model import GPT
-from star.io import write_json_atomic
+from star.io import check_output_file, is_json_with, write_json_atomic
 
 
 @dataclass
@@ -32,6 +32,7 @@ class NllConfig:
     view: int = setting(0, help="which stored view of each image")
     limit: int = setting(0, help="at most this many images (0 = all)")
     batch_size: int = setting(256, help="sequences per forward pass")
+    overwrite: bool = setting(False, help="replace --out even if it is not an NLL record this tool wrote")
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "--shards is required")
@@ -62,6 +63,8 @@ def bits_per_dim(nats_per_token: float, tokens_per_image: int, image_size: int) 
 
 def run_nll(config: NllConfig) -> dict:
     """Held-out NLL with and without the label; writes `out` and returns the same record."""
+    check_output_file(config.out, "--out", "NLL record", lambda path: is_json_with(path, "conditional", "unconditional"),
+                      inputs=(config.shards, config.generator.ckpt), overwrite=config.overwrite)
     model = config.generator.load()
     manifest = Manifest.load(config.shards)
     tokens, labels = shard_tokens(config.shards, config.view, config.limit)  # [N, T], [N]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,22 @@ def _read_image(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)  # [H, W, 3], as clean-fid reads files
 
 
+def _readable_images(files: list[Path]):
+    """The images of `files`, skipping the unreadable ones (as tokenize does) with one warning naming them."""
+    skipped = []
+    for path in files:
+        try:
+            yield _read_image(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            skipped.append(path)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(files)} (e.g. {skipped[0]}): the "
+                      "statistics use the rest", stacklevel=2)
+
+
 def _folder_stream(folder: Path) -> _ImageStream:
     files = list_image_files(folder)
-    return _ImageStream(lambda: (_read_image(path) for path in files), len(files))
+    return _ImageStream(lambda: _readable_images(files), len(files))
 
 
 def _read_npy_header(member) -> tuple[tuple[int, ...], np.dtype] | None:
@@ -122,7 +136,7 @@ def load_samples(path: str | os.PathLike) -> np.ndarray | list[np.ndarray]:
     """
     path = Path(path)
     if path.is_dir():
-        images = [_read_image(file) for file in list_image_files(path)]
+        images = list(_readable_images(list_image_files(path)))
         if len({image.shape for image in images}) == 1:
             return np.stack(images)  # [N, H, W, 3]
         return images

@@ -5,25 +5,27 @@ drawn with a generator seeded from (seed, b), so the samples do not depend on th
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from star.checkpoint import load_generator, resolve_checkpoint  # noqa: F401 (moved; imported here for callers)
+from star.checkpoint import WEIGHT_CHOICES, load_generator, read_meta, resolve_checkpoint
 from star.cli import check, setting
-from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate, resolve_decode_mode
+from star.gpt.generate import SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
 from star.images import save_tile_grid
-from star.io import atomic_path, sha256_file, write_json_atomic
+from star.io import atomic_path, check_output_file, sha256_file, write_json_atomic
 from star.runtime import autocast_dtype, pick_device, resolve_precision
 
-WEIGHT_CHOICES = ("student", "teacher")  # teacher: the EMA copy an ST-AR run keeps
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -47,24 +49,17 @@ class SampleConfig:
     vq_config: str = setting("VQ-16", help="VQ preset or JSON")
     allow_other_tokenizer: bool = setting(False, help="sample with a VQ other than the one the checkpoint was "
                                                       "trained on (warn instead of refusing)")
-    cfg_scale: float = setting(1.0, help="classifier-free guidance scale (1.0 = off)")
-    cfg_schedule: str = setting("constant", choices=CFG_SCHEDULES, help="guidance over the steps")
-    cfg_interval: int = setting(-1, help="LlamaGen's cfg-interval: CFG off after this decode step (-1 = never)")
-    top_k: int = setting(0, help="keep the k most likely tokens (0 = all)")
-    top_p: float = setting(1.0, help="nucleus filter (1.0 = off)")
-    temperature: float = setting(1.0, help="sampling temperature (>= 0)")
+    sampling: SamplingSettings = setting(default_factory=SamplingSettings)  # --cfg-scale, --top-k, --decode, ...
     num_samples: int = setting(50, help="images to sample")
     classes: str = setting("", help="comma list of class ids to cycle (empty: balanced over all classes)")
     batch_size: int = setting(32, help="images per batch (CFG doubles the model's batch)")
     seed: int = setting(0, help="global seed; batch b uses (seed, b), independent of the process count")
     tokens_only: bool = setting(False, help="write tokens.npz instead of decoding images")
     save_tokens: str = setting("", help="also save the tokens [N, T] as this .npy")
+    overwrite: bool = setting(False, help="let --save-tokens replace a file that is not a token array this tool wrote")
     image_size_eval: int = setting(0, help="bicubic resize of decoded images for evaluation (e.g. 384 -> 256; 0 = keep)")
     precision: str = setting("auto", choices=SAMPLE_PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N (under accelerate launch: the launcher's)")
-    decode: str = setting("auto", choices=DECODE_MODES, help="static (CUDA graphs) or dynamic KV-cache decoding; "
-                                                              "auto: static on CUDA")
-    compile: bool = setting(False, help="torch.compile the decode step")
     progress: bool = setting(True, help="progress bar")
 
     def __post_init__(self) -> None:
@@ -80,12 +75,8 @@ class SampleConfig:
         check(self.image_size_eval >= 0, f"--image-size-eval {self.image_size_eval}: must be >= 0 (0 = keep)")
         check(self.tokens_only or bool(self.vq_ckpt), "--vq-ckpt is needed to decode images (or pass --tokens-only)")
         check(all(c >= 0 for c in parse_int_list(self.classes, "--classes")), f"--classes {self.classes}: ids >= 0")
-        self.sampling()  # cfg scale, temperature, top-k/p, interval, schedule, decode mode
-
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule,
-                                cfg_interval=self.cfg_interval, temperature=self.temperature, top_k=self.top_k,
-                                top_p=self.top_p, decode=self.decode, compile_decode=self.compile)
+        if isinstance(self.sampling, dict):  # settings.json, or a library caller's plain dict
+            self.sampling = SamplingSettings(**self.sampling)
 
 
 def sample_labels(num_samples: int, num_classes: int, classes: str) -> torch.Tensor:
@@ -104,14 +95,15 @@ def recorded_tokenizer_sha256(checkpoint_file: Path) -> str | None:
     (the checkpoint folder's meta.json, else the run folder's config.json); None where nothing is recorded
     (an official LlamaGen .pt, a bare .safetensors)."""
     folder = checkpoint_file.parent
-    for record in (folder / "meta.json", folder.parent.parent / "config.json"):
-        if record.is_file():
-            try:
-                value = json.loads(record.read_text()).get("tokenizer_sha256")
-            except (OSError, json.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(value, str) and value:
-                return value
+    if (folder / "meta.json").is_file():
+        return read_meta(folder).tokenizer_sha256
+    run_config = folder.parent.parent / "config.json"
+    if run_config.is_file():
+        try:
+            value = json.loads(run_config.read_text()).get("tokenizer_sha256")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+        return value if isinstance(value, str) and value else None
     return None
 
 
@@ -154,12 +146,6 @@ def tokens_to_uint8(vq, tokens: torch.Tensor, grid: int, image_size_eval: int = 
     return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 8, max_classes: int = 16) -> Path:
-    """A row per class (first `max_classes` classes present), up to `per_class` samples each."""
-    classes = list(dict.fromkeys(labels.tolist()))[:max_classes]
-    return save_tile_grid([list(images[np.flatnonzero(labels == label)[:per_class]]) for label in classes], path)
-
-
 def sampling_device(config: SampleConfig):
     """(accelerate state, device): the launcher's device under a multi-process launch, else --device."""
     from accelerate import PartialState
@@ -169,11 +155,47 @@ def sampling_device(config: SampleConfig):
     return state, (state.device if state.num_processes > 1 else device)
 
 
+def is_token_array(path: Path) -> bool:
+    """Whether `path` is a tokens .npy as --save-tokens writes it (a 2-D integer array)."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(handle)
+    except (OSError, ValueError):
+        return False
+    return len(shape) == 2 and np.dtype(dtype).kind in "iu"
+
+
+def parts_folder(config: SampleConfig, checkpoint_file: Path) -> Path:
+    """Where the batches are kept as they are made: named by everything that decides a batch's samples (the
+    weights file, the VQ, the settings; not the sample count), so a rerun reuses exactly the batches it would
+    make again, and another setting never picks up stale ones."""
+    stat = checkpoint_file.stat()
+    decides = {**asdict(config), "out": None, "progress": None, "num_samples": None, "save_tokens": None,
+               "weights_file": [str(checkpoint_file.resolve()), stat.st_size, stat.st_mtime_ns],
+               "vq": sha256_file(config.vq_ckpt) if config.vq_ckpt and not config.tokens_only else None}
+    digest = hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(config.out) / f".parts-{digest}"
+
+
+def check_outputs(config: SampleConfig, checkpoint_file: Path) -> None:
+    """Before any work: --save-tokens may only replace a token array this tool wrote, never an input."""
+    if config.save_tokens:
+        check_output_file(config.save_tokens, "--save-tokens", "token array", is_token_array,
+                          inputs=(checkpoint_file, config.vq_ckpt), overwrite=config.overwrite)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for samples.npz, grid.png and settings.json")
+
+
 def run_sampling(config: SampleConfig) -> dict:
     """Sample, decode and write samples.npz + grid.png + settings.json (or tokens.npz), each atomically.
 
     Everything that can be checked is checked before the first token is drawn: the settings (on creation),
-    the checkpoint, the tokenizer against the one the checkpoint records, and the VQ codebook size.
+    the checkpoint, the outputs, the tokenizer against the one the checkpoint records, and the VQ codebook size.
+    Each batch is written as it is made (a crashed run resumes from its finished batches); the final arrays are
+    assembled by streaming the batches into the .npz, never holding all the images at once.
     """
     started = time.time()
     state, device = sampling_device(config)
@@ -181,6 +203,7 @@ def run_sampling(config: SampleConfig) -> dict:
     if config.weights == "teacher" and checkpoint_file.name != "teacher.safetensors":
         raise ValueError(f"--weights teacher: {checkpoint_file} is not an ST-AR run's teacher.safetensors; "
                          "use --weights student, or give the run or checkpoint folder")
+    check_outputs(config, checkpoint_file)
     tokenizer_check = None if config.tokens_only else check_tokenizer(config, checkpoint_file)
     model = load_generator(config.ckpt, config.model, config.weights).to(device)
     precision = resolve_precision(config.precision, device)
@@ -188,70 +211,118 @@ def run_sampling(config: SampleConfig) -> dict:
         model = model.to(autocast_dtype(precision))
     vq = None if config.tokens_only else load_decoder(config, model.config, device)
     labels = sample_labels(config.num_samples, model.config.num_classes, config.classes)
-    sampling = config.sampling()
     batches = [(b, labels[start : start + config.batch_size])
                for b, start in enumerate(range(0, len(labels), config.batch_size))]
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    part_tokens, part_images, part_indices = [], [], []
-    bar = tqdm(batches[state.process_index :: state.num_processes], desc="sample", unit="batch",
-               disable=not (config.progress and state.is_main_process))
+    parts = parts_folder(config, checkpoint_file)
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = [(b, batch_labels) for b, batch_labels in batches[state.process_index :: state.num_processes]
+            if not _part_is_done(parts, b, len(batch_labels))]
+    bar = tqdm(mine, desc="sample", unit="batch", disable=not (config.progress and state.is_main_process))
     for batch_index, batch_labels in bar:
         generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + batch_index)
-        tokens = generate(model, batch_labels.to(device), sampling, generator)  # [b, T]
-        part_tokens.append(tokens.cpu())
-        first = batch_index * config.batch_size
-        part_indices.append(torch.arange(first, first + len(batch_labels)))
-        if vq is not None:
-            part_images.append(tokens_to_uint8(vq, tokens, model.config.grid_size, config.image_size_eval))
-    with atomic_path(out / f".part-{state.process_index}.npz") as tmp, open(tmp, "wb") as handle:
-        np.savez(handle,
-                 tokens=torch.cat(part_tokens).numpy() if part_tokens else np.zeros((0, model.config.block_size), np.int64),
-                 indices=torch.cat(part_indices).numpy() if part_indices else np.zeros(0, np.int64),
-                 images=np.concatenate(part_images) if part_images else np.zeros((0, 1, 1, 3), np.uint8))
+        tokens = generate(model, batch_labels.to(device), config.sampling, generator)  # [b, T]
+        images = tokens_to_uint8(vq, tokens, model.config.grid_size, config.image_size_eval) if vq is not None else None
+        _write_part(parts, batch_index, tokens.cpu().numpy(), images)
     state.wait_for_everyone()
-    summary = {"num_samples": config.num_samples, "seconds": round(time.time() - started, 2), "out": str(out)}
+    summary = {"num_samples": config.num_samples, "seconds": round(time.time() - started, 2), "out": str(config.out),
+               "reused_batches": len(batches[state.process_index :: state.num_processes]) - len(mine)}
     if state.is_main_process:
-        resolved = {"precision": precision, "decode": resolve_decode_mode(config.decode, device),
+        resolved = {"precision": precision, "decode": resolve_decode_mode(config.sampling.decode, device),
                     "device": str(device), "world_size": state.num_processes, "checkpoint_file": str(checkpoint_file),
                     "tokenizer_check": tokenizer_check}
-        summary.update(_merge_parts(out, state.num_processes, labels.numpy(), config, resolved))
+        summary.update(_assemble(parts, len(batches), labels.numpy(), config, resolved))
+        shutil.rmtree(parts, ignore_errors=True)
     state.wait_for_everyone()
     return summary
+
+
+def _part_path(parts: Path, batch_index: int) -> Path:
+    return parts / f"batch-{batch_index:06d}.npz"
+
+
+def _part_is_done(parts: Path, batch_index: int, length: int) -> bool:
+    path = _part_path(parts, batch_index)
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as part:
+            return len(part["tokens"]) == length
+    except (OSError, ValueError, KeyError):
+        return False  # a damaged part is made again
+
+
+def _write_part(parts: Path, batch_index: int, tokens: np.ndarray, images: np.ndarray | None) -> None:
+    with atomic_path(_part_path(parts, batch_index)) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, tokens=tokens, **({"images": images} if images is not None else {}))
+
+
+def _stream_npz(path: Path, arrays: dict[str, tuple[tuple, np.dtype, Callable[[], Iterator[np.ndarray]]]]) -> None:
+    """Write an .npz whose arrays are produced chunk by chunk: {name: (shape, dtype, chunks)}; at most one chunk
+    is in memory. np.load reads it like any np.savez file."""
+    import zipfile
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, (shape, dtype, chunks) in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array_header_2_0(entry, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                             "fortran_order": False, "shape": shape})
+                for chunk in chunks():
+                    entry.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def _assemble(parts: Path, num_batches: int, labels: np.ndarray, config: SampleConfig, resolved: dict) -> dict:
+    def read(key: str) -> Iterator[np.ndarray]:
+        for b in range(num_batches):
+            with np.load(_part_path(parts, b)) as part:
+                yield part[key]
+
+    with np.load(_part_path(parts, 0)) as first:
+        tokens_shape, token_dtype = first["tokens"].shape[1:], first["tokens"].dtype
+        image_shape = first["images"].shape[1:] if "images" in first else None
+    written = {}
+    if config.save_tokens:
+        _write_npy_streamed(Path(config.save_tokens), (len(labels), *tokens_shape), token_dtype, lambda: read("tokens"))
+        written["tokens"] = config.save_tokens
+    out = Path(config.out)
+    if config.tokens_only:
+        _stream_npz(out / "tokens.npz", {"tokens": ((len(labels), *tokens_shape), token_dtype, lambda: read("tokens")),
+                                         "labels": (labels.shape, labels.dtype, lambda: iter([labels]))})
+        written["tokens_npz"] = str(out / "tokens.npz")
+    else:
+        _stream_npz(out / "samples.npz", {"arr_0": ((len(labels), *image_shape), np.uint8, lambda: read("images")),
+                                          "labels": (labels.shape, labels.dtype, lambda: iter([labels]))})
+        written["samples"] = str(out / "samples.npz")
+        written["grid"] = str(_grid_from_parts(read("images"), labels, out / "grid.png"))
+    write_json_atomic(out / "settings.json", {**asdict(config), "labels_balanced": not config.classes,
+                                              "resolved": resolved})
+    return written
+
+
+def _write_npy_streamed(path: Path, shape: tuple, dtype, chunks: Callable[[], Iterator[np.ndarray]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.lib.format.write_array_header_2_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": shape})
+        for chunk in chunks():
+            handle.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def _grid_from_parts(images: Iterator[np.ndarray], labels: np.ndarray, path: Path, per_class: int = 8,
+                     max_classes: int = 16) -> Path:
+    """A row per class (the first `max_classes` classes present), up to `per_class` samples each, read in order."""
+    classes = list(dict.fromkeys(labels.tolist()))[:max_classes]
+    rows: dict[int, list[np.ndarray]] = {label: [] for label in classes}
+    offset = 0
+    for chunk in images:
+        for image, label in zip(chunk, labels[offset : offset + len(chunk)].tolist()):
+            if label in rows and len(rows[label]) < per_class:
+                rows[label].append(image)
+        offset += len(chunk)
+        if all(len(row) == per_class for row in rows.values()):
+            break
+    return save_tile_grid([rows[label] for label in classes], path)
 
 
 def format_sampling_summary(summary: dict) -> str:
     """One line for the main process; "" on the other ranks (they wrote only their part)."""
     written = ", ".join(f"{k}: {v}" for k, v in summary.items() if k in ("samples", "grid", "tokens", "tokens_npz"))
     return f"{summary['num_samples']} samples in {summary['seconds']} s -> {written}" if written else ""
-
-
-def _merge_parts(out: Path, world: int, labels: np.ndarray, config: SampleConfig, resolved: dict) -> dict:
-    tokens, images, indices = [], [], []
-    for rank in range(world):
-        with np.load(out / f".part-{rank}.npz") as part:
-            tokens.append(part["tokens"])
-            indices.append(part["indices"])
-            if not config.tokens_only:
-                images.append(part["images"])
-        (out / f".part-{rank}.npz").unlink()
-    order = np.argsort(np.concatenate(indices))
-    all_tokens = np.concatenate(tokens)[order]
-    written = {}
-    if config.save_tokens:
-        with atomic_path(config.save_tokens) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, all_tokens)
-        written["tokens"] = config.save_tokens
-    settings = {**asdict(config), "labels_balanced": not config.classes, "resolved": resolved}
-    if not config.tokens_only:
-        all_images = np.concatenate(images)[order]
-        with atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, arr_0=all_images, labels=labels)
-        written["samples"] = str(out / "samples.npz")
-        written["grid"] = str(save_grid(all_images, labels, out / "grid.png"))
-    else:
-        with atomic_path(out / "tokens.npz") as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, tokens=all_tokens, labels=labels)
-        written["tokens_npz"] = str(out / "tokens.npz")
-    write_json_atomic(out / "settings.json", settings)
-    return written

@@ -9,6 +9,7 @@ the null class for probing, so no label leaks into the features.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,30 +18,51 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from star.checkpoint import WEIGHT_CHOICES, load_generator
 from star.cli import check, setting
-from star.eval.sample import WEIGHT_CHOICES, load_generator, parse_int_list
+from star.eval.sample import parse_int_list
 from star.gpt.model import GPT
 from star.images import save_tile_grid
 from star.io import write_json_atomic
 from star.runtime import DEVICE_CHOICES, pick_device
 
 
-def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token grids of one view per sample ([N, T] int64) and the class ids ([N]) from a shard folder."""
-    from star.data.shards import Manifest, decode_sample, iter_shard
+def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token grids of one view per sample ([N, T] int64) and the class ids ([N]) from a shard folder: all of them
+    in shard order, or with `limit` a class-balanced random subset (limit // classes of each, drawn by a
+    generator seeded with `seed`, kept in shard order), read in one pass holding only the subset."""
+    from star.data.shards import Manifest
 
     manifest = Manifest.load(shards)
     if view >= manifest.num_views:
         raise ValueError(f"view {view} requested, {shards} stores {manifest.num_views} views")
-    tokens, labels = [], []
-    for shard in manifest.shard_paths(shards):
-        for members in iter_shard(shard):
-            sample = decode_sample(members)
-            tokens.append(sample.tokens[view].reshape(-1).astype(np.int64))
-            labels.append(sample.class_id)
-            if limit and len(tokens) >= limit:
-                return np.stack(tokens), np.array(labels)
+    if limit and limit < manifest.num_classes:
+        raise ValueError(f"--limit {limit} is fewer than the {manifest.num_classes} classes of {shards}: a "
+                         "class-balanced subset needs at least one image of each")
+    if not limit or limit >= manifest.num_samples:
+        samples = [(s.tokens[view].reshape(-1).astype(np.int64), s.class_id) for s in manifest.iter_samples()]
+    else:
+        samples = _balanced_subset(manifest.iter_samples(), view, max(1, limit // manifest.num_classes), seed)
+    if not samples:
+        raise ValueError(f"{shards} holds no samples")
+    tokens, labels = zip(*samples)
     return np.stack(tokens), np.array(labels)
+
+
+def _balanced_subset(samples, view: int, per_class: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    """`per_class` samples of each class, uniformly at random (a seeded random key per sample; the smallest
+    keys of each class are kept), in their original order."""
+    rng = np.random.default_rng(seed)
+    kept: dict[int, list] = {}
+    for index, sample in enumerate(samples):
+        heap = kept.setdefault(sample.class_id, [])
+        entry = (-rng.random(), index, sample.tokens[view].reshape(-1).astype(np.int64), sample.class_id)
+        if len(heap) < per_class:
+            heapq.heappush(heap, entry)
+        elif entry[0] > heap[0][0]:
+            heapq.heapreplace(heap, entry)
+    chosen = sorted((entry for heap in kept.values() for entry in heap), key=lambda entry: entry[1])
+    return [(tokens, label) for _, _, tokens, label in chosen]
 
 
 @torch.inference_mode()
@@ -58,17 +80,21 @@ def layer_features(model: GPT, tokens: np.ndarray, layer: int, positions: list[i
     return torch.cat(chunks).permute(1, 0, 2).numpy()
 
 
-def linear_probe_accuracy(train_x, train_y, test_x, test_y, epochs: int = 300, lr: float = 0.05, seed: int = 0) -> float:
-    """Standardised features (BatchNorm without affine, as MAE's probe) -> a linear classifier, full-batch Adam."""
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, epochs: int = 300, lr: float = 0.05, seed: int = 0,
+                          device="cpu") -> float:
+    """Standardised features (BatchNorm without affine, as MAE's probe) -> a linear classifier, full-batch Adam,
+    fitted on `device` (the model's: a GPU fits ImageNet-sized feature sets in seconds)."""
     generator = torch.Generator().manual_seed(seed)
-    train_x, test_x = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(test_x, dtype=torch.float32)
+    train_x = torch.as_tensor(train_x, dtype=torch.float32).to(device)
+    test_x = torch.as_tensor(test_x, dtype=torch.float32).to(device)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    train_y, test_y = torch.as_tensor(train_y), torch.as_tensor(test_y)
+    train_y, test_y = torch.as_tensor(train_y).to(device), torch.as_tensor(test_y).to(device)
     classes = int(max(train_y.max(), test_y.max())) + 1
     classifier = torch.nn.Linear(train_x.shape[1], classes)
     torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
     torch.nn.init.zeros_(classifier.bias)
+    classifier = classifier.to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(epochs):
         optimizer.zero_grad()
@@ -83,8 +109,9 @@ def probe(model: GPT, train_tokens, train_labels, test_tokens, test_labels, laye
     """Linear-probe accuracy per position: rows {"step": position, "accuracy": ...} (the paper's Fig. 1b)."""
     train_features = layer_features(model, train_tokens, layer, positions)
     test_features = layer_features(model, test_tokens, layer, positions)
-    return [{"step": position,
-             "accuracy": linear_probe_accuracy(train_features[i], train_labels, test_features[i], test_labels)}
+    device = model.tok_embeddings.weight.device
+    return [{"step": position, "accuracy": linear_probe_accuracy(train_features[i], train_labels, test_features[i],
+                                                                 test_labels, device=device)}
             for i, position in enumerate(positions)]
 
 
@@ -237,7 +264,8 @@ class ProbeConfig:
     layer: int = setting(0, help="residual stream after this many blocks (0: the middle layer)")
     positions: str = setting("", help="comma list of sequence positions, 1..block_size (empty: 8 evenly spaced)")
     view: int = setting(0, help="which stored view of each image")
-    limit: int = setting(0, help="at most this many samples per split (0 = all)")
+    limit: int = setting(50_000, help="at most this many samples per split, class-balanced and drawn at random "
+                                      "(0 = all; ImageNet's 1.28M would hold ~31 GB of features)")
 
     def __post_init__(self) -> None:
         check(self.layer >= 0, f"--layer {self.layer}: must be >= 0 (0 = the middle layer)")
@@ -255,6 +283,17 @@ class ProbeConfig:
         return self.layer or n_layer // 2, positions
 
 
+def _same_classes(shards: str, eval_shards: str) -> None:
+    """A probe fitted on one labelling cannot be scored on another: both splits must name the same classes."""
+    from star.data.shards import Manifest
+
+    train, held_out = Manifest.load(shards).classes, Manifest.load(eval_shards).classes
+    if train != held_out:
+        only = sorted(set(train.items()) ^ set(held_out.items()))[:3]
+        raise ValueError(f"--eval-shards {eval_shards} has other classes than --shards {shards} ({len(held_out)} vs "
+                         f"{len(train)}; e.g. {only}): tokenize both splits from folders with the same class names")
+
+
 def _class_count_check(labels: np.ndarray, shards: str, limit: int) -> None:
     classes = len(set(labels.tolist()))
     if classes < 2:
@@ -265,6 +304,7 @@ def _class_count_check(labels: np.ndarray, shards: str, limit: int) -> None:
 
 def run_probe(config: ProbeConfig) -> dict:
     """Train a linear probe per position on `shards`, score it on `eval_shards`; write probe.json + probe.png."""
+    _same_classes(config.shards, config.eval_shards)
     model = config.generator.load()
     layer, positions = config.resolve(model)
     train_x, train_y = shard_tokens(config.shards, config.view, config.limit)

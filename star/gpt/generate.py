@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from star.cli import setting
 from star.gpt.model import GPT
 
 
@@ -83,35 +84,34 @@ CFG_SCHEDULES = ("constant", "linear")
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How tokens are drawn (LlamaGen's **sampling_kwargs), the CFG scale and schedule, and the decode mode.
+    """How tokens are drawn (LlamaGen's **sampling_kwargs), the CFG scale and schedule, and the decode mode: the
+    flags of `evaluate/run.py sample` (declared here once) and what `generate` takes. Checked on creation."""
 
-    Checked on creation, so a library caller gets the same errors as the command line.
-    """
-
-    cfg_scale: float = 1.0
-    cfg_schedule: str = "constant"
-    cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    decode: str = "auto"
-    compile_decode: bool = False
+    cfg_scale: float = setting(1.0, help="classifier-free guidance scale (1.0 = off)")
+    cfg_schedule: str = setting("constant", choices=CFG_SCHEDULES, help="guidance over the steps")
+    cfg_interval: int = setting(-1, help="LlamaGen's cfg-interval: CFG off after this decode step (-1 = never)")
+    temperature: float = setting(1.0, help="sampling temperature (>= 0)")
+    top_k: int = setting(0, help="keep the k most likely tokens (0 = all)")
+    top_p: float = setting(1.0, help="nucleus filter (1.0 = off)")
+    decode: str = setting("auto", choices=DECODE_MODES, help="static (whole cache, fixed shapes: CUDA graphs) or "
+                                                            "dynamic (filled slots only) decoding; auto: static on CUDA")
+    compile_decode: bool = setting(False, flag="compile", help="torch.compile the decode step")
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale={self.cfg_scale} must be a finite number (1.0 = no guidance)")
+            raise ValueError(f"--cfg-scale {self.cfg_scale} must be a finite number (1.0 = no guidance)")
         if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule={self.cfg_schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
+            raise ValueError(f"--cfg-schedule {self.cfg_schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (values near 0 are ~greedy)")
+            raise ValueError(f"--temperature {self.temperature} must be >= 0 (values near 0 are ~greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+            raise ValueError(f"--top-k {self.top_k} must be >= 0 (0 = no top-k filter)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
+            raise ValueError(f"--top-p {self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
         if self.cfg_interval < -1:
-            raise ValueError(f"cfg_interval={self.cfg_interval} must be >= -1 (-1 = CFG at every step)")
+            raise ValueError(f"--cfg-interval {self.cfg_interval} must be >= -1 (-1 = CFG at every step)")
         if self.decode not in DECODE_MODES:
-            raise ValueError(f"decode={self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
+            raise ValueError(f"--decode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
 
     def draw(self, logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         return sample_logits(logits, self.temperature, self.top_k, self.top_p, generator)  # [B]
@@ -123,25 +123,19 @@ def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
 
 
-def cached_logits(model: GPT, x: Optional[torch.Tensor], cond_idx: Optional[torch.Tensor], input_pos: torch.Tensor,
-                  cache_len: Optional[int]) -> torch.Tensor:
-    """Logits [B, V] of the last new position. cache_len None: static shapes (the whole cache, masked)."""
-    if cache_len is None:
-        return model.forward_cached(x, cond_idx, input_pos, static=True)[:, -1]
-    return model.forward_cached(x, cond_idx, input_pos, cache_len=cache_len)[:, -1]
-
-
-def model_step(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cache_len: Optional[int]) -> torch.Tensor:
-    """Tokens [B, 1] at input_pos [1] -> next-token logits [B, V]. cache_len None: static shapes."""
-    return cached_logits(model, x, None, input_pos, cache_len)
+def model_step(model: GPT, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor], input_pos: torch.Tensor,
+               cache_len: Optional[int]) -> torch.Tensor:
+    """The one model call of sampling: new positions (class labels and/or tokens) at input_pos -> the last one's
+    next-token logits [B, V]. cache_len: the filled cache slots to attend (dynamic), or None (static)."""
+    return model.forward_cached(tokens, labels, input_pos, cache_len)[:, -1]
 
 
 _compiled_steps: dict[str, Callable] = {}
 
 
 def decode_step_function(mode: str, compile_decode: bool) -> Callable:
-    """The per-token model step, compiled once per mode when asked (dynamic shapes for the growing cache;
-    CUDA graphs for the static one)."""
+    """`model_step`, compiled once per mode when asked (dynamic shapes for the growing cache; CUDA graphs for
+    the static one)."""
     if not compile_decode:
         return model_step
     if mode not in _compiled_steps:
@@ -160,34 +154,38 @@ def resolve_decode_mode(decode: str, device: torch.device) -> str:
     return decode
 
 
-def prefill(model: GPT, cond_idx: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
-            sampling: SamplingSettings, generator: Optional[torch.Generator], static: bool) -> torch.Tensor:
-    """The class position(s) -> the first image token [B]. cfg_flag: cond_idx is [cond; null] ([2B])."""
-    logits = cached_logits(model, None, cond_idx, input_pos, None if static else len(input_pos))  # [B or 2B, V]
-    if cfg_flag:
-        logits = guided_logits(logits, cfg_scale)
-    return sampling.draw(logits, generator)
-
-
-def decode_one_token(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
-                     decoder: "Decoder", cache_len: Optional[int]) -> torch.Tensor:
-    """Previous tokens x [B, 1] -> next tokens [B]. cfg_flag: run [x; x] through the cond and null halves."""
-    if cfg_flag:
-        x_combined = torch.cat([x, x])  # the same token to both halves
-        logits = guided_logits(decoder.step(model, x_combined, input_pos, cache_len), cfg_scale)
-    else:
-        logits = decoder.step(model, x, input_pos, cache_len)  # [B, V]
-    return decoder.sampling.draw(logits, decoder.generator)
-
-
 @dataclass
 class Decoder:
-    """What every decode step shares: the sampling settings, the random generator, the (compiled) model step."""
+    """What every decode step shares: the sampling settings, the random generator, the (compiled) `model_step`,
+    and the decode mode (static: attend the whole cache, passing cache_len None)."""
 
     sampling: SamplingSettings
     generator: Optional[torch.Generator]
     step: Callable
     static: bool
+
+    def cache_len(self, position: Optional[int]) -> Optional[int]:
+        return None if self.static else position + 1
+
+
+def prefill(model: GPT, cond_idx: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
+            decoder: Decoder) -> torch.Tensor:
+    """The class position(s) -> the first image token [B]. cfg_flag: cond_idx is [cond; null] ([2B])."""
+    logits = model_step(model, None, cond_idx, input_pos, decoder.cache_len(len(input_pos) - 1))  # [B or 2B, V]
+    if cfg_flag:
+        logits = guided_logits(logits, cfg_scale)
+    return decoder.sampling.draw(logits, decoder.generator)
+
+
+def decode_one_token(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
+                     decoder: Decoder, cache_len: Optional[int]) -> torch.Tensor:
+    """Previous tokens x [B, 1] -> next tokens [B]. cfg_flag: run [x; x] through the cond and null halves."""
+    if cfg_flag:
+        x_combined = torch.cat([x, x])  # the same token to both halves
+        logits = guided_logits(decoder.step(model, x_combined, None, input_pos, cache_len), cfg_scale)
+    else:
+        logits = decoder.step(model, x, None, input_pos, cache_len)  # [B, V]
+    return decoder.sampling.draw(logits, decoder.generator)
 
 
 def decode_n_tokens(model: GPT, cur_token: torch.Tensor, input_pos: torch.Tensor, num_new_tokens: int,
@@ -206,7 +204,7 @@ def decode_n_tokens(model: GPT, cur_token: torch.Tensor, input_pos: torch.Tensor
         if cfg_interval > -1 and i > cfg_interval:
             cfg_flag = False  # once off, CFG stays off; the null half is no longer run
         scale = cfg_scale_at(i + 1, num_image_tokens, cfg_scale, decoder.sampling.cfg_schedule)
-        cache_len = None if static else position + 1
+        cache_len = decoder.cache_len(position)
         next_token = decode_one_token(model, cur_token, input_pos, scale, cfg_flag, decoder, cache_len)
         input_pos += 1
         if not static:
@@ -263,8 +261,7 @@ def generate(
             seq = torch.empty(len(cond), num_tokens, dtype=torch.long, device=device)  # [B, N]
             input_pos = torch.arange(0, prefix, device=device)
             first_scale = cfg_scale_at(0, num_tokens, cfg_scale, sampling.cfg_schedule)
-            next_token = prefill(model, cond_combined, input_pos, first_scale, cfg_scale != 1.0, sampling, generator,
-                                 static)  # [B]
+            next_token = prefill(model, cond_combined, input_pos, first_scale, cfg_scale != 1.0, decoder)  # [B]
             seq[:, 0] = next_token
 
             input_pos = torch.tensor([prefix], device=device, dtype=torch.long)

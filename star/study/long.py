@@ -211,7 +211,7 @@ def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> d
     vq_metrics, ceilings = shared_stages(plan, prepare_data)
     runs = [(arm, seed) for arm in plan.arms for seed in seeds_of(plan, arm)]
     in_parallel(plan, [(f"train {a.key} seed {s}", lambda a=a, s=s: train_run(plan, a, s)) for a, s in runs])
-    best, nll_means = best_candidate(plan, plan.arms)
+    best, nll_means = best_candidate(plan, plan.arms) if plan.extra_seed_for_best else (None, {})
     if best is not None:
         print(f"== best ST-AR arm by held-out NLL: {best.key} ({nll_means}); seed {extra_seed(plan)} added", flush=True)
         runs.append((best, extra_seed(plan)))

@@ -251,6 +251,12 @@ def time_lines(study: dict) -> list[str]:
     return lines
 
 
+def _baseline_steps(plan) -> int:
+    from star.study.arms import LONG_ARMS
+
+    return round(plan.steps * next(arm.length for arm in LONG_ARMS if arm.key == "L1_llamagen"))
+
+
 def render_long(study: dict, plan, out: Path, command: str) -> Path:
     grouped = by_arm(study["results"])
     metric_list, finals = metrics(plan.curve_samples, plan.cfg_scale), final_metrics(plan.num_samples, plan.cfg_scale)
@@ -265,7 +271,7 @@ def render_long(study: dict, plan, out: Path, command: str) -> Path:
              + (" (in one piece)" if len(invocations) == 1 else ", each resuming from the stages already finished")
              + ".", "",
              f"GPT {plan.gpt}, batch {plan.batch_size}, lr {plan.lr}, the fast step ({' '.join(plan.train_flags)}). "
-             f"Long arms: {plan.steps} steps (the baseline {round(plan.steps * 8 / 3)}), checkpoints at "
+             f"Long arms: {plan.steps} steps (the baseline {_baseline_steps(plan)}), checkpoints at "
              f"{', '.join(f'{f:.0%}' for f in plan.milestones)} of the run; short arms: {short} steps. "
              f"Every checkpoint: held-out NLL on the {study['results'][0]['points'][0]['nll']['images'] if study['results'] else '?'}"
              f" test images, the probe, and {fid_label(plan.curve_samples)} ({plan.curve_samples} samples) without "

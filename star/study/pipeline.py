@@ -49,6 +49,7 @@ class StudyPlan:
     short_steps: int = 0  # long preset: the length of the short arms
     curve_samples: int = 0  # long preset: samples per FID at every checkpoint (the curves); the last also gets
     # num_samples
+    extra_seed_for_best: bool = True  # long preset: the best candidate ST-AR arm gets one more seed
 
     @property
     def threads_per_job(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 # The study's fast step (see bench/study_step.py): bf16 autocast with fp32 attention on the CPU, compiled.
 FAST_STEP = ["--precision", "bf16", "--compile"]
+GPU_GPT = {"dim": 384, "n_layer": 8, "n_head": 6, "num_classes": 10, "block_size": 64, "multiple_of": 64,
+           "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
 GPT_SMALL = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 10, "block_size": 64, "multiple_of": 64,
              "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
 # name: (plan fields, images per class {"train": n, "test": m} (0 = all) or None for the full splits).
@@ -37,4 +39,18 @@ PRESETS = {
                         cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0],
                         other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=FAST_STEP,
                         jobs=2), None),
+    # The same study at a scale a CPU cannot reach, sized for one H200 in about 8 minutes (three runs side by side
+    # on the GPU): a 3x wider, 2x deeper GPT (26M parameters), twice the batch. Not yet run on a GPU.
+    "gpu": (dict(vq_steps=600, vq_batch_size=64, gpt=GPU_GPT, steps=4000, short_steps=400, batch_size=128, lr=1e-3,
+                 num_samples=5000, curve_samples=2000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
+                 probe_limit=10000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False,
+                 milestones=[0.25, 0.5, 1.0], train_flags=FAST_STEP, jobs=3, extra_seed_for_best=False),
+            {"train": 1000, "test": 0}),
+    "gpu-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPU_GPT, "dim": 32, "n_layer": 2, "n_head": 2},
+                       steps=4, short_steps=2, batch_size=8, lr=1e-3, num_samples=20, curve_samples=20, cfg_scale=2.0,
+                       probe_positions=[1, 64], probe_limit=1000, main_seeds=[0], other_seeds=[0],
+                       third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=FAST_STEP, jobs=2,
+                       extra_seed_for_best=False), None),
 }
+# The arms a preset runs when --arms is not given.
+DEFAULT_ARMS = {"quick": "1,2,3", "gpu": "L1,L3,L6", "gpu-smoke": "L1,L3"}

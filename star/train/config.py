@@ -12,9 +12,77 @@ from star.cli import check, setting
 from star.data.shards import Manifest
 from star.gpt.model import GPT_PRESETS, GPTConfig
 from star.runtime import PRECISION_CHOICES
-from star.train.objectives import StarSettings, resolve_teacher_decay
 from star.train.token_loader import VIEW_MATCH_CHOICES
 
+AUTO = "auto"
+PAPER_TEACHER_DECAY = 0.9999
+# The paper's EMA horizon 1 / (1 - 0.9999) = 10k steps over its ~250k-step runs (1.28M images x 50 epochs / 256):
+# a horizon of 4% of the run. `--teacher-decay auto` keeps that ratio for any run length.
+PAPER_HORIZON_FRACTION = 0.04
+
+
+class TeacherDecay:
+    """The type of --teacher-decay: a float in [0, 1], or 'auto' (calling it parses a flag or a library value)."""
+
+    def __new__(cls, value: float | str) -> float | str:  # type: ignore[misc]
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        return float(value)
+
+
+def resolve_teacher_decay(decay: float | str, total_steps: int) -> float:
+    """The EMA decay a run uses: a given number as is; 'auto' = 1 - 1 / (0.04 x total_steps), clamped to
+    [0, 0.9999]: 0.9999 at the paper's 250k steps, 0.975 at 1k, 0.875 at 200 (the teacher follows the
+    student within 4% of the run instead of staying at its random initialisation)."""
+    if decay != AUTO:
+        return float(decay)
+    return min(PAPER_TEACHER_DECAY, max(0.0, 1.0 - 1.0 / (PAPER_HORIZON_FRACTION * max(total_steps, 1))))
+
+
+@dataclass
+class StarSettings:
+    """ST-AR's self-guided losses (docs/st-ar.md). Flags of train/run.py; checked here for every caller."""
+
+    mim_weight: float = setting(1.0, help="alpha, the weight of L_MIM")
+    contrastive_weight: float = setting(0.5, help="beta, the weight of (L_step + L_view) / 2")
+    mask_ratio: float = setting(0.25, help="fraction of image key positions hidden from every query for L_MIM, "
+                                           "in [0, 1)")
+    contrastive_layer: int = setting(0, help="block whose output feeds L_step / L_view; 0: the middle one")
+    num_positions: int = setting(4, help="K sampled positions per sequence for the contrastive terms (>= 2 with "
+                                         "L_step)")
+    contrastive_temperature: float = setting(0.2, help="InfoNCE temperature of L_step and L_view (> 0)")
+    teacher_decay: TeacherDecay = setting(PAPER_TEACHER_DECAY, metavar="DECAY",
+                                          help="EMA decay of the teacher, in [0, 1], or 'auto': keep the paper's "
+                                               "ratio of EMA horizon (1 / (1 - decay)) to run length, 4%%")
+    use_mim: bool = setting(True, flag="mim", help="L_MIM, the masked-attention feature loss")
+    use_step: bool = setting(True, flag="step", help="L_step, the inter-step contrastive loss")
+    use_view: bool = setting(True, flag="view", help="L_view, the inter-view contrastive loss")
+
+    def __post_init__(self) -> None:
+        try:
+            self.teacher_decay = TeacherDecay(self.teacher_decay)
+        except (TypeError, ValueError):
+            raise ValueError(f"--teacher-decay {self.teacher_decay!r}: give a number in [0, 1] or 'auto'") from None
+        check(self.teacher_decay == AUTO or 0.0 <= self.teacher_decay <= 1.0,
+              f"--teacher-decay {self.teacher_decay}: must be in [0, 1] or 'auto'")
+        check(0.0 <= self.mask_ratio < 1.0, f"--mask-ratio {self.mask_ratio}: must be in [0, 1) (1 would hide every "
+                                            "image key)")
+        check(self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature),
+              f"--contrastive-temperature {self.contrastive_temperature}: must be a finite number > 0")
+        check(self.mim_weight >= 0 and math.isfinite(self.mim_weight), f"--mim-weight {self.mim_weight}: must be >= 0")
+        check(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
+              f"--contrastive-weight {self.contrastive_weight}: must be >= 0")
+        check(self.contrastive_layer >= 0, f"--contrastive-layer {self.contrastive_layer}: must be >= 0 (0: middle)")
+        check(self.num_positions >= (2 if self.use_step else 1),
+              f"--num-positions {self.num_positions}: must be >= 1, and >= 2 with L_step (it contrasts pairs of "
+              "positions; or pass --no-step)")
+
+    @property
+    def any(self) -> bool:
+        return self.use_mim or self.use_step or self.use_view
+
+
+VERIFY_CHOICES = ("sizes", "full", "none")
 LOADER_CHOICES = ("map", "stream")  # map: memory-mapped token cache, exact resume; stream: WebDataset, resampled
 RESUME_AUTO = "auto"
 
@@ -32,8 +100,8 @@ class TrainConfig:
     """Settings of one training run; each is a flag of train/run.py (see `star.cli`)."""
 
     shards: str = setting(help="token-shard folder written by tokenize/run.py")
-    out: str = setting(help="run folder: config.json, log.jsonl, checkpoints/ (refused if it holds a run, unless "
-                            "--resume)")
+    out: str = setting("", help="run folder: config.json, log.jsonl, checkpoints/ (refused if it holds a run, unless "
+                                "--resume); required unless --prepare-only")
     model: str = setting("GPT-B", help=f"a preset ({', '.join(GPT_PRESETS)}) or a JSON file of LlamaGen ModelArgs")
     steps: int = setting(0, help="optimizer steps; 0: derive from --epochs")
     epochs: float = setting(0.0, help="passes over the shards (used when --steps is 0)")
@@ -68,13 +136,23 @@ class TrainConfig:
     loader: str = setting("map", choices=LOADER_CHOICES,
                           help="map: memory-mapped token cache, exact resume; stream: WebDataset, resampled")
     cache_dir: str = setting("", help="where the token cache goes (default: <shards>/cache)")
+    cache_workers: int = setting(0, help="processes that build the token cache, a shard each at a time (0: a core "
+                                         "each)")
+    cache_timeout: float = setting(240.0, help="minutes the other processes wait for the first one's token cache")
+    prepare_only: bool = setting(False, help="check the shards and build the token cache, then exit (before a "
+                                             "launch: the run then starts at once)")
+    verify_shards: str = setting("sizes", choices=VERIFY_CHOICES, help="stream loader: check each local shard's "
+                                 "size against the manifest (sizes), every tar header too (full), or nothing (none)")
+    dist_timeout: float = setting(30.0, help="minutes a collective may wait before the process group gives up")
+    break_lock: bool = setting(False, help="take over --out's lock even if its holder may be alive (you know it is "
+                                           "gone); a lock not refreshed for 3 minutes is taken over anyway")
     tensorboard: bool = setting(False, help="also log to TensorBoard (log.jsonl is always written)")
     precision: str = setting("auto", choices=PRECISION_CHOICES, help="auto: bf16 on CUDA, fp32 on CPU")
     progress: bool = setting(True, help="tqdm progress bar")
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "--shards: give the token-shard folder")
-        check(bool(self.out), "--out: give the run folder")
+        check(bool(self.out) or self.prepare_only, "--out: give the run folder")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(self.steps >= 0, f"--steps {self.steps}: must be >= 0 (0: use --epochs)")
         check(self.epochs >= 0 and math.isfinite(self.epochs), f"--epochs {self.epochs}: must be a finite number >= 0")
@@ -104,6 +182,11 @@ class TrainConfig:
         check(all(step > 0 for step in self.milestones), f"--ckpt-at {self.ckpt_at}: steps must be > 0")
         check(self.log_every >= 1, f"--log-every {self.log_every}: must be >= 1")
         check(self.num_workers >= 0, f"--num-workers {self.num_workers}: must be >= 0")
+        check(self.cache_workers >= 0, f"--cache-workers {self.cache_workers}: must be >= 0 (0: a core each)")
+        check(self.cache_timeout > 0, f"--cache-timeout {self.cache_timeout}: must be > 0 minutes")
+        check(self.dist_timeout > 0, f"--dist-timeout {self.dist_timeout}: must be > 0 minutes")
+        check(self.verify_shards in VERIFY_CHOICES, f"--verify-shards {self.verify_shards!r}: choose one of "
+              f"{', '.join(VERIFY_CHOICES)}")
 
     @property
     def milestones(self) -> tuple[int, ...]:
@@ -134,6 +217,7 @@ class ResolvedTrainConfig:
     steps_per_epoch: int
     tokenizer_sha256: str
     tokenizer_checkpoint: str
+    data_digest: str  # the shards' Manifest.digest: resume checks the data is the data the run started on
     command: str
     start_step: int = 0
     start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)
@@ -168,9 +252,7 @@ def build_model_config(config: TrainConfig) -> GPTConfig:
     if config.dropout is not None:
         overrides["resid_dropout_p"] = config.dropout
         overrides["ffn_dropout_p"] = config.dropout
-    model = GPTConfig.resolve(config.model, **overrides)
-    _fraction(model.class_dropout_prob, f"--model {config.model}: class_dropout_prob")
-    return model
+    return GPTConfig.resolve(config.model, **overrides)  # checks every size and rate
 
 
 def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards: str) -> None:
@@ -218,5 +300,5 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
         settings=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
         lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
         world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256,
+        steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,
         tokenizer_checkpoint=manifest.tokenizer_checkpoint, command=" ".join(sys.argv))

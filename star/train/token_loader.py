@@ -1,17 +1,12 @@
-"""Stage two's loader: token shards -> a memory-mapped token cache -> batches of M distinct views per image.
+"""Stage two's loader: batches of M distinct views per image, from the token cache or streamed from the shards.
 
-The WebDataset shards are the portable, streamable format; for training they are unpacked once into flat
-memory-mapped arrays (ImageNet with ten views is ~6.5 GB of uint16), which makes an epoch a seeded permutation
-and the data position a pure function of the step: resume is exact, for any number of workers.
+The map-style loader reads the memory-mapped token cache (star/train/token_cache.py; ImageNet with ten views is
+~6.5 GB of uint16), which makes an epoch a seeded permutation and the data position a pure function of the step:
+resume is exact, for any number of workers. The stream loader reads the WebDataset shards themselves, local or
+remote, for data that does not fit a node.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,82 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from star.data.shards import Manifest, decode_sample, iter_shard
-from star.io import write_json_atomic
+from star.data.shards import Manifest, decode_sample
 
-CACHE_VERSION = 1
 VIEW_MATCH_CHOICES = ("index", "geometry")  # index: the paper's same-raster-index pairs; geometry: same source point
-_BUILDING = re.compile(r"\.tokens-[0-9a-f]+\.(?P<host>.+)\.(?P<pid>\d+)\.building")
-
-
-def manifest_digest(manifest: Manifest) -> str:
-    return hashlib.sha256(json.dumps(manifest.to_dict()["shards"], sort_keys=True).encode()
-                          + manifest.tokenizer_sha256.encode()).hexdigest()[:16]
-
-
-def build_token_cache(shards: str | Path, cache_root: str | Path | None = None,
-                      manifest: Manifest | None = None) -> Path:
-    """Unpack all shards into `<cache_root>/<digest>/{tokens,labels,boxes,flips}.npy` (once; atomic by rename).
-
-    `manifest`: the shards' manifest when the caller has loaded it already."""
-    shards = Path(shards)
-    manifest = manifest or Manifest.load(shards)
-    cache_root = Path(cache_root) if cache_root else shards / "cache"
-    final = cache_root / f"tokens-{manifest_digest(manifest)}"
-    if (final / "cache.json").is_file():
-        return final
-    remove_stale_builds(cache_root)
-    # Unique per builder: on a shared filesystem each node's first process may build at the same time.
-    staging = cache_root / f".{final.name}.{socket.gethostname()}.{os.getpid()}.building"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    count, views, (h, w) = manifest.num_samples, manifest.num_views, manifest.grid
-    dtype = manifest.dtype
-    tokens = np.lib.format.open_memmap(staging / "tokens.npy", "w+", dtype, (count, views, h, w))
-    labels = np.zeros(count, np.int64)
-    boxes = np.zeros((count, views, 4), np.float32)
-    flips = np.zeros((count, views), bool)
-    index = 0
-    for shard in manifest.shard_paths(shards):
-        for members in iter_shard(shard):
-            sample = decode_sample(members)
-            if index >= count:
-                raise ValueError(f"{shards}: shards hold more samples than the manifest's {count}; re-run tokenize")
-            tokens[index] = sample.tokens
-            labels[index] = sample.class_id
-            boxes[index] = [view["box"] for view in sample.views]
-            flips[index] = [view["flip"] for view in sample.views]
-            index += 1
-    if index != count:
-        raise ValueError(f"{shards}: shards hold {index} samples, the manifest says {count}; run "
-                         f"`python tokenize/inspect_shards.py {shards}` to find the damaged shard")
-    tokens.flush()
-    del tokens
-    np.save(staging / "labels.npy", labels)
-    np.save(staging / "boxes.npy", boxes)
-    np.save(staging / "flips.npy", flips)
-    write_json_atomic(staging / "cache.json", {"version": CACHE_VERSION, "samples": count, "grid": [h, w],
-                                               "views": views, "tokenizer_sha256": manifest.tokenizer_sha256})
-    try:
-        staging.rename(final)
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def remove_stale_builds(cache_root: Path) -> list[Path]:
-    """Delete `.tokens-*.HOST.PID.building` folders left by failed or killed builds on this host (their pid is
-    gone). Builds from other hosts are left alone: their liveness cannot be checked from here."""
-    from star.io import _pid_alive
-
-    removed = []
-    host = socket.gethostname()
-    for folder in cache_root.glob(".tokens-*.building") if cache_root.is_dir() else []:
-        match = _BUILDING.fullmatch(folder.name)
-        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
 
 
 def geometric_match(box_a, flip_a: bool, box_b, flip_b: bool, grid: tuple[int, int]) -> np.ndarray:
@@ -187,7 +109,7 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
     import webdataset as wds
 
     manifest = Manifest.load(shards)
-    urls = [str(path) for path in manifest.shard_paths(shards)]
+    urls, spec = manifest.shard_urls(), manifest.sample_spec  # plain names under the location the user gave
     if views_per_sample > manifest.num_views:
         raise ValueError(f"views per sample M={views_per_sample}, but {shards} stores {manifest.num_views} per image")
     state = {}
@@ -196,7 +118,7 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
         if "rng" not in state:  # one generator per worker process, distinct across ranks and workers
             info = torch.utils.data.get_worker_info()
             state["rng"] = np.random.default_rng([seed, rank, info.id if info else 0, random.getrandbits(32)])
-        sample = decode_sample(members)
+        sample = decode_sample(members, spec)  # checked against the manifest in the worker, not on the step
         boxes = np.array([view["box"] for view in sample.views], np.float32)
         flips = np.array([view["flip"] for view in sample.views], bool)
         tokens, match = select_views(sample.tokens, boxes, flips, views_per_sample, view_match, state["rng"])

@@ -112,8 +112,9 @@ class VQConfig:
             )
         try:
             fields = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"VQ config file {path} is not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"VQ config {path} is not a JSON config file ({type(error).__name__}): give a preset "
+                             f"({', '.join(VQ_PRESETS)}) or the .json written beside the checkpoint") from error
         if not isinstance(fields, Mapping):
             raise ValueError(f"VQ config file {path} must hold a JSON object, got {type(fields).__name__}")
         return cls.from_dict(fields, source=str(path))
