@@ -4,7 +4,7 @@ A run folder (`train/run.py --out RUN`):
 
     RUN/config.json                      the resolved training settings, model config included (once)
     RUN/log.jsonl                        one record per logged step
-    RUN/.lock                            held by the running trainer (star.io.folder_lock)
+    RUN/.lock                            held by the running trainer (star.lock.folder_lock)
     RUN/checkpoints/step-NNNNNNN/        a complete checkpoint (written as .step-NNNNNNN.tmp/, then renamed)
         model.safetensors + config.json  the student, loadable alone (`load_gpt`)
         teacher.safetensors              ST-AR's EMA teacher (same architecture)

@@ -17,7 +17,7 @@ import pytest
 from conftest import CPU_ENV, TINY_GPT, TWO_CPU_PROCESSES
 
 from star.data.synthetic import SyntheticLayout, write_synthetic_shards
-from star.io import FolderLocked, folder_lock
+from star.lock import FolderLocked, folder_lock
 from star.train.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ LOCK_HOLDER = """
 import socket, sys, time
 sys.path.insert(0, {repo!r})
 socket.gethostname = lambda: {host!r}
-from star.io import folder_lock
+from star.lock import folder_lock
 with folder_lock({folder!r}, "train/run.py on {host}", lease_s=3.0, refresh_s=0.5):
     print("held", flush=True)
     time.sleep(600)

@@ -245,7 +245,7 @@ def test_kill_minus_9_then_rerun_redoes_only_missing_shards(tmp_path, small_vq):
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
-    from star.io import FolderLocked
+    from star.lock import FolderLocked
 
     with pytest.raises(FolderLocked, match=f"pid {process.pid} on this host"):  # a second tokenizer meanwhile
         run_tokenize(config_for(tmp_path / "data", tmp_path / "out", small_vq, shard_size=2, batch_size=1))
@@ -399,7 +399,7 @@ def test_out_that_is_not_a_shard_folder_is_refused(tmp_path, small_vq):
 def test_a_second_tokenizer_on_the_same_out_is_refused_naming_the_holder(tmp_path, small_vq):
     import socket
 
-    from star.io import FolderLocked
+    from star.lock import FolderLocked
 
     make_folder(tmp_path / "data", per_class=1)
     out = tmp_path / "out"

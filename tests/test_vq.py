@@ -276,7 +276,7 @@ def test_a_second_trainer_on_the_same_out_is_refused(tmp_path):
     import subprocess
     import sys
 
-    from star.io import FolderLocked
+    from star.lock import FolderLocked
 
     _write_smooth_images(tmp_path / "images", 4)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from star.cli import parse_config, run_command  # noqa: E402
 from star.data.extract import TokenizeConfig, format_summary, run_tokenize  # noqa: E402
-from star.io import FolderLocked  # noqa: E402
+from star.lock import FolderLocked  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from star.checkpoint import CheckpointWriteError, NonFiniteWeights  # noqa: E402
 from star.cli import parse_config, run_command  # noqa: E402
-from star.io import FolderLocked  # noqa: E402
+from star.lock import FolderLocked  # noqa: E402
 from star.train.loop import NonFiniteLoss, StopRequested, TrainConfig, train  # noqa: E402
 
 

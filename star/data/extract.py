@@ -5,7 +5,7 @@ Decoding and cropping run in DataLoader workers; all views of an image are encod
 merges the manifest at the end. A rerun of the same command redoes only shards without a complete sidecar.
 
 Safety: `--out` must be empty, absent, or a shard folder made with the same settings; rank 0 holds the folder's
-lock (`star.io.folder_lock`) for the whole run, so a second tokenizer on the same folder is refused naming the
+lock (`star.lock.folder_lock`) for the whole run, so a second tokenizer on the same folder is refused naming the
 holder. One lock per run, taken by rank 0, and not one per rank: every run has a rank 0, so it excludes any
 second run whatever its world size, and the one holder it names is the process to look for; per-rank locks
 would let a 1-process run and a 2-process run interleave on the shards of rank 1.
@@ -52,7 +52,8 @@ from star.data.shards import (
     token_dtype,
 )
 from star.data.views import VIEW_POLICY_CHOICES, ViewPolicy, make_views
-from star.io import folder_lock, sha256_file, write_json_atomic
+from star.io import sha256_file, write_json_atomic
+from star.lock import folder_lock
 from star.runtime import autocast_dtype, pick_device, resolve_precision
 
 TOKENIZE_PRECISIONS = ("auto", "fp32", "bf16")

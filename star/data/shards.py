@@ -29,7 +29,7 @@ import numpy as np
 
 from star.data.location import ShardLocation, check_plain_name
 from star.data.views import ViewPolicy
-from star.io import pid_alive
+from star.lock import pid_alive
 
 FORMAT_NAME = "star-token-shards"
 FORMAT_VERSION = 1

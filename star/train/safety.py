@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from star.checkpoint import run_holds_a_run
-from star.io import FolderLocked, folder_lock
+from star.lock import FolderLocked, folder_lock
 from star.train.distributed import raise_on_any_rank
 
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from star.data.location import ShardLocation
 from star.data.shards import Manifest
-from star.io import pid_alive, write_json_atomic
+from star.io import write_json_atomic
+from star.lock import pid_alive
 
 CACHE_VERSION = 2
 RECORD = "cache.json"

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from star.cli import check, setting
 from star.images import IMAGE_EXTENSIONS
-from star.io import folder_lock, write_json_atomic
+from star.io import write_json_atomic
+from star.lock import folder_lock
 from star.runtime import autocast_dtype, pick_device, resolve_precision
 from star.vq.model import VQConfig, VQModel, save_vq_checkpoint
 
@@ -255,7 +256,7 @@ def restart_dead_codes(
 def train_vq(config: VQTrainConfig) -> dict[str, Any]:
     """Train, evaluate on held-out images, write checkpoint + config + metrics; return the metrics dict.
 
-    The output folder is locked for the run (star.io.folder_lock): a second trainer on it is refused."""
+    The output folder is locked for the run (star.lock.folder_lock): a second trainer on it is refused."""
     started = time.time()
     vq_config = VQConfig.resolve(config.vq_config)
     if config.image_size % vq_config.downsample:
