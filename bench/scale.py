@@ -95,7 +95,7 @@ def merge_memory(work: Path, batches: int = 16, per_batch: int = 64, side: int =
 
 
 def rehearse(images: int, work: Path) -> dict:
-    from star.data.shards import Manifest
+    from star.data.manifest import Manifest
     from star.data.synthetic import SyntheticLayout, write_synthetic_shards
     from star.train.token_cache import build_token_cache
 

@@ -15,7 +15,7 @@ from conftest import TINY_GPT
 from test_tokenize import config_for, make_folder, noise_image
 
 from star.data.extract import run_tokenize
-from star.data.shards import Manifest
+from star.data.manifest import Manifest
 from star.train.loop import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,7 +373,7 @@ def test_untrusted_pickles_are_never_loaded(tmp_path):
             return (os.system, ("touch boom",))
 
     torch.save({"model": Boom()}, tmp_path / "evil.pt")
-    from star.checkpoint import load_llamagen_state_dict
+    from star.weights import load_llamagen_state_dict
 
     with pytest.raises(ValueError, match="weights_only"):
         load_llamagen_state_dict(tmp_path / "evil.pt")

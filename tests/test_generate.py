@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from star.checkpoint import load_llamagen_gpt
 from star.gpt.generate import cfg_scale_at, generate, sample_logits
 from star.gpt.model import GPT, GPTConfig
+from star.weights import load_llamagen_gpt
 
 
 @pytest.fixture(scope="module")

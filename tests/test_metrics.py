@@ -556,7 +556,7 @@ def test_bf16_inception_is_close_to_fp32_and_cached_apart(tmp_path):
 
 
 def test_a_shard_folder_as_reference_stands_for_its_source_images(tiny_shards, tmp_path):
-    from star.data.shards import Manifest
+    from star.data.manifest import Manifest
     from star.eval.reference import resolve_reference
 
     source = Manifest.load(tiny_shards).source

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from star.data.shards import Manifest, ShardSample, ShardWriter
+from star.data.manifest import Manifest
+from star.data.shards import ShardSample, ShardWriter
 from star.data.synthetic import SyntheticLayout, write_synthetic_shards
 from star.train.token_cache import (
     STALE_AFTER_SECONDS,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from star.data.extract import TokenizeConfig, run_tokenize
 from star.data.inspect_shards import describe_manifest, validate_shards
-from star.data.shards import Manifest
+from star.data.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

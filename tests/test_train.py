@@ -227,7 +227,8 @@ def test_kill_minus_9_loses_only_the_steps_since_the_last_checkpoint(tiny_shards
 
 
 def test_stream_loader_yields_views_of_real_samples(tiny_shards):
-    from star.data.shards import Manifest, decode_sample, iter_shard
+    from star.data.manifest import Manifest
+    from star.data.shards import decode_sample, iter_shard
     from star.train.token_loader import stream_loader
 
     manifest = Manifest.load(tiny_shards)
@@ -258,7 +259,7 @@ def test_tiny_model_learns_with_the_stream_loader(tiny_shards, tiny_gpt_json, tm
 def test_init_from_an_official_llamagen_checkpoint(tiny_shards, fixtures_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from star.checkpoint import load_llamagen_state_dict
+    from star.weights import load_llamagen_state_dict
 
     # The fixture GPT (vocab 512, 10 classes, 8x8 tokens) accepts the tiny shards (codebook 256, 3 classes).
     train(run_config(tiny_shards, tmp_path / "run", fixtures_dir / "gpt_small.json", steps=1, ckpt_every=1, lr=0.0,

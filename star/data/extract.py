@@ -33,16 +33,13 @@ from tqdm import tqdm
 
 from star.cli import check, setting
 from star.data.inputs import SHARD_ORDERS, InputPlan, class_member, image_member, open_rgb_image, plan_inputs
+from star.data.manifest import Manifest, RejectedInput, ShardEntry, ViewsRecord
 from star.data.shards import (
     MANIFEST_NAME,
     PLAN_NAME,
     SHARD_PATTERN,
-    Manifest,
-    RejectedInput,
-    ShardEntry,
     ShardSample,
     ShardWriter,
-    ViewsRecord,
     iter_tar_groups,
     normalise_key,
     read_sidecar,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from star.cli import check, setting
-from star.data.shards import Manifest
+from star.data.manifest import Manifest
 from star.images import is_star_png
 from star.io import check_output_file
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from star.data.inputs import shard_order
-from star.data.shards import Manifest, ShardEntry, ShardSample, ShardWriter, ViewsRecord, shard_name, token_dtype
+from star.data.manifest import Manifest, ShardEntry, ViewsRecord
+from star.data.shards import ShardSample, ShardWriter, shard_name, token_dtype
 
 
 def ten_crop_views(image_size: int, crop_range: float = 1.1) -> list[dict]:

@@ -184,7 +184,7 @@ ADM_REFERENCE_NOTE = (
 
 def resolve_reference(ref: str | os.PathLike) -> str:
     """A shard folder stands for the source images behind it (folder inputs); anything else is itself."""
-    from star.data.shards import Manifest
+    from star.data.manifest import Manifest
 
     if (Path(ref) / "manifest.json").is_file():
         source = Manifest.load(ref).source

@@ -31,7 +31,7 @@ def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0, seed: int = 
     """Token grids of one view per sample ([N, T] int64) and the class ids ([N]) from a shard folder: all of them
     in shard order, or with `limit` a class-balanced random subset (limit // classes of each, drawn by a
     generator seeded with `seed`, kept in shard order), read in one pass holding only the subset."""
-    from star.data.shards import Manifest
+    from star.data.manifest import Manifest
 
     manifest = Manifest.load(shards)
     if view >= manifest.num_views:
@@ -285,7 +285,7 @@ class ProbeConfig:
 
 def _same_classes(shards: str, eval_shards: str) -> None:
     """A probe fitted on one labelling cannot be scored on another: both splits must name the same classes."""
-    from star.data.shards import Manifest
+    from star.data.manifest import Manifest
 
     train, held_out = Manifest.load(shards).classes, Manifest.load(eval_shards).classes
     if train != held_out:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from star.cli import check, setting
-from star.data.shards import Manifest
+from star.data.manifest import Manifest
 from star.gpt.model import GPT_PRESETS, GPTConfig
 from star.runtime import PRECISION_CHOICES
 from star.train.token_loader import VIEW_MATCH_CHOICES

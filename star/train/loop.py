@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from star.checkpoint import RUN_CONFIG, RUN_LOG, TrainingState, checkpoint_dirs, save_training_state
-from star.data.shards import Manifest
+from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import write_json_atomic
 from star.runtime import step_seed

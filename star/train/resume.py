@@ -21,8 +21,6 @@ from star.checkpoint import (
     checkpoint_dirs,
     checkpoint_step,
     config_differences,
-    load_llamagen_state_dict,
-    load_state_dict_strict,
     read_meta,
     read_newest_intact,
     read_training_state,
@@ -31,6 +29,7 @@ from star.gpt.model import GPT
 from star.io import atomic_path
 from star.train.config import RESUME_AUTO, ResolvedTrainConfig
 from star.train.distributed import keyed_by_name
+from star.weights import load_llamagen_state_dict, load_state_dict_strict
 
 if TYPE_CHECKING:
     from star.train.loop import RunModules

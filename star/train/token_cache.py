@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from star.data.location import ShardLocation
-from star.data.shards import Manifest
+from star.data.manifest import Manifest
 from star.io import write_json_atomic
 from star.lock import pid_alive
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from star.data.shards import Manifest, decode_sample
+from star.data.manifest import Manifest
+from star.data.shards import decode_sample
 
 VIEW_MATCH_CHOICES = ("index", "geometry")  # index: the paper's same-raster-index pairs; geometry: same source point
 

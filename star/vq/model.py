@@ -486,7 +486,7 @@ def load_vq(
 
     model = VQModel(config)
     expected = model.state_dict()
-    from star.checkpoint import raise_if_mismatched
+    from star.weights import raise_if_mismatched
 
     raise_if_mismatched(
         expected, state_dict, ignore=(_USAGE_BUFFER_KEY,),
