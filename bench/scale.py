@@ -67,26 +67,27 @@ MERGE = """
 import resource, sys, numpy as np
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from star.eval.sample import _assemble, SampleConfig
+from star.eval.sample import SampleConfig
+from star.eval.sample_store import assemble
 parts, batches, per_batch = Path({parts!r}), {batches}, {per_batch}
 labels = np.arange(batches * per_batch) % 1000
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 config = SampleConfig(ckpt="x", out={out!r}, tokens_only=False, vq_ckpt="x", num_samples=len(labels), batch_size=per_batch)
-_assemble(parts, batches, labels, config, {{}})
+assemble(parts, batches, labels, config, {{}})
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
 def merge_memory(work: Path, batches: int = 16, per_batch: int = 64, side: int = 256) -> dict:
     """Peak memory added while sampling's batches are assembled into samples.npz (a fresh process)."""
-    from star.eval.sample import _write_part
+    from star.eval.sample_store import write_part
 
     parts = work / "parts"
     parts.mkdir()
     rng = np.random.default_rng(0)
     for index in range(batches):
         images = rng.integers(0, 255, (per_batch, side, side, 3), dtype=np.uint8)
-        _write_part(parts, index, np.zeros((per_batch, 256), np.int64), images)
+        write_part(parts, index, np.zeros((per_batch, 256), np.int64), images)
     script = MERGE.format(repo=str(REPO), parts=str(parts), batches=batches, per_batch=per_batch, out=str(work / "out"))
     peak = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     image_bytes = batches * per_batch * side * side * 3

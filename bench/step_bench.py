@@ -70,9 +70,9 @@ class StepContenders:
 
     def __init__(self, spec: dict, compile_model: bool = False, images: int = 4, device="cpu"):
         from star.gpt.model import GPT, GPTConfig
-        from star.train.config import StarSettings
         from star.train.loop import parameter_groups
         from star.train.objectives import Projector, StudentWithProjector, make_teacher
+        from star.train.star_settings import StarSettings
 
         self.device = torch.device(device)
         self.config = GPTConfig.resolve({"vocab_size": VOCAB, "num_classes": CLASSES, "block_size": BLOCK, **spec})

@@ -119,11 +119,12 @@ def main(argv=None) -> int:
         runs["LlamaGen"] = timed("train_baseline", stage_train, codebook, args.train_steps, args.batch_size, False,
                                  "gpt_baseline" + (f"_seed{args.seed}" if args.seed else ""), "index", args.seed)
 
+    from star.data.manifest import shard_tokens
     from star.eval.metrics import compute_metrics, format_report
     from star.eval.sample import SampleConfig, run_sampling
-    from star.eval.understanding import probe, shard_tokens
+    from star.eval.understanding import probe
     from star.gpt.generate import SamplingSettings
-    from star.study.plots import plot_probe_curves
+    from star.plots import plot_probe_curves
 
     results = {}
     banner("5/6 the tokenizer's ceiling: FID of held-out images decoded from their tokens")
@@ -169,8 +170,8 @@ def main(argv=None) -> int:
 def vq_ceiling(vq_ckpt: Path, vq_config: Path, compute_metrics) -> dict:
     """Held-out centre crops -> tokens (from the val shards) -> decoded images, scored like samples: the best
     FID any generator over these tokens can reach here."""
+    from star.data.manifest import shard_tokens
     from star.eval.sample import tokens_to_uint8
-    from star.eval.understanding import shard_tokens
     from star.vq.model import VQConfig, load_vq
 
     cached = ROOT / "vq" / "ceiling_metrics.json"

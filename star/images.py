@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from star.io import atomic_path
+from star.io import atomic_path, signed_png_info
 
 # The file extensions read as images, everywhere (tokenize's folder and tar inputs, the VQ trainer).
 # Files with other extensions inside a class folder are still offered to the decoder and, if unreadable,
@@ -25,25 +25,5 @@ def save_tile_grid(rows: list[list[np.ndarray]], path: str | Path, gap: int = 2)
             canvas[r * (size + gap) : r * (size + gap) + size, c * (size + gap) : c * (size + gap) + size] = tile
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG", pnginfo=_signed())
+        Image.fromarray(canvas).save(tmp, format="PNG", pnginfo=signed_png_info())
     return path
-
-
-SOFTWARE = "star"  # the PNG text chunk that says this tool wrote the image
-
-
-def _signed():
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("Software", SOFTWARE)
-    return info
-
-
-def is_star_png(path: str | Path) -> bool:
-    """Whether `path` is a PNG this tool wrote (an output it may replace)."""
-    try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
-    except (OSError, ValueError):
-        return False

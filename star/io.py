@@ -92,3 +92,26 @@ def is_json_with(path: Path, *keys: str) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(record, dict) and all(key in record for key in keys)
+
+
+SOFTWARE = "star"  # the PNG text chunk that says this tool wrote the image
+
+
+def signed_png_info():
+    """PNG text chunks that mark an image as written by this tool."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
+    return info
+
+
+def is_star_png(path: str | os.PathLike) -> bool:
+    """Whether `path` is a PNG this tool wrote (an output it may replace)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
+    except (OSError, ValueError):
+        return False

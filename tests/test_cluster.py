@@ -179,7 +179,7 @@ def test_stream_batches_hold_a_global_shuffles_spread_of_classes(tmp_path):
 
 
 def test_probe_limit_draws_a_class_balanced_random_subset(tmp_path):
-    from star.eval.understanding import shard_tokens
+    from star.data.manifest import shard_tokens
 
     layout = SyntheticLayout(300, num_classes=3, grid=2, views=1, codebook_size=64, image_size=8)
     write_synthetic_shards(tmp_path / "s", layout, shard_size=100, order="listing")  # class 0 fills the first shard

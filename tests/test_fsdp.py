@@ -58,7 +58,7 @@ def _worker(shards: str, model: str, out: str, steps: int, resume: str, precisio
     faulthandler.dump_traceback_later(int(os.environ.get("STAR_TEST_HANG_S", "150")), exit=True)  # a collective that hangs fails with its stack, not silently
     sys.path.insert(0, str(REPO))
     import star.train.loop as loop
-    from star.train.config import StarSettings
+    from star.train.star_settings import StarSettings
 
     reference, seen = {}, {}
     loop.make_accelerator = _fsdp_on_cpu(loop.make_accelerator)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from test_study import idx_folder  # noqa: F401 (the hand-made Fashion-MNIST stand-in)
 
+from star.data.manifest import shard_tokens
 from star.eval.nll import NllConfig, bits_per_dim, run_nll
-from star.eval.understanding import AnalysisModel, shard_tokens
+from star.eval.understanding import AnalysisModel
 from star.train.loop import TrainConfig, train
 
 
@@ -70,10 +71,10 @@ def test_nll_command_exits_2_on_a_bad_flag(trained_run, tmp_path, capsys):
 def test_milestones_are_shared_fractions_and_the_long_baseline_adds_its_own():
     from pathlib import Path
 
-    from star.study.arms import LONG_ARMS
     from star.study.long import milestone_steps
-    from star.study.pipeline import StudyPlan
+    from star.study.long_arms import LONG_ARMS
     from star.study.presets import PRESETS
+    from star.study.stages import StudyPlan
 
     plan = StudyPlan(out=Path("x"), data=Path("y"), arms=list(LONG_ARMS), preset="long", **PRESETS["long"][0])
     arms = {arm.key: arm for arm in LONG_ARMS}

@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from star.cli import parse_config
-from star.train.config import StarSettings, TrainConfig, build_model_config, resolve_teacher_decay
+from star.train.config import TrainConfig
 from star.train.loop import NonFiniteGradient, NonFiniteLoss, train
+from star.train.plan import build_model_config
 from star.train.safety import NonFiniteGuard
+from star.train.star_settings import StarSettings, resolve_teacher_decay
 
 REPO = Path(__file__).resolve().parents[1]
 

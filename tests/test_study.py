@@ -62,7 +62,7 @@ def test_converter_writes_padded_rgb_imagefolder_once(tmp_path, idx_folder):
 
 
 def test_arm_table_and_scaled_decay():
-    from star.train.config import resolve_teacher_decay
+    from star.train.star_settings import resolve_teacher_decay
 
     assert abs(resolve_teacher_decay("auto", 250_000) - 0.9999) < 1e-12  # the paper's run length: the paper's value
     assert abs(resolve_teacher_decay("auto", 1000) - 0.975) < 1e-12
@@ -83,7 +83,8 @@ def test_stage_argv_builders_use_the_stage_commands(tmp_path):
 
 def test_equal_compute_steps_scale_by_measured_time(tmp_path):
     from star.study.arms import ARMS
-    from star.study.pipeline import StageFailed, StudyPlan, equal_compute_steps, run_folder
+    from star.study.pipeline import equal_compute_steps, run_folder
+    from star.study.stages import StageFailed, StudyPlan
 
     plan = StudyPlan(out=tmp_path, data=tmp_path, vq_steps=1, vq_batch_size=1, gpt={}, steps=100, batch_size=8,
                      lr=1e-3, num_samples=10, cfg_scale=2.0, probe_positions=[1], probe_limit=10, main_seeds=[0],

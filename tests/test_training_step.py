@@ -7,8 +7,8 @@ import torch
 from reference import key_mask_bias
 
 from star.gpt.model import GPT, GPTConfig
-from star.train.config import StarSettings
 from star.train.objectives import Projector, StudentWithProjector, key_mask, make_teacher, micro_batch_losses
+from star.train.star_settings import StarSettings
 from star.train.token_loader import TokenBatch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,7 @@ import numpy as np
 
 from star.cli import check, setting
 from star.data.manifest import Manifest
-from star.images import is_star_png
-from star.io import check_output_file
+from star.io import check_output_file, is_star_png
 
 
 @dataclass

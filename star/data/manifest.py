@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -346,3 +347,39 @@ def _count_samples_from_headers(tar_path: Path) -> int:
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ValueError(f"{tar_path}: unreadable ({error}); {_rebuild_hint(tar_path)}") from error
     return keys
+
+
+def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token grids of one view per sample ([N, T] int64) and the class ids ([N]) from a shard folder: all of them
+    in shard order, or with `limit` a class-balanced random subset (limit // classes of each, drawn by a
+    generator seeded with `seed`, kept in shard order), read in one pass holding only the subset."""
+    manifest = Manifest.load(shards)
+    if view >= manifest.num_views:
+        raise ValueError(f"view {view} requested, {shards} stores {manifest.num_views} views")
+    if limit and limit < manifest.num_classes:
+        raise ValueError(f"--limit {limit} is fewer than the {manifest.num_classes} classes of {shards}: a "
+                         "class-balanced subset needs at least one image of each")
+    if not limit or limit >= manifest.num_samples:
+        samples = [(s.tokens[view].reshape(-1).astype(np.int64), s.class_id) for s in manifest.iter_samples()]
+    else:
+        samples = _balanced_subset(manifest.iter_samples(), view, max(1, limit // manifest.num_classes), seed)
+    if not samples:
+        raise ValueError(f"{shards} holds no samples")
+    tokens, labels = zip(*samples)
+    return np.stack(tokens), np.array(labels)
+
+
+def _balanced_subset(samples, view: int, per_class: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    """`per_class` samples of each class, uniformly at random (a seeded random key per sample; the smallest
+    keys of each class are kept), in their original order."""
+    rng = np.random.default_rng(seed)
+    kept: dict[int, list] = {}
+    for index, sample in enumerate(samples):
+        heap = kept.setdefault(sample.class_id, [])
+        entry = (-rng.random(), index, sample.tokens[view].reshape(-1).astype(np.int64), sample.class_id)
+        if len(heap) < per_class:
+            heapq.heappush(heap, entry)
+        elif entry[0] > heap[0][0]:
+            heapq.heapreplace(heap, entry)
+    chosen = sorted((entry for heap in kept.values() for entry in heap), key=lambda entry: entry[1])
+    return [(tokens, label) for _, _, tokens, label in chosen]

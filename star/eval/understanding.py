@@ -9,60 +9,22 @@ the null class for probing, so no label leaks into the features.
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from star.checkpoint import WEIGHT_CHOICES, load_generator
 from star.cli import check, setting
+from star.data.manifest import shard_tokens
 from star.eval.sample import parse_int_list
 from star.gpt.model import GPT
 from star.images import save_tile_grid
 from star.io import write_json_atomic
+from star.plots import plot_probe_curves
 from star.runtime import DEVICE_CHOICES, pick_device
-
-
-def shard_tokens(shards: str | Path, view: int = 0, limit: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token grids of one view per sample ([N, T] int64) and the class ids ([N]) from a shard folder: all of them
-    in shard order, or with `limit` a class-balanced random subset (limit // classes of each, drawn by a
-    generator seeded with `seed`, kept in shard order), read in one pass holding only the subset."""
-    from star.data.manifest import Manifest
-
-    manifest = Manifest.load(shards)
-    if view >= manifest.num_views:
-        raise ValueError(f"view {view} requested, {shards} stores {manifest.num_views} views")
-    if limit and limit < manifest.num_classes:
-        raise ValueError(f"--limit {limit} is fewer than the {manifest.num_classes} classes of {shards}: a "
-                         "class-balanced subset needs at least one image of each")
-    if not limit or limit >= manifest.num_samples:
-        samples = [(s.tokens[view].reshape(-1).astype(np.int64), s.class_id) for s in manifest.iter_samples()]
-    else:
-        samples = _balanced_subset(manifest.iter_samples(), view, max(1, limit // manifest.num_classes), seed)
-    if not samples:
-        raise ValueError(f"{shards} holds no samples")
-    tokens, labels = zip(*samples)
-    return np.stack(tokens), np.array(labels)
-
-
-def _balanced_subset(samples, view: int, per_class: int, seed: int) -> list[tuple[np.ndarray, int]]:
-    """`per_class` samples of each class, uniformly at random (a seeded random key per sample; the smallest
-    keys of each class are kept), in their original order."""
-    rng = np.random.default_rng(seed)
-    kept: dict[int, list] = {}
-    for index, sample in enumerate(samples):
-        heap = kept.setdefault(sample.class_id, [])
-        entry = (-rng.random(), index, sample.tokens[view].reshape(-1).astype(np.int64), sample.class_id)
-        if len(heap) < per_class:
-            heapq.heappush(heap, entry)
-        elif entry[0] > heap[0][0]:
-            heapq.heapreplace(heap, entry)
-    chosen = sorted((entry for heap in kept.values() for entry in heap), key=lambda entry: entry[1])
-    return [(tokens, label) for _, _, tokens, label in chosen]
 
 
 @torch.inference_mode()
@@ -113,41 +75,6 @@ def probe(model: GPT, train_tokens, train_labels, test_tokens, test_labels, laye
     return [{"step": position, "accuracy": linear_probe_accuracy(train_features[i], train_labels, test_features[i],
                                                                  test_labels, device=device)}
             for i, position in enumerate(positions)]
-
-
-def plot_curves(curves: dict[str, list[dict]], path: Path, y_key: str = "accuracy", title: str = "linear probe") -> Path:
-    """A small line plot (PIL only): one line per named curve, steps on x, y_key on y in [0, 1]."""
-    width, height, margin = 520, 320, 48
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
-    all_steps = [r["step"] for rows in curves.values() for r in rows]
-    lo, hi = min(all_steps), max(all_steps)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-
-    def xy(step, value):
-        x = margin + (step - lo) / max(hi - lo, 1) * (width - 1.5 * margin)
-        y = height - margin - value * (height - 1.5 * margin)
-        return x, y
-
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        _, y = xy(lo, tick)
-        draw.text((4, y - 6), f"{tick:.2f}", fill="black")
-    for step in sorted(set(all_steps)):
-        x, _ = xy(step, 0)
-        draw.text((x - 8, height - margin + 6), str(step), fill="black")
-    for index, (name, rows) in enumerate(curves.items()):
-        colour = colours[index % len(colours)]
-        points = [xy(r["step"], r[y_key]) for r in rows]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((margin + 8, margin // 2 + 6 + 14 * index), name, fill=colour)
-    draw.text((width // 2 - 60, 4), f"{title} ({y_key} vs step)", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
 
 
 @torch.inference_mode()
@@ -315,7 +242,7 @@ def run_probe(config: ProbeConfig) -> dict:
     result = {"layer": layer, "rows": rows, "train_samples": len(train_y), "eval_samples": len(test_y),
               "chance": 1.0 / len(set(train_y.tolist()))}
     write_json_atomic(out / "probe.json", result)
-    plot_curves({f"layer {layer}": rows}, out / "probe.png")
+    plot_probe_curves({f"layer {layer}": rows}, out / "probe.png", chance=result["chance"])
     result["written"] = [str(out / "probe.json"), str(out / "probe.png")]
     return result
 

@@ -18,8 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from star.runtime import cpu_description
-from star.study.arms import ARM_KEYS, ARMS, LONG_ARMS, select_arms
+from star.study.arms import ARM_KEYS, ARMS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
+from star.study.long_arms import LONG_ARMS
 from star.study.presets import DEFAULT_ARMS, PRESETS
 
 
@@ -60,7 +61,7 @@ def is_long(preset: str) -> bool:
 
 
 def build_plan(args):
-    from star.study.pipeline import StudyPlan
+    from star.study.stages import StudyPlan
 
     preset = args.preset or ("quick" if args.quick else "full")
     fields, subset = PRESETS[preset]
@@ -87,8 +88,9 @@ def build_plan(args):
 
 
 def main(argv=None) -> int:
-    from star.study.pipeline import StageFailed, run_study
+    from star.study.pipeline import run_study
     from star.study.report import render
+    from star.study.stages import StageFailed
 
     args = parse_args(argv)
     try:

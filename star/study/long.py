@@ -22,19 +22,8 @@ import numpy as np
 from star.io import write_json_atomic
 from star.study import commands
 from star.study.arms import Arm
-from star.study.pipeline import (
-    StageFailed,
-    StudyPlan,
-    run_stage,
-    stage_ceiling,
-    stage_times,
-    stage_tokenize,
-    stage_vq,
-    timed_inline,
-    vq_files,
-    write_model_json,
-    write_plan_record,
-)
+from star.study.pipeline import stage_ceiling, stage_tokenize, stage_vq, vq_files, write_model_json
+from star.study.stages import StageFailed, StudyPlan, run_stage, stage_times, timed_inline, write_plan_record
 
 _print_lock = threading.Lock()
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from star import plots
 from star.runtime import cpu_description
-from star.study import plots
 from star.study.report import fid_label, mean_sd
 
 
@@ -226,13 +227,33 @@ def _has(point: dict, metric: Metric) -> bool:
         return False
 
 
+def plot_metric_panels(panels: dict[str, dict[str, dict]], path: Path, xlabel: str, title: str,
+                       columns: int = 3) -> Path:
+    """A grid of panels, one per metric: {metric: {arm: {"x": [...], "mean": [...], "sd": [...]}}}, each arm a
+    line with its seed spread (± sd) as a band."""
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.axis("off")
+    for axis, (metric, curves) in zip(axes.flat, panels.items()):
+        for arm, curve in curves.items():
+            x, mean, sd = (np.asarray(curve[k], dtype=float) for k in ("x", "mean", "sd"))
+            axis.plot(x, mean, marker="o", markersize=3, label=arm)
+            axis.fill_between(x, mean - sd, mean + sd, alpha=0.15)
+        axis.set(xlabel=xlabel, title=metric)
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(title)
+    return plots.save_figure(figure, path)
+
+
 def figures(grouped, metric_list: list[Metric], out: Path) -> dict[str, Path]:
     long_arms = {key: runs for key, runs in grouped.items() if not runs[0]["short"]}
     made = {}
     for x_key, xlabel in (("step", "optimizer step"), ("cpu_s", "training compute (CPU seconds, one thread)")):
         panels = {m.name: {runs[0]["label"]: curve(runs, m, x_key) for runs in long_arms.values()}
                   for m in metric_list}
-        made[f"by_{x_key}"] = plots.plot_metric_panels(
+        made[f"by_{x_key}"] = plot_metric_panels(
             panels, out / f"long_by_{x_key}.png", xlabel, f"long runs by {xlabel} (mean ± sd over seeds)")
     losses = {f"{r['label']} s{r['seed']}": r["log"] for runs in long_arms.values() for r in runs}
     made["training_loss"] = plots.plot_loss_curves(losses, out / "long_training_loss.png", key="loss")
@@ -252,7 +273,7 @@ def time_lines(study: dict) -> list[str]:
 
 
 def _baseline_steps(plan) -> int:
-    from star.study.arms import LONG_ARMS
+    from star.study.long_arms import LONG_ARMS
 
     return round(plan.steps * next(arm.length for arm in LONG_ARMS if arm.key == "L1_llamagen"))
 

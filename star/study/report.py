@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from star import plots
 from star.runtime import cpu_description
-from star.study import plots
 
 
 def mean_sd(values: list[float]) -> tuple[float, float | None]:

@@ -1,86 +1,15 @@
-"""Stage two's settings, declared once: `TrainConfig` (the flags of train/run.py, checked on construction) and
-`ResolvedTrainConfig`, everything a run derives from them once (written as the run's config.json)."""
+"""Stage two's settings, declared once: `TrainConfig`, the flags of train/run.py, checked on construction (what a
+run derives from them is star/train/plan.py)."""
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any
 
 from star.cli import check, setting
-from star.data.manifest import Manifest
-from star.gpt.model import GPT_PRESETS, GPTConfig
+from star.gpt.model import GPT_PRESETS
 from star.runtime import PRECISION_CHOICES
+from star.train.star_settings import StarSettings
 from star.train.token_loader import VIEW_MATCH_CHOICES
-
-AUTO = "auto"
-PAPER_TEACHER_DECAY = 0.9999
-# The paper's EMA horizon 1 / (1 - 0.9999) = 10k steps over its ~250k-step runs (1.28M images x 50 epochs / 256):
-# a horizon of 4% of the run. `--teacher-decay auto` keeps that ratio for any run length.
-PAPER_HORIZON_FRACTION = 0.04
-
-
-class TeacherDecay:
-    """The type of --teacher-decay: a float in [0, 1], or 'auto' (calling it parses a flag or a library value)."""
-
-    def __new__(cls, value: float | str) -> float | str:  # type: ignore[misc]
-        if isinstance(value, str) and value.strip().lower() == AUTO:
-            return AUTO
-        return float(value)
-
-
-def resolve_teacher_decay(decay: float | str, total_steps: int) -> float:
-    """The EMA decay a run uses: a given number as is; 'auto' = 1 - 1 / (0.04 x total_steps), clamped to
-    [0, 0.9999]: 0.9999 at the paper's 250k steps, 0.975 at 1k, 0.875 at 200 (the teacher follows the
-    student within 4% of the run instead of staying at its random initialisation)."""
-    if decay != AUTO:
-        return float(decay)
-    return min(PAPER_TEACHER_DECAY, max(0.0, 1.0 - 1.0 / (PAPER_HORIZON_FRACTION * max(total_steps, 1))))
-
-
-@dataclass
-class StarSettings:
-    """ST-AR's self-guided losses (docs/st-ar.md). Flags of train/run.py; checked here for every caller."""
-
-    mim_weight: float = setting(1.0, help="alpha, the weight of L_MIM")
-    contrastive_weight: float = setting(0.5, help="beta, the weight of (L_step + L_view) / 2")
-    mask_ratio: float = setting(0.25, help="fraction of image key positions hidden from every query for L_MIM, "
-                                           "in [0, 1)")
-    contrastive_layer: int = setting(0, help="block whose output feeds L_step / L_view; 0: the middle one")
-    num_positions: int = setting(4, help="K sampled positions per sequence for the contrastive terms (>= 2 with "
-                                         "L_step)")
-    contrastive_temperature: float = setting(0.2, help="InfoNCE temperature of L_step and L_view (> 0)")
-    teacher_decay: TeacherDecay = setting(PAPER_TEACHER_DECAY, metavar="DECAY",
-                                          help="EMA decay of the teacher, in [0, 1], or 'auto': keep the paper's "
-                                               "ratio of EMA horizon (1 / (1 - decay)) to run length, 4%%")
-    use_mim: bool = setting(True, flag="mim", help="L_MIM, the masked-attention feature loss")
-    use_step: bool = setting(True, flag="step", help="L_step, the inter-step contrastive loss")
-    use_view: bool = setting(True, flag="view", help="L_view, the inter-view contrastive loss")
-
-    def __post_init__(self) -> None:
-        try:
-            self.teacher_decay = TeacherDecay(self.teacher_decay)
-        except (TypeError, ValueError):
-            raise ValueError(f"--teacher-decay {self.teacher_decay!r}: give a number in [0, 1] or 'auto'") from None
-        check(self.teacher_decay == AUTO or 0.0 <= self.teacher_decay <= 1.0,
-              f"--teacher-decay {self.teacher_decay}: must be in [0, 1] or 'auto'")
-        check(0.0 <= self.mask_ratio < 1.0, f"--mask-ratio {self.mask_ratio}: must be in [0, 1) (1 would hide every "
-                                            "image key)")
-        check(self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature),
-              f"--contrastive-temperature {self.contrastive_temperature}: must be a finite number > 0")
-        check(self.mim_weight >= 0 and math.isfinite(self.mim_weight), f"--mim-weight {self.mim_weight}: must be >= 0")
-        check(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
-              f"--contrastive-weight {self.contrastive_weight}: must be >= 0")
-        check(self.contrastive_layer >= 0, f"--contrastive-layer {self.contrastive_layer}: must be >= 0 (0: middle)")
-        check(self.num_positions >= (2 if self.use_step else 1),
-              f"--num-positions {self.num_positions}: must be >= 1, and >= 2 with L_step (it contrasts pairs of "
-              "positions; or pass --no-step)")
-
-    @property
-    def any(self) -> bool:
-        return self.use_mim or self.use_step or self.use_view
-
 
 VERIFY_CHOICES = ("sizes", "full", "none")
 LOADER_CHOICES = ("map", "stream")  # map: memory-mapped token cache, exact resume; stream: WebDataset, resampled
@@ -199,106 +128,3 @@ class TrainConfig:
     @property
     def uses_star(self) -> bool:
         return self.star and self.star_settings.any
-
-
-@dataclass(frozen=True)
-class ResolvedTrainConfig:
-    """Everything a run uses, resolved once from a TrainConfig, the shards and the launch (config.json)."""
-
-    settings: TrainConfig  # as given
-    model: GPTConfig  # architecture and dropouts used, class_dropout_prob included (the model config, once)
-    star: StarSettings | None  # resolved (contrastive layer, numeric teacher decay); None: plain LlamaGen
-    views_per_image: int  # M as used (1 without ST-AR)
-    lr: float
-    precision: str  # fp32 | bf16 | fp16
-    world_size: int
-    batch_per_process: int
-    total_steps: int
-    steps_per_epoch: int
-    tokenizer_sha256: str
-    tokenizer_checkpoint: str
-    data_digest: str  # the shards' Manifest.digest: resume checks the data is the data the run started on
-    command: str
-    start_step: int = 0
-    start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)
-    resumed_from: str | None = None
-    changed_on_resume: tuple[str, ...] = ()  # optimizer settings the resumed run changed (applied)
-    skipped_on_resume: tuple[str, ...] = ()  # damaged checkpoints `--resume auto` passed over
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.star is not None
-
-    @property
-    def needs_projector(self) -> bool:
-        return self.star is not None and (self.star.use_step or self.star.use_view)
-
-    @property
-    def projector_hidden(self) -> int:
-        return self.settings.projector_hidden or min(2048, 4 * self.model.dim)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def build_model_config(config: TrainConfig) -> GPTConfig:
-    """The --model config with the dropout flags applied; a flag left unset keeps the JSON's (or preset's) value,
-    so a --model JSON's class_dropout_prob is honoured unless --class-dropout overrides it."""
-    overrides: dict[str, float] = {}
-    if config.class_dropout is not None:
-        overrides["class_dropout_prob"] = config.class_dropout
-    if config.token_dropout is not None:
-        overrides["token_dropout_p"] = config.token_dropout
-    if config.dropout is not None:
-        overrides["resid_dropout_p"] = config.dropout
-        overrides["ffn_dropout_p"] = config.dropout
-    return GPTConfig.resolve(config.model, **overrides)  # checks every size and rate
-
-
-def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards: str) -> None:
-    """Mismatched tokenizer/model settings are errors before any step, naming the value that differs."""
-    h, w = manifest.grid
-    problems = []
-    if manifest.codebook_size > model_config.vocab_size:
-        problems.append(f"tokenizer codebook size {manifest.codebook_size} > model vocab_size {model_config.vocab_size}")
-    if h * w != model_config.block_size:
-        problems.append(f"token grid {h}x{w} = {h * w} tokens != model block_size {model_config.block_size} "
-                        f"(image size {manifest.image_size})")
-    if manifest.num_classes > model_config.num_classes:
-        problems.append(f"shards have {manifest.num_classes} classes > model num_classes {model_config.num_classes}")
-    if problems:
-        raise ValueError(f"shards {shards} do not fit the model:\n  " + "\n  ".join(problems)
-                         + "\nPass a --model JSON with matching vocab_size / block_size / num_classes, or re-tokenize.")
-
-
-def _resolve_star(config: TrainConfig, model: GPTConfig, total_steps: int) -> StarSettings | None:
-    if not config.uses_star:
-        return None
-    star = config.star_settings
-    layer = star.contrastive_layer or model.n_layer // 2
-    check(1 <= layer <= model.n_layer, f"--contrastive-layer {star.contrastive_layer}: outside 1..{model.n_layer}")
-    check(not (star.use_step or star.use_view) or star.num_positions <= model.block_size - 1,
-          f"--num-positions {star.num_positions}: more than the {model.block_size - 1} image positions")
-    return dataclasses.replace(star, contrastive_layer=layer,
-                               teacher_decay=resolve_teacher_decay(star.teacher_decay, total_steps))
-
-
-def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> ResolvedTrainConfig:
-    """Resolve once: model config, batch split, run length, lr, ST-AR settings. ValueError names the flag."""
-    model = build_model_config(config)
-    check_data_against_model(manifest, model, config.shards)
-    batch_per_process, leftover = divmod(config.batch_size, world_size * config.grad_accum)
-    check(batch_per_process > 0 and not leftover, f"--batch-size {config.batch_size} must be a multiple of processes "
-          f"x grad_accum = {world_size} x {config.grad_accum}")
-    check(config.steps > 0 or config.epochs > 0, "give --steps or --epochs (both are 0)")
-    steps_per_epoch = manifest.num_samples // config.batch_size
-    check(steps_per_epoch > 0, f"--batch-size {config.batch_size}: more than the {manifest.num_samples} "
-          f"images in {config.shards}")
-    total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    star = _resolve_star(config, model, total_steps)
-    return ResolvedTrainConfig(
-        settings=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
-        lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
-        world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,
-        tokenizer_checkpoint=manifest.tokenizer_checkpoint, command=" ".join(sys.argv))

@@ -28,7 +28,7 @@ from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import write_json_atomic
 from star.runtime import step_seed
-from star.train.config import ResolvedTrainConfig, TrainConfig, resolve_config
+from star.train.config import TrainConfig
 from star.train.distributed import (
     full_optimizer_state,
     full_state_dict,
@@ -46,6 +46,7 @@ from star.train.objectives import (
     micro_batch_losses,
     update_teacher,
 )
+from star.train.plan import ResolvedTrainConfig, resolve_config
 from star.train.resume import init_weights_from, resume_into, run_meta, trim_log
 from star.train.safety import (
     NonFiniteGradient,

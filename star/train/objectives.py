@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from star.train.config import StarSettings
 from star.train.distributed import local_shards
+from star.train.star_settings import StarSettings
 
 LOSS_TERMS = ("loss_ar", "loss_mim", "loss_step", "loss_view")
 

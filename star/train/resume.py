@@ -27,8 +27,9 @@ from star.checkpoint import (
 )
 from star.gpt.model import GPT
 from star.io import atomic_path
-from star.train.config import RESUME_AUTO, ResolvedTrainConfig
+from star.train.config import RESUME_AUTO
 from star.train.distributed import keyed_by_name
+from star.train.plan import ResolvedTrainConfig
 from star.weights import load_llamagen_state_dict, load_state_dict_strict
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Matplotlib figures shared by the study and the demo (Agg backend: files only, no display needed)."""
+"""Matplotlib figures for the probe command, the study and the demo (Agg backend: files only)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from star.io import atomic_path  # noqa: E402
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -37,7 +37,7 @@ def plot_probe_curves(curves: dict[str, list[dict]], path: Path, chance: float |
     axis.set(xlabel="step t (sequence position t - 1)", ylabel="probe accuracy", title=title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_loss_curves(curves: dict[str, list[dict]], path: Path, key: str = "loss_ar") -> Path:
@@ -48,7 +48,7 @@ def plot_loss_curves(curves: dict[str, list[dict]], path: Path, key: str = "loss
     axis.set(xlabel="optimizer step", ylabel=key, title=f"training {key} (next-token cross-entropy)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_fid_bars(labels: list[str], series: dict[str, tuple[list[float], list[float]]], path: Path,
@@ -65,7 +65,7 @@ def plot_fid_bars(labels: list[str], series: dict[str, tuple[list[float], list[f
     axis.set(ylabel=ylabel, title=f"{ylabel} per arm (mean ± sd over seeds; lower is better)")
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_sample_grids(grids: dict[str, Path], path: Path, columns: int = 4) -> Path:
@@ -78,24 +78,4 @@ def plot_sample_grids(grids: dict[str, Path], path: Path, columns: int = 4) -> P
     for axis, (name, grid) in zip(axes.flat, grids.items()):
         axis.imshow(plt.imread(grid))
         axis.set_title(name, fontsize=8)
-    return _save(figure, path)
-
-
-def plot_metric_panels(panels: dict[str, dict[str, dict]], path: Path, xlabel: str, title: str,
-                       columns: int = 3) -> Path:
-    """A grid of panels, one per metric: {metric: {arm: {"x": [...], "mean": [...], "sd": [...]}}}, each arm a
-    line with its seed spread (± sd) as a band."""
-    rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
-    for axis in axes.flat[len(panels):]:
-        axis.axis("off")
-    for axis, (metric, curves) in zip(axes.flat, panels.items()):
-        for arm, curve in curves.items():
-            x, mean, sd = (np.asarray(curve[k], dtype=float) for k in ("x", "mean", "sd"))
-            axis.plot(x, mean, marker="o", markersize=3, label=arm)
-            axis.fill_between(x, mean - sd, mean + sd, alpha=0.15)
-        axis.set(xlabel=xlabel, title=metric)
-        axis.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)

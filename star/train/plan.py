@@ -1,0 +1,119 @@
+"""What a run derives from its settings, the shards and the launch, once: `ResolvedTrainConfig` (the model
+config, the ST-AR settings with the layer and the decay resolved, the batch split, the run length, the lr, the
+data's identity), written as the run's config.json."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from star.cli import check
+from star.data.manifest import Manifest
+from star.gpt.model import GPTConfig
+from star.train.config import TrainConfig
+from star.train.star_settings import StarSettings, resolve_teacher_decay
+
+
+@dataclass(frozen=True)
+class ResolvedTrainConfig:
+    """Everything a run uses, resolved once from a TrainConfig, the shards and the launch (config.json)."""
+
+    settings: TrainConfig  # as given
+    model: GPTConfig  # architecture and dropouts used, class_dropout_prob included (the model config, once)
+    star: StarSettings | None  # resolved (contrastive layer, numeric teacher decay); None: plain LlamaGen
+    views_per_image: int  # M as used (1 without ST-AR)
+    lr: float
+    precision: str  # fp32 | bf16 | fp16
+    world_size: int
+    batch_per_process: int
+    total_steps: int
+    steps_per_epoch: int
+    tokenizer_sha256: str
+    tokenizer_checkpoint: str
+    data_digest: str  # the shards' Manifest.digest: resume checks the data is the data the run started on
+    command: str
+    start_step: int = 0
+    start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)
+    resumed_from: str | None = None
+    changed_on_resume: tuple[str, ...] = ()  # optimizer settings the resumed run changed (applied)
+    skipped_on_resume: tuple[str, ...] = ()  # damaged checkpoints `--resume auto` passed over
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.star is not None
+
+    @property
+    def needs_projector(self) -> bool:
+        return self.star is not None and (self.star.use_step or self.star.use_view)
+
+    @property
+    def projector_hidden(self) -> int:
+        return self.settings.projector_hidden or min(2048, 4 * self.model.dim)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_model_config(config: TrainConfig) -> GPTConfig:
+    """The --model config with the dropout flags applied; a flag left unset keeps the JSON's (or preset's) value,
+    so a --model JSON's class_dropout_prob is honoured unless --class-dropout overrides it."""
+    overrides: dict[str, float] = {}
+    if config.class_dropout is not None:
+        overrides["class_dropout_prob"] = config.class_dropout
+    if config.token_dropout is not None:
+        overrides["token_dropout_p"] = config.token_dropout
+    if config.dropout is not None:
+        overrides["resid_dropout_p"] = config.dropout
+        overrides["ffn_dropout_p"] = config.dropout
+    return GPTConfig.resolve(config.model, **overrides)  # checks every size and rate
+
+
+def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards: str) -> None:
+    """Mismatched tokenizer/model settings are errors before any step, naming the value that differs."""
+    h, w = manifest.grid
+    problems = []
+    if manifest.codebook_size > model_config.vocab_size:
+        problems.append(f"tokenizer codebook size {manifest.codebook_size} > model vocab_size {model_config.vocab_size}")
+    if h * w != model_config.block_size:
+        problems.append(f"token grid {h}x{w} = {h * w} tokens != model block_size {model_config.block_size} "
+                        f"(image size {manifest.image_size})")
+    if manifest.num_classes > model_config.num_classes:
+        problems.append(f"shards have {manifest.num_classes} classes > model num_classes {model_config.num_classes}")
+    if problems:
+        raise ValueError(f"shards {shards} do not fit the model:\n  " + "\n  ".join(problems)
+                         + "\nPass a --model JSON with matching vocab_size / block_size / num_classes, or re-tokenize.")
+
+
+def _resolve_star(config: TrainConfig, model: GPTConfig, total_steps: int) -> StarSettings | None:
+    if not config.uses_star:
+        return None
+    star = config.star_settings
+    layer = star.contrastive_layer or model.n_layer // 2
+    check(1 <= layer <= model.n_layer, f"--contrastive-layer {star.contrastive_layer}: outside 1..{model.n_layer}")
+    check(not (star.use_step or star.use_view) or star.num_positions <= model.block_size - 1,
+          f"--num-positions {star.num_positions}: more than the {model.block_size - 1} image positions")
+    return dataclasses.replace(star, contrastive_layer=layer,
+                               teacher_decay=resolve_teacher_decay(star.teacher_decay, total_steps))
+
+
+def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> ResolvedTrainConfig:
+    """Resolve once: model config, batch split, run length, lr, ST-AR settings. ValueError names the flag."""
+    model = build_model_config(config)
+    check_data_against_model(manifest, model, config.shards)
+    batch_per_process, leftover = divmod(config.batch_size, world_size * config.grad_accum)
+    check(batch_per_process > 0 and not leftover, f"--batch-size {config.batch_size} must be a multiple of processes "
+          f"x grad_accum = {world_size} x {config.grad_accum}")
+    check(config.steps > 0 or config.epochs > 0, "give --steps or --epochs (both are 0)")
+    steps_per_epoch = manifest.num_samples // config.batch_size
+    check(steps_per_epoch > 0, f"--batch-size {config.batch_size}: more than the {manifest.num_samples} "
+          f"images in {config.shards}")
+    total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    star = _resolve_star(config, model, total_steps)
+    return ResolvedTrainConfig(
+        settings=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
+        lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
+        world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,
+        tokenizer_checkpoint=manifest.tokenizer_checkpoint, command=" ".join(sys.argv))
