@@ -14,7 +14,11 @@ shared with other jobs); everything goes to bench/results/latest.json with the h
 - tokenize: batched encoding of all views with DataLoader workers vs a naive one-image-at-a-time loop;
 - loader: batches/s the token loader delivers vs the training steps/s it must feed;
 - train_loop: our full trainer's steady-state step (plain, --no-star) vs a bare loop over the same data: the
-  trainer adds no per-step overhead around the step measured in train_steps.
+  trainer adds no per-step overhead around the step measured in train_steps;
+- study_step: the study's step (dim 128, 4 layers, 8x8 tokens) the default way vs the long preset's fast way
+  (bench/study_step.py);
+- scale: the ImageNet-layout rehearsal at 20k images (bench/scale.py: cache build, loaders, classes per batch,
+  manifest checks, samples.npz assembly memory).
 """
 from __future__ import annotations
 
@@ -199,9 +203,14 @@ def planned_benches(args, thread_counts: list[int], work: Path) -> list[tuple]:
         benches.append((f"sample{suffix}", "sample", threads, bench_sampling))
         if args.compile and index == 0:
             benches.append(("sample_compiled", "sample_compiled", threads, bench_sampling_compiled))
+    from scale import rehearse
+    from study_step import bench_study_step
+
     return benches + [("tokenize", "tokenize", every_core, lambda: bench_tokenize(work)),
                       ("loader", "loader", every_core, lambda: bench_loader(work)),
-                      ("train_loop", "train_loop", every_core, lambda: bench_train_loop(work))]
+                      ("train_loop", "train_loop", every_core, lambda: bench_train_loop(work)),
+                      ("study_step", "study_step", every_core, lambda: bench_study_step(rounds=2)),
+                      ("scale", "scale", every_core, lambda: rehearse(20_000, work / "scale"))]
 
 
 def main() -> int:
@@ -212,7 +221,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time training steps and sampling compiled "
                         "(torch.compile), ours and LlamaGen's")
     parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_bf16,"
-                        "train_steps_compiled,profile,sample,sample_compiled,tokenize,loader,train_loop")
+                        "train_steps_compiled,profile,sample,sample_compiled,tokenize,loader,train_loop,study_step,"
+                        "scale")
     parser.add_argument("--threads", default="1,all", help="torch thread counts for the step and sampling "
                         "comparisons, comma-separated ('all' = every core); the first is the headline, each other "
                         "count writes KEY_Nthreads. Tokenize, loader and train_loop run once, on every core")

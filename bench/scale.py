@@ -96,10 +96,12 @@ def merge_memory(work: Path, batches: int = 16, per_batch: int = 64, side: int =
 
 
 def rehearse(images: int, work: Path) -> dict:
+    """Every measurement, in a fresh `work` folder; the figures extrapolated to ImageNet beside them."""
     from star.data.manifest import Manifest
     from star.data.synthetic import SyntheticLayout, write_synthetic_shards
     from star.train.token_cache import build_token_cache
 
+    work.mkdir(parents=True, exist_ok=True)
     layout = SyntheticLayout(images)  # ImageNet: 1000 classes, 16x16 tokens, ten views
     shuffled, write_s = timed(lambda: write_synthetic_shards(work / "shuffled", layout, shard_size=1000))
     write_synthetic_shards(work / "listing", layout, shard_size=1000, order="listing")

@@ -68,6 +68,33 @@ def test_nll_command_exits_2_on_a_bad_flag(trained_run, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def milestone_config(shards, out, model, steps: int, **overrides) -> TrainConfig:
+    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=steps, batch_size=8, lr=2e-3,
+                    num_workers=0, ckpt_every=2, keep_checkpoints=1, log_every=4, ckpt_at="1,3", star=False,
+                    progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_milestone_checkpoints_survive_pruning_and_log_compute(tiny_shards, tiny_gpt_json, tmp_path):
+    out = tmp_path / "run"
+    train(milestone_config(tiny_shards, out, tiny_gpt_json, steps=6))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000003", "step-0000006"]
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 6]  # every checkpoint gets a record, besides --log-every's
+    cpu = [r["cpu_s"] for r in log]
+    assert cpu == sorted(cpu) and cpu[-1] > 0
+    # the CPU seconds carry on across a resume (the compute axis of the study's curves)
+    meta = json.loads((out / "checkpoints" / "step-0000006" / "meta.json").read_text())
+    train(milestone_config(tiny_shards, out, tiny_gpt_json, steps=8, resume="auto"))
+    assert read_log(out)[-1]["cpu_s"] > meta["cpu_s"] > 0
+    with pytest.raises(ValueError, match="--ckpt-at"):
+        milestone_config(tiny_shards, out, tiny_gpt_json, steps=8, ckpt_at="10,x")
+
+
 def test_milestones_are_shared_fractions_and_the_long_baseline_adds_its_own():
     from pathlib import Path
 

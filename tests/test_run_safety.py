@@ -18,7 +18,6 @@ from star.cli import parse_config
 from star.train.config import TrainConfig
 from star.train.loop import NonFiniteGradient, NonFiniteLoss, train
 from star.train.plan import build_model_config
-from star.train.safety import NonFiniteGuard
 from star.train.star_settings import StarSettings, resolve_teacher_decay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,16 +269,3 @@ def test_checkpoints_in_the_older_meta_format_still_resume(tiny_shards, tiny_gpt
     meta_path.write_text(json.dumps(old))
     summary = train(run_config(tiny_shards, out, tiny_gpt_json, steps=4, resume="auto"))
     assert summary["steps"] == 4 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
-
-
-def test_non_finite_guard_reports_the_first_bad_step_only_when_asked():
-    guard = NonFiniteGuard(("loss_ar", "loss"), "cpu")
-    guard.record(torch.tensor([1.0, 2.0]), 1)
-    assert guard.first_failure() is None
-    guard.record(torch.tensor([float("nan"), 2.0]), 2)
-    guard.record(torch.tensor([float("inf"), float("inf")]), 3)
-    step, bad = guard.first_failure()
-    assert step == 2 and list(bad) == ["loss_ar"] and bad["loss_ar"] != bad["loss_ar"]  # NaN
-    assert guard.first_failure(lambda flags: flags * 0) is None  # no process is bad after the reduction: carry on
-    other = NonFiniteGuard(("loss",), "cpu")
-    assert other.first_failure(lambda flags: flags + 1) == (None, {})  # only another process saw one

@@ -1,5 +1,6 @@
 """The training step's paths, on CPU so a GPU never meets them first: the boolean MIM mask, bf16 autocast
-(Accelerate's mixed_precision="bf16" on CPU) and torch.compile of the plain and ST-AR steps."""
+(Accelerate's mixed_precision="bf16" on CPU), torch.compile of the plain and ST-AR steps, and the device-side
+non-finite guard."""
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from reference import key_mask_bias
 
 from star.gpt.model import GPT, GPTConfig
 from star.train.objectives import Projector, StudentWithProjector, key_mask, make_teacher, micro_batch_losses
+from star.train.safety import NonFiniteGuard
 from star.train.star_settings import StarSettings
 from star.train.token_loader import TokenBatch
 
@@ -102,3 +104,16 @@ def test_compiled_step_matches_eager(star):
     eager = run_steps(config, eager_model, seeded_projector(config.dim, star), star, batch)
     compiled = run_steps(config, torch.compile(compiled_model), seeded_projector(config.dim, star), star, batch)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+def test_non_finite_guard_reports_the_first_bad_step_only_when_asked():
+    guard = NonFiniteGuard(("loss_ar", "loss"), "cpu")
+    guard.record(torch.tensor([1.0, 2.0]), 1)
+    assert guard.first_failure() is None
+    guard.record(torch.tensor([float("nan"), 2.0]), 2)
+    guard.record(torch.tensor([float("inf"), float("inf")]), 3)
+    step, bad = guard.first_failure()
+    assert step == 2 and list(bad) == ["loss_ar"] and bad["loss_ar"] != bad["loss_ar"]  # NaN
+    assert guard.first_failure(lambda flags: flags * 0) is None  # no process is bad after the reduction: carry on
+    other = NonFiniteGuard(("loss",), "cpu")
+    assert other.first_failure(lambda flags: flags + 1) == (None, {})  # only another process saw one

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 # The study's fast step (see bench/study_step.py): bf16 autocast with fp32 attention on the CPU, compiled.
 FAST_STEP = ["--precision", "bf16", "--compile"]
+# The smoke presets skip the compile (minutes of C++ on a cold cache, for steps of milliseconds); the compiled
+# step itself is tested against eager in tests/test_training_step.py.
+SMOKE_STEP = ["--precision", "bf16"]
 GPU_GPT = {"dim": 384, "n_layer": 8, "n_head": 6, "num_classes": 10, "block_size": 64, "multiple_of": 64,
            "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
 GPT_SMALL = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 10, "block_size": 64, "multiple_of": 64,
@@ -37,7 +40,7 @@ PRESETS = {
     "long-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2},
                         steps=6, short_steps=3, batch_size=8, lr=1e-3, num_samples=20, curve_samples=20,
                         cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0],
-                        other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=FAST_STEP,
+                        other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=SMOKE_STEP,
                         jobs=2), None),
     # The same study at a scale a CPU cannot reach, sized for one H200 in about 8 minutes (three runs side by side
     # on the GPU): a 3x wider, 2x deeper GPT (26M parameters), twice the batch. Not yet run on a GPU.
@@ -49,7 +52,7 @@ PRESETS = {
     "gpu-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPU_GPT, "dim": 32, "n_layer": 2, "n_head": 2},
                        steps=4, short_steps=2, batch_size=8, lr=1e-3, num_samples=20, curve_samples=20, cfg_scale=2.0,
                        probe_positions=[1, 64], probe_limit=1000, main_seeds=[0], other_seeds=[0],
-                       third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=FAST_STEP, jobs=2,
+                       third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=SMOKE_STEP, jobs=2,
                        extra_seed_for_best=False), None),
 }
 # The arms a preset runs when --arms is not given.
