@@ -17,9 +17,11 @@ REF ?= data/builtin/val
 MODEL ?= runs/demo/gpt_config.json
 RUN ?= runs/train
 TRAIN_ARGS ?= --steps 200 --batch-size 16 --lr 1e-3
-# make study: ST-AR vs LlamaGen on Fashion-MNIST (runs/study/report.md); QUICK=1: a subset in runs/study-quick/.
+# make study: ST-AR vs LlamaGen on Fashion-MNIST (runs/study/report.md); QUICK=1: a subset in runs/study-quick/;
+# PRESET=long: runs scored along their length (runs/study-long/report.md); PRESET=gpu: the same at GPU scale.
 # STUDY_ARGS: e.g. --arms 1,3 --seeds 0,1,2 (rerun a subset; finished stages are skipped) or --report-only
 QUICK ?=
+PRESET ?=
 STUDY_ARGS ?=
 
 .PHONY: setup lint test demo vq tokenize train fid bench clean-demo study
@@ -58,7 +60,7 @@ fid: setup
 	$(PY) evaluate/run.py fid --samples $(SAMPLES) --ref $(REF)
 
 study: setup
-	$(PY) -m star.study $(if $(QUICK),--quick,) $(STUDY_ARGS)
+	$(PY) -m star.study $(if $(QUICK),--quick,) $(if $(PRESET),--preset $(PRESET),) $(STUDY_ARGS)
 
 bench: setup
 	$(PY) bench/run.py --compile

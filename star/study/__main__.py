@@ -108,9 +108,10 @@ def main(argv=None) -> int:
     command = "python -m star.study " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         if is_long(plan.preset):
-            from star.study.long import run_long_study
+            from star.study.long import collect_long_finished, run_long_study
 
-            study = run_long_study(plan, prepare, train_only=args.train_only)
+            study = (collect_long_finished(plan) if args.report_only
+                     else run_long_study(plan, prepare, train_only=args.train_only))
             if args.train_only:
                 print("\ntraining done (--train-only): rerun without it to score every checkpoint")
                 return 0

@@ -192,6 +192,26 @@ def record_invocation(plan: StudyPlan, ended: bool = False) -> list[dict]:
     return invocations
 
 
+def collect_long_finished(plan: StudyPlan) -> dict:
+    """--report-only: the finished runs' records (result.json), nothing is run."""
+    keys = [arm.key for arm in plan.arms]
+    results = [json.loads(path.read_text()) for path in sorted((plan.out / "arms").glob("*/seed*/result.json"))]
+    results = sorted((r for r in results if r["arm"] in keys), key=lambda r: (keys.index(r["arm"]), r["seed"]))
+    if not results:
+        raise FileNotFoundError(f"no finished runs under {plan.out / 'arms'}: run the study first (without "
+                                "--report-only)")
+    ceilings = {}
+    for count in sorted({plan.curve_samples, plan.num_samples}):
+        folder = plan.out / "vq" / ("ceiling" if count == plan.num_samples else f"ceiling_n{count}")
+        ceilings[count] = json.loads((folder / "metrics.json").read_text())
+    invocations = plan.out / "invocations.json"
+    best = next((r["arm"] for r in results if r["seed"] == extra_seed(plan)), None)  # the arm given the extra seed
+    return {"vq": json.loads((plan.out / "vq" / "metrics.json").read_text()), "ceilings": ceilings,
+            "results": results, "best_candidate": best, "candidate_nll": {}, "seconds": 0.0,
+            "stage_seconds": stage_times(plan),
+            "invocations": json.loads(invocations.read_text()) if invocations.is_file() else []}
+
+
 def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     write_plan_record(plan)

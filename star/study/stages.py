@@ -57,9 +57,10 @@ class StageFailed(RuntimeError):
     pass
 
 
-def stage_settings(argv: list[str]) -> list[str]:
-    """What a stage's argv says beyond where Python and the checkout live (a moved checkout is no change)."""
-    return [Path(argv[1]).parent.name + "/" + Path(argv[1]).name, *argv[2:]]
+def stage_settings(argv: list[str], out: Path) -> list[str]:
+    """What a stage's argv says beyond where Python, the checkout and the study folder live (a moved checkout or
+    study folder is no change)."""
+    return [Path(argv[1]).parent.name + "/" + Path(argv[1]).name, *(arg.replace(str(out), "OUT") for arg in argv[2:])]
 
 
 def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | None = None,
@@ -68,7 +69,8 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
     side_by_side: the stage may run beside others (plan.jobs > 1), so it gets cores // jobs threads; the shared
     stages, which run alone, get every core."""
     marker = plan.out / "stages" / f"{name}.json"
-    if marker.is_file() and stage_settings(json.loads(marker.read_text())["argv"]) != stage_settings(argv):
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    if recorded and stage_settings(recorded["argv"], Path(recorded.get("out", plan.out))) != stage_settings(argv, plan.out):
         # a changed setting would retrain or overwrite on top of finished work: refuse, name the way out
         raise StageFailed(f"stage {name} in {plan.out} was run with other settings ({marker}); use a new --out, "
                           f"or delete {marker} and that stage's outputs to redo it")
@@ -90,7 +92,8 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
         tail = log.read_text().strip().splitlines()[-3:]
         raise StageFailed(f"stage {name} failed (exit {code}); see {log}:\n    " + "\n    ".join(tail))
     # CPU seconds as well as wall: on a machine shared with other jobs, CPU time is what predicts an idle run
-    record = {"name": name, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "argv": argv}
+    record = {"name": name, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "argv": argv,
+              "out": str(plan.out)}
     write_json_atomic(marker, record)
     print(f"  [done] {name} in {seconds:.0f} s", flush=True)
     return record
