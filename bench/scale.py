@@ -64,35 +64,47 @@ def loader_rates(shards: Path, cache: Path, batches: int = 30) -> dict:
 
 
 MERGE = """
-import resource, sys, numpy as np
+import sys, tracemalloc, numpy as np
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from star.eval.sample import SampleConfig
-from star.eval.sample_store import assemble
-parts, batches, per_batch = Path({parts!r}), {batches}, {per_batch}
+from star.eval.sample_store import assemble, part_path
+parts, batches, per_batch, mode = Path({parts!r}), {batches}, {per_batch}, {mode!r}
 labels = np.arange(batches * per_batch) % 1000
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-config = SampleConfig(ckpt="x", out={out!r}, tokens_only=False, vq_ckpt="x", num_samples=len(labels), batch_size=per_batch)
-assemble(parts, batches, labels, config, {{}})
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+config = SampleConfig(ckpt="x", out={out!r}, vq_ckpt="x", num_samples=len(labels), batch_size=per_batch)
+tracemalloc.start()  # numpy reports its buffers to tracemalloc: the peak of what the assembly holds
+if mode == "stream":
+    assemble(parts, batches, labels, config, {{}})
+else:  # holding every batch, their concatenation and a reordered copy, then one np.savez
+    loaded = [np.load(part_path(parts, b))["images"] for b in range(batches)]
+    images = np.concatenate(loaded)[np.argsort(np.arange(len(labels)))]
+    np.savez(Path({out!r}) / "concat.npz", arr_0=images, labels=labels)
+print(tracemalloc.get_traced_memory()[1])
 """
 
 
 def merge_memory(work: Path, batches: int = 16, per_batch: int = 64, side: int = 256) -> dict:
-    """Peak memory added while sampling's batches are assembled into samples.npz (a fresh process)."""
+    """Peak memory of assembling sampling's batches into samples.npz (streamed, as sample does) against holding
+    them all (a concatenation and a reordered copy: the way of the previous sampler), each in a fresh process."""
     from star.eval.sample_store import write_part
 
     parts = work / "parts"
     parts.mkdir()
+    (work / "out").mkdir()
     rng = np.random.default_rng(0)
     for index in range(batches):
         images = rng.integers(0, 255, (per_batch, side, side, 3), dtype=np.uint8)
         write_part(parts, index, np.zeros((per_batch, 256), np.int64), images)
-    script = MERGE.format(repo=str(REPO), parts=str(parts), batches=batches, per_batch=per_batch, out=str(work / "out"))
-    peak = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    peaks = {}
+    for mode in ("stream", "concat"):
+        script = MERGE.format(repo=str(REPO), parts=str(parts), batches=batches, per_batch=per_batch,
+                              out=str(work / "out"), mode=mode)
+        peaks[mode] = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                         check=True).stdout)
     image_bytes = batches * per_batch * side * side * 3
-    return {"images": batches * per_batch, "side": side, "image_bytes": image_bytes, "peak_added_bytes": peak,
-            "peak_over_images": peak / image_bytes, "batch_bytes": per_batch * side * side * 3}
+    return {"images": batches * per_batch, "side": side, "image_bytes": image_bytes, "batch_bytes":
+            per_batch * side * side * 3, "peak_stream_bytes": peaks["stream"], "peak_concat_bytes": peaks["concat"],
+            "stream_over_images": peaks["stream"] / image_bytes, "concat_over_images": peaks["concat"] / image_bytes}
 
 
 def rehearse(images: int, work: Path) -> dict:
@@ -136,8 +148,10 @@ def rehearse(images: int, work: Path) -> dict:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     merge = result["merge"]
-    merge["at_50k_256px"] = {"image_bytes": 50_000 * 256 * 256 * 3, "peak_bytes": merge["peak_added_bytes"],
-                             "formula": "peak stays one batch of images (it does not grow with N)"}
+    images_50k = 50_000 * 256 * 256 * 3
+    merge["at_50k_256px"] = {"image_bytes": images_50k, "stream_peak_bytes": merge["peak_stream_bytes"],
+                             "concat_peak_bytes": merge["concat_over_images"] * images_50k,
+                             "formula": "streamed: a few batches (does not grow with N); held whole: ratio x image bytes"}
     return result
 
 
@@ -160,8 +174,9 @@ def main() -> None:
           f"(class-ordered), global shuffle {c['global_shuffle']:.0f}")
     print(f"manifest check at ImageNet: sizes {result['manifest']['at_imagenet_sizes_s']:.2f} s, every header "
           f"{result['manifest']['at_imagenet_headers_s']:.1f} s")
-    print(f"samples.npz assembly: peak +{m['peak_added_bytes'] / 2**20:.0f} MB for {m['image_bytes'] / 2**20:.0f} MB "
-          f"of images ({m['peak_over_images']:.2f}x; one batch is {m['batch_bytes'] / 2**20:.0f} MB)")
+    print(f"samples.npz assembly of {m['image_bytes'] / 2**20:.0f} MB of images: peak {m['peak_stream_bytes'] / 2**20:.0f}"
+          f" MB streamed ({m['stream_over_images']:.2f}x), {m['peak_concat_bytes'] / 2**20:.0f} MB held whole "
+          f"({m['concat_over_images']:.2f}x); one batch is {m['batch_bytes'] / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,8 @@ def run_arm_seed(plan: StudyPlan, arm: Arm, seed: int, arms_by_key: dict[str, Ar
                                                          plan.out / "shards" / "test", probe_dir,
                                                          plan.probe_positions, plan.probe_limit),
               [probe_dir / "probe.json"])
+    nll = folder / "nll.json"
+    run_stage(plan, f"nll_{name}", commands.nll_argv(train_dir, plan.out / "shards" / "test", nll), [nll])
     log = [json.loads(line) for line in (train_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     loop_seconds = float(log[-1]["time"])
     result = {"arm": arm.key, "label": arm.label, "seed": seed, "steps": steps, "equal_compute": compute,
@@ -199,7 +201,8 @@ def run_arm_seed(plan: StudyPlan, arm: Arm, seed: int, arms_by_key: dict[str, Ar
               "images_per_s": steps * plan.batch_size / max(loop_seconds, 1e-9),
               "final_loss_ar": log[-1]["loss_ar"], "log": [{k: r[k] for k in ("step", "loss_ar", "loss")} for r in log],
               "teacher_decay": (json.loads((train_dir / "config.json").read_text())["star"] or {}).get("teacher_decay"),
-              "eval": evaluations, "probe": json.loads((probe_dir / "probe.json").read_text())}
+              "eval": evaluations, "probe": json.loads((probe_dir / "probe.json").read_text()),
+              "nll": json.loads(nll.read_text())}
     write_json_atomic(folder / "result.json", result)
     return result
 

@@ -18,6 +18,8 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"  # not measured for these runs
     mean, sd = mean_sd(values)
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
@@ -51,7 +53,8 @@ def compare(grouped, a: str, b: str, key: str) -> dict | None:
 
 def table(grouped: dict[str, list[dict]], cfg_tag: str, cfg_scale: float, n_label: str) -> list[str]:
     head = (f"| arm | seeds | steps | {n_label} no CFG | {n_label} CFG {cfg_scale:g} | prec / rec (no CFG) | "
-            f"prec / rec (CFG) | probe, last step | probe, best step | final L_AR | train s | images/s |")
+            f"prec / rec (CFG) | probe, last step | probe, best step | held-out NLL (nats/token) | training loss "
+            f"(L_AR) | train s | images/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for runs in grouped.values():
         e = [r["eval"] for r in runs]
@@ -62,6 +65,7 @@ def table(grouped: dict[str, list[dict]], cfg_tag: str, cfg_scale: float, n_labe
             f"{fmt([x['cfg1']['fid'] for x in e])} | {fmt([x[cfg_tag]['fid'] for x in e])} | {pr['cfg1']} | "
             f"{pr[cfg_tag]} | {fmt([last_probe(r) for r in runs], 3)} | "
             f"{fmt([max(row['accuracy'] for row in r['probe']['rows']) for r in runs], 3)} | "
+            f"{fmt([r['nll']['conditional']['nats_per_token'] for r in runs if 'nll' in r], 4)} | "
             f"{fmt([r['final_loss_ar'] for r in runs], 3)} | {fmt([r['train_loop_s'] for r in runs], 0)} | "
             f"{fmt([r['images_per_s'] for r in runs], 1)} |")
     return lines
