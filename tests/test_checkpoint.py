@@ -3,6 +3,7 @@ import errno
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from star import checkpoint as ckpt
@@ -47,7 +48,7 @@ def test_disk_full_during_save_is_one_line_and_removes_the_staging_folder(tmp_pa
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_save_tensors", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # the disk fills while a file is written
     with pytest.raises(ckpt.CheckpointWriteError) as caught:
         ckpt.save_training_state(tmp_path, 2, tiny_state(2), keep=1)
     message = str(caught.value)

