@@ -309,20 +309,20 @@ def test_disk_full_while_checkpointing_is_one_line_whichever_library_notices(tmp
     assert not list((tmp_path / "checkpoints").glob(".step-*"))
 
 
-@pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sent, code, workers", [(signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 0)])
 def test_a_signal_checkpoints_at_the_next_step_releases_the_lock_and_exits_with_one_line(
-        tiny_shards, tiny_gpt_json, tmp_path, sent, code):
+        tiny_shards, tiny_gpt_json, tmp_path, sent, code, workers):
     out = tmp_path / "run"
     command = [sys.executable, str(REPO / "train" / "run.py"), "--shards", str(tiny_shards), "--model",
-               str(tiny_gpt_json), "--out", str(out), "--steps", "100000", "--batch-size", "8", "--num-workers", "0",
-               "--log-every", "1", "--ckpt-every", "100000", "--no-star", "--no-progress"]
+               str(tiny_gpt_json), "--out", str(out), "--steps", "100000", "--batch-size", "8", "--num-workers",
+               str(workers), "--log-every", "1", "--ckpt-every", "100000", "--no-star", "--no-progress"]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while not (out / "log.jsonl").is_file() or len((out / "log.jsonl").read_text().splitlines()) < 3:
         assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
         time.sleep(0.05)
-    process.send_signal(sent)
+    os.killpg(process.pid, sent)  # as a scheduler does: the trainer and its DataLoader workers alike
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code
     assert stderr.strip().splitlines()[-1].startswith(f"stopped by {signal.Signals(sent).name} after step")

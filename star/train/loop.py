@@ -57,7 +57,13 @@ from star.train.safety import (
     claim_run_folder,
 )
 from star.train.token_cache import CacheFailed, build_token_cache, wait_for_token_cache
-from star.train.token_loader import EpochBatchSampler, TokenViews, collate_views, stream_loader
+from star.train.token_loader import (
+    EpochBatchSampler,
+    TokenViews,
+    collate_views,
+    leave_signals_to_the_trainer,
+    stream_loader,
+)
 
 __all__ = ["TrainConfig", "train", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
 
@@ -214,7 +220,8 @@ def make_loader(plan: ResolvedTrainConfig, accelerator, cache: Path | None):
     sampler = EpochBatchSampler(len(dataset), plan.batch_per_process, rank, plan.world_size, config.seed,
                                 start_batch=plan.start_step * config.grad_accum)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_views,
-                      pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0)
+                      pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
+                      worker_init_fn=leave_signals_to_the_trainer)
 
 
 def write_run_record(run: TrainingRun) -> None:

@@ -130,7 +130,16 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
                .shuffle(shuffle_buffer)
                .map(to_item)
                .batched(batch_per_rank, collation_fn=collate_views, partial=False))
-    return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer)
+
+
+def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a scheduler's SIGTERM goes to the whole process group; the workers ignore it
+    (as they ignore SIGINT) so the trainer finishes its step and checkpoints while they still serve batches; they
+    end with the trainer."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate_views(items) -> TokenBatch:
