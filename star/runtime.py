@@ -65,3 +65,17 @@ def key_seed(key: str, seed: int) -> int:
     """A 64-bit seed for one named item (an image's key), stable across runs, processes and machines."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory so far: the device's on CUDA, the process's resident set elsewhere (GB)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:
+        return float("nan")

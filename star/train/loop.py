@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from star.checkpoint import RUN_CONFIG, RUN_LOG, TrainingState, checkpoint_dirs, save_training_state
 from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import write_json_atomic
-from star.runtime import step_seed
+from star.runtime import peak_memory_gb, step_seed
 from star.train.config import TrainConfig
 from star.train.distributed import (
     full_optimizer_state,
@@ -57,13 +56,7 @@ from star.train.safety import (
     claim_run_folder,
 )
 from star.train.token_cache import CacheFailed, build_token_cache, wait_for_token_cache
-from star.train.token_loader import (
-    EpochBatchSampler,
-    TokenViews,
-    collate_views,
-    leave_signals_to_the_trainer,
-    stream_loader,
-)
+from star.train.token_loader import make_loader
 
 __all__ = ["TrainConfig", "train", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
 
@@ -211,19 +204,6 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
                make_loader(plan, accelerator, cache), Path(plan.settings.out), last_good_checkpoint=plan.resumed_from)
 
 
-def make_loader(plan: ResolvedTrainConfig, accelerator, cache: Path | None):
-    config, rank = plan.settings, accelerator.process_index
-    if config.loader == "stream":
-        return stream_loader(config.shards, plan.views_per_image, plan.batch_per_process,
-                             config.seed + plan.start_step, config.view_match, rank, config.num_workers)
-    dataset = TokenViews(cache, plan.views_per_image, config.seed, config.view_match)
-    sampler = EpochBatchSampler(len(dataset), plan.batch_per_process, rank, plan.world_size, config.seed,
-                                start_batch=plan.start_step * config.grad_accum)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_views,
-                      pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
-                      worker_init_fn=leave_signals_to_the_trainer)
-
-
 def write_run_record(run: TrainingRun) -> None:
     plan, out = run.plan, run.out
     if run.accelerator.is_main_process:
@@ -354,17 +334,6 @@ def cpu_seconds(run: TrainingRun) -> float:
     return run.plan.start_cpu_s + time.process_time() - run.cpu_started
 
 
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    except ImportError:
-        return float("nan")
-
-
 def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, float, float], grad_norm: torch.Tensor) -> dict:
     """Average the interval's losses over processes and append one record to log.jsonl."""
     interval_steps, interval_start, started = interval
@@ -376,7 +345,7 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
     record.update({"grad_norm": round(float(grad_norm), 4), "lr": run.optimizer.param_groups[0]["lr"],
                    "images_per_s": round(images_per_second, 2),
                    "tokens_per_s": round(images_per_second * plan.model.block_size * plan.views_per_image, 1),
-                   "memory_gb": round(_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2),
+                   "memory_gb": round(peak_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2),
                    "cpu_s": round(cpu_seconds(run), 2)})
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:

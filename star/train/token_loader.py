@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from star.data.manifest import Manifest
 from star.data.shards import decode_sample
@@ -175,3 +175,18 @@ class EpochBatchSampler(Sampler):
                 mine = chunk[self.rank * self.batch_per_rank : (self.rank + 1) * self.batch_per_rank]
                 yield (mine + epoch * self.num_samples).tolist()
             batch = (epoch + 1) * self.batches_per_epoch
+
+
+def make_loader(plan, accelerator, cache: Path | None):
+    """The training loader of a run's plan: the map loader over the token cache (exact resume from
+    plan.start_step), or the stream loader over the shards."""
+    config, rank = plan.settings, accelerator.process_index
+    if config.loader == "stream":
+        return stream_loader(config.shards, plan.views_per_image, plan.batch_per_process,
+                             config.seed + plan.start_step, config.view_match, rank, config.num_workers)
+    dataset = TokenViews(cache, plan.views_per_image, config.seed, config.view_match)
+    sampler = EpochBatchSampler(len(dataset), plan.batch_per_process, rank, plan.world_size, config.seed,
+                                start_batch=plan.start_step * config.grad_accum)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_views,
+                      pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
+                      worker_init_fn=leave_signals_to_the_trainer)
