@@ -497,3 +497,26 @@ def test_manifest_round_trip_old_manifests_and_shard_verification(tmp_path, smal
     (out / "manifest.json").write_text(json.dumps({**old, "shards": "nonsense"}))
     with pytest.raises(ValueError, match="manifest.json is damaged or incomplete"):
         Manifest.load(out)
+
+
+def test_images_are_dealt_to_shards_in_a_seeded_order_and_an_older_folder_keeps_its_own(tmp_path, small_vq):
+    make_folder(tmp_path / "data", per_class=4)  # 12 images listed class by class
+    shuffled = run_tokenize(config_for(tmp_path / "data", tmp_path / "a", small_vq, shard_size=4))
+    again = run_tokenize(config_for(tmp_path / "data", tmp_path / "b", small_vq, shard_size=4))
+    listing = run_tokenize(config_for(tmp_path / "data", tmp_path / "c", small_vq, shard_size=4, shard_order="listing"))
+    assert shuffled["images"] == again["images"] == listing["images"] == 12
+
+    def classes_per_shard(out):
+        return [len(json.loads((out / f"shard-00000{i}.json").read_text())["class_ids"]) for i in range(3)]
+
+    assert classes_per_shard(tmp_path / "c") == [1, 1, 1]  # class by class
+    assert max(classes_per_shard(tmp_path / "a")) > 1  # every shard mixes classes
+    keys = [[s.key for s in Manifest.load(out).iter_samples()] for out in (tmp_path / "a", tmp_path / "b")]
+    assert keys[0] == keys[1]  # the same permutation on a rerun: crash-safe
+    # a folder written before the order was recorded was dealt in listing order: it is completed only that way
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    del plan["shard_order"]
+    (tmp_path / "c" / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="shard_order: folder has 'listing', this run has 'shuffled'"):
+        run_tokenize(config_for(tmp_path / "data", tmp_path / "c", small_vq, shard_size=4))
+    run_tokenize(config_for(tmp_path / "data", tmp_path / "c", small_vq, shard_size=4, shard_order="listing"))
