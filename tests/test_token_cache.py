@@ -94,6 +94,12 @@ def test_waiting_processes_poll_and_see_a_failure_instead_of_hanging(tmp_path):
         build_token_cache(bad, workers=1)
     with pytest.raises(CacheFailed, match="shard-000001.tar"):
         wait_for_token_cache(bad, None, manifest_bad, timeout_s=30, poll_s=0.1)
+    # an earlier launch's note does not stop the waiters of a new one
+    note = next((bad / "cache").glob(".tokens-*.failed"))
+    old = time.time() - 3600
+    os.utime(note, (old, old))
+    with pytest.raises(CacheFailed, match="not ready"):
+        wait_for_token_cache(bad, None, manifest_bad, timeout_s=0.3, poll_s=0.1)
 
 
 def test_read_only_shard_folder_points_to_cache_dir(tmp_path, monkeypatch):

@@ -42,6 +42,11 @@ HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 300.0
 
 
+# A failure note written this long before a process started waiting still counts (the builder of the same launch
+# may fail at once); an older one is an earlier launch's.
+NOTE_GRACE_SECONDS = 60.0
+
+
 class CacheFailed(RuntimeError):
     """The process building the cache failed or died; waiting for it is pointless."""
 
@@ -233,7 +238,8 @@ def wait_for_token_cache(shards: str | Path, cache_root: str | Path | None, mani
         if (final / RECORD).is_file() and not record_problems(final, manifest):
             return final
         note = _failure_note(final)
-        if note.is_file():
+        # a note from this launch's builder (not one left by an earlier launch that failed)
+        if note.is_file() and note.stat().st_mtime > started - NOTE_GRACE_SECONDS:
             raise CacheFailed(f"the token cache could not be built: {json.loads(note.read_text())['error']}")
         building = list(root.glob(f".{final.name}.*.building")) if root.is_dir() else []
         beats = [b / HEARTBEAT for b in building if (b / HEARTBEAT).is_file()]
