@@ -56,6 +56,12 @@ def test_first_launch_survives_a_cache_build_longer_than_the_collective_timeout(
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["world_size"] == 2
+    # the stream loader across the two ranks: each resamples its own shards with its own seed
+    stream = [arg if arg != str(tmp_path / "run") else str(tmp_path / "stream") for arg in command]
+    result = subprocess.run(stream + ["--loader", "stream"], env={**os.environ, **CPU_ENV, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "stream" / "checkpoints" / "step-0000002" / "meta.json").is_file()
     # --prepare-only builds it ahead of a launch: the next launch finds it
     prepared = subprocess.run([sys.executable, str(REPO / "train" / "run.py"), "--shards", str(shards),
                                "--prepare-only", "--cache-dir", str(tmp_path / "c")], capture_output=True, text=True,
