@@ -169,3 +169,21 @@ def test_gpu_preset_smoke_runs_the_same_pipeline(long_smoke, tmp_path):
     assert sorted((r["arm"], r["seed"]) for r in results) == [("L1_llamagen", 0), ("L3_star", 0)]  # no extra seed
     assert json.loads((out / "plan.json").read_text())["gpt"]["n_head"] == 2
     assert "## (a) Does ST-AR" in (out / "report.md").read_text()
+
+
+def test_the_decision_rule_and_the_equal_compute_reading():
+    from star.study.long_report import Gap, Metric, at_compute, curve, gap
+
+    nll = Metric("nll", lambda point: point["v"], lower_is_better=True)
+    close = gap([3.00, 3.02, 3.04], [2.99, 3.01, 3.03], nll)  # -0.01, sd 0.02: within two spreads
+    assert close.gap == pytest.approx(-0.01) and close.sd == pytest.approx(0.02) and close.real is False
+    far = gap([3.00, 3.02, 3.04], [2.80, 2.81, 2.82], nll)
+    assert far.real is True and far.better
+    assert gap([3.0], [2.0, 2.1], nll).real is None  # one seed: no spread to judge by
+    assert "beyond 2 sd" in far.words(2) and "one seed" in Gap(1.0, None, False).words(1)
+    runs = [{"points": [{"step": 100, "cpu_s": 10.0, "v": 4.0}, {"step": 200, "cpu_s": 20.0, "v": 3.0}]},
+            {"points": [{"step": 100, "cpu_s": 12.0, "v": 4.2}, {"step": 200, "cpu_s": 22.0, "v": 3.2}]}]
+    by_compute = curve(runs, nll, "cpu_s")
+    assert by_compute["x"] == [11.0, 21.0] and by_compute["mean"] == pytest.approx([4.1, 3.1])
+    assert at_compute(by_compute, 16.0)[0] == pytest.approx(3.6)  # halfway between its checkpoints
+    assert at_compute(by_compute, 30.0) is None  # beyond the run: no reading
