@@ -171,6 +171,24 @@ def test_gpu_preset_smoke_runs_the_same_pipeline(long_smoke, tmp_path):
     assert "## (a) Does ST-AR" in (out / "report.md").read_text()
 
 
+def test_a_report_of_a_partly_finished_study_names_the_runs_it_lacks(long_smoke, tmp_path):
+    import shutil
+
+    from star.study.__main__ import main
+
+    argv, source = long_smoke
+    out = tmp_path / "study"
+    shutil.copytree(source, out)
+    whole_plan = [*argv[:argv.index("--arms")], "--report-only"]  # every long arm, of which only L1 and L3 ran
+    whole_plan[whole_plan.index("--out") + 1] = str(out)
+    assert main(whole_plan) == 0
+    partial = next(line for line in (out / "report.md").read_text().splitlines() if "Partial report" in line)
+    assert "L6_star_auto seed 0" in partial and "S5_star_mask0 seed 0" in partial
+    assert "L1_llamagen" not in partial and "L3_star seed 0" not in partial
+    assert main([*whole_plan[:-1], "--arms", "L1,L3", "--report-only"]) == 0
+    assert "Partial report" not in (out / "report.md").read_text()
+
+
 def test_the_decision_rule_and_the_equal_compute_reading():
     from star.study.long_report import Gap, Metric, at_compute, curve, gap
 

@@ -205,10 +205,12 @@ def collect_long_finished(plan: StudyPlan) -> dict:
         folder = plan.out / "vq" / ("ceiling" if count == plan.num_samples else f"ceiling_n{count}")
         ceilings[count] = json.loads((folder / "metrics.json").read_text())
     invocations = plan.out / "invocations.json"
+    unfinished = [f"{arm.key} seed {seed}" for arm in plan.arms for seed in seeds_of(plan, arm)
+                  if not (run_dir(plan, arm, seed) / "result.json").is_file()]
     best = next((r["arm"] for r in results if r["seed"] == extra_seed(plan)), None)  # the arm given the extra seed
     return {"vq": json.loads((plan.out / "vq" / "metrics.json").read_text()), "ceilings": ceilings,
             "results": results, "best_candidate": best, "candidate_nll": {}, "seconds": 0.0,
-            "stage_seconds": stage_times(plan),
+            "stage_seconds": stage_times(plan), "unfinished": unfinished,
             "invocations": json.loads(invocations.read_text()) if invocations.is_file() else []}
 
 

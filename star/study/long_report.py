@@ -300,6 +300,10 @@ def render_long(study: dict, plan, out: Path, command: str) -> Path:
              f"Inception in {plan.fid_precision}. Best ST-AR arm by held-out NLL (gets seed "
              f"{max(plan.other_seeds) + 1}): {study.get('best_candidate')}.", "",
              "Decision rule: a gap counts when it exceeds two seed spreads (2 x the larger sd of the two arms).", ""]
+    if unfinished := study.get("unfinished"):
+        lines += [f"**Partial report:** {len(unfinished)} planned run(s) not yet trained and scored: "
+                  f"{', '.join(unfinished)}. Every answer below uses only the finished runs; rerun "
+                  f"`make study PRESET={plan.preset}` (finished stages are skipped) to complete the study.", ""]
     lines += ["## (a) Does ST-AR's gap to the baseline shrink, vanish or reverse as runs get longer?", ""]
     for key in LONG_STAR_ARMS:
         lines += [f"- {s}" for m in metric_list if (s := trend_sentence(grouped, m, key))]
