@@ -105,6 +105,23 @@ def test_equal_compute_steps_scale_by_measured_time(tmp_path):
     assert steps == 300 and record["unit"] == "CPU s"
 
 
+def test_stages_run_in_the_callers_folder_so_a_relative_out_means_one_place(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from star.study.stages import StudyPlan, run_stage
+
+    monkeypatch.chdir(tmp_path)
+    plan = StudyPlan(out=Path("study"), data=Path("data"), vq_steps=1, vq_batch_size=1, gpt={}, steps=1,
+                     batch_size=1, lr=1e-3, num_samples=1, cfg_scale=1.0, probe_positions=[1], probe_limit=1,
+                     main_seeds=[0], other_seeds=[0])
+    made = Path("study") / "made.txt"  # relative, as the study passes its --out to the commands
+    argv = [sys.executable, "-c", f"open({str(made)!r}, 'w').write('made')"]
+    run_stage(plan, "make", argv, [made])
+    assert (tmp_path / made).read_text() == "made"
+    run_stage(plan, "make", argv, [made])  # done: skipped, not rerun
+    assert "[skip] make" in capsys.readouterr().out
+
+
 def test_tiny_study_end_to_end_and_resume(tmp_path, idx_folder, capsys):
     from star.study.__main__ import main
 

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from star.io import write_json_atomic
-from star.study import commands
 from star.study.arms import Arm
 
 
@@ -85,7 +84,9 @@ def run_stage(plan: StudyPlan, name: str, argv: list[str], done: list[Path] | No
     with open(log, "w") as handle:
         handle.write(" ".join(argv) + "\n\n")
         handle.flush()
-        child = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, cwd=commands.REPO, env=env)
+        # in the caller's folder: a relative --out or --data-root then names the same place for the study and for
+        # the commands it runs (the commands are found by absolute path)
+        child = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
         code, cpu_seconds = wait_with_cpu_seconds(child)
     seconds = time.time() - started
     if code != 0:
