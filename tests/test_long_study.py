@@ -190,7 +190,7 @@ def test_a_report_of_a_partly_finished_study_names_the_runs_it_lacks(long_smoke,
 
 
 def test_the_decision_rule_and_the_equal_compute_reading():
-    from star.study.long_report import Gap, Metric, at_compute, curve, gap
+    from star.study.long_report import Gap, Metric, at_compute, curve, gap, trend_sentence
 
     nll = Metric("nll", lambda point: point["v"], lower_is_better=True)
     close = gap([3.00, 3.02, 3.04], [2.99, 3.01, 3.03], nll)  # -0.01, sd 0.02: within two spreads
@@ -199,6 +199,15 @@ def test_the_decision_rule_and_the_equal_compute_reading():
     assert far.real is True and far.better
     assert gap([3.0], [2.0, 2.1], nll).real is None  # one seed: no spread to judge by
     assert "beyond 2 sd" in far.words(2) and "one seed" in Gap(1.0, None, False).words(1)
+    def seed(at_100: float, at_200: float) -> dict:
+        return {"points": [{"step": 100, "v": at_100}, {"step": 200, "v": at_200}]}
+
+    baseline = [seed(4.0, 3.0), seed(4.1, 3.1)]
+    trend = trend_sentence({"L1_llamagen": baseline, "L6_star_auto": [seed(4.3, 2.5)]}, nll, "L6_star_auto")
+    assert "+0.25" in trend and "-0.55" in trend and "reverses" in trend and "no spread" in trend
+    trend = trend_sentence({"L1_llamagen": baseline, "L6_star_auto": [seed(4.0, 2.0), seed(4.1, 2.1)]}, nll,
+                           "L6_star_auto")
+    assert "ST-AR is ahead beyond the seed spread" in trend
     runs = [{"points": [{"step": 100, "cpu_s": 10.0, "v": 4.0}, {"step": 200, "cpu_s": 20.0, "v": 3.0}]},
             {"points": [{"step": 100, "cpu_s": 12.0, "v": 4.2}, {"step": 200, "cpu_s": 22.0, "v": 3.2}]}]
     by_compute = curve(runs, nll, "cpu_s")

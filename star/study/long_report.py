@@ -172,7 +172,9 @@ def trend_sentence(grouped, metric: Metric, star_key: str) -> str:
     first, last = gaps[0], gaps[-1]
     if first is None or last is None:
         return ""
-    if last.better and last.real:
+    if last.real is None:
+        shape = "one arm has one seed, so there is no spread to judge by"
+    elif last.better and last.real:
         shape = "ST-AR is ahead beyond the seed spread"
     elif not last.better and last.real:
         shape = "the baseline is ahead beyond the seed spread"
@@ -305,7 +307,9 @@ def render_long(study: dict, plan, out: Path, command: str) -> Path:
                   f"{', '.join(unfinished)}. Every answer below uses only the finished runs; rerun "
                   f"`make study PRESET={plan.preset}` (finished stages are skipped) to complete the study.", ""]
     lines += ["## (a) Does ST-AR's gap to the baseline shrink, vanish or reverse as runs get longer?", ""]
-    for key in LONG_STAR_ARMS:
+    for key in (k for k in LONG_STAR_ARMS if k in grouped and "L1_llamagen" in grouped):
+        lines += [f"### {grouped[key][0]['label']} against {grouped['L1_llamagen'][0]['label']}", ""]
+        lines += ["At equal steps, from the first checkpoint to the last:", ""]
         lines += [f"- {s}" for m in metric_list if (s := trend_sentence(grouped, m, key))]
         lines += [""] + equal_steps_table(grouped, metric_list, key) + equal_compute_table(grouped, metric_list, key)
     final_step = plan.steps
