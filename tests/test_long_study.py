@@ -187,10 +187,17 @@ def test_a_report_of_a_partly_finished_study_names_the_runs_it_lacks(long_smoke,
     assert "L1_llamagen" not in partial and "L3_star seed 0" not in partial
     assert main([*whole_plan[:-1], "--arms", "L1,L3", "--report-only"]) == 0
     assert "Partial report" not in (out / "report.md").read_text()
-    (out / "arms" / "L3_star" / "seed1" / "result.json").unlink()  # the best arm's extra seed, not yet scored
-    assert main([*whole_plan[:-1], "--arms", "L1,L3", "--report-only"]) == 0
-    partial = next(line for line in (out / "report.md").read_text().splitlines() if "Partial report" in line)
+    extra = out / "arms" / "L3_star" / "seed1" / "result.json"  # the best arm's extra seed: not yet scored
+    for seed in (0, 1):  # a short arm's seeds 0 and 1: its seed 1 is not the extra seed
+        short_run = out / "arms" / "S1_star_w025" / f"seed{seed}" / "result.json"
+        short_run.parent.mkdir(parents=True)
+        short_run.write_text(json.dumps({**json.loads(extra.read_text()), "arm": "S1_star_w025", "seed": seed}))
+    extra.unlink()
+    assert main([*whole_plan[:-1], "--arms", "L1,L3,S1", "--report-only"]) == 0
+    report = (out / "report.md").read_text()
+    partial = next(line for line in report.splitlines() if "Partial report" in line)
     assert "1 planned run(s)" in partial and "seed 1 of the best ST-AR arm by held-out NLL" in partial
+    assert "(gets seed 1): None" in report
 
 
 def test_the_decision_rule_and_the_equal_compute_reading():

@@ -207,7 +207,8 @@ def collect_long_finished(plan: StudyPlan) -> dict:
     invocations = plan.out / "invocations.json"
     unfinished = [f"{arm.key} seed {seed}" for arm in plan.arms for seed in seeds_of(plan, arm)
                   if not (run_dir(plan, arm, seed) / "result.json").is_file()]
-    best = next((r["arm"] for r in results if r["seed"] == extra_seed(plan)), None)  # the arm given the extra seed
+    candidates = {arm.key for arm in plan.arms if arm.candidate}  # a short arm's third seed is not the extra one
+    best = next((r["arm"] for r in results if r["seed"] == extra_seed(plan) and r["arm"] in candidates), None)
     if plan.extra_seed_for_best and best is None:
         unfinished.append(f"seed {extra_seed(plan)} of the best ST-AR arm by held-out NLL")
     return {"vq": json.loads((plan.out / "vq" / "metrics.json").read_text()), "ceilings": ceilings,
