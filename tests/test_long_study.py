@@ -196,8 +196,12 @@ def test_a_report_of_a_partly_finished_study_names_the_runs_it_lacks(long_smoke,
     assert main([*whole_plan[:-1], "--arms", "L1,L3,S1", "--report-only"]) == 0
     report = (out / "report.md").read_text()
     partial = next(line for line in report.splitlines() if "Partial report" in line)
-    assert "1 planned run(s)" in partial and "seed 1 of the best ST-AR arm by held-out NLL" in partial
-    assert "(gets seed 1): None" in report
+    assert "1 planned run(s)" in partial and "L3_star seed 1" in partial  # L3: the only candidate, so the best
+    assert "(gets seed 1): L3_star" in report
+    (out / "arms" / "L3_star" / "seed0" / "result.json").unlink()  # a candidate's planned seed missing: best unknown
+    assert main([*whole_plan[:-1], "--arms", "L1,L3,S1", "--report-only"]) == 0
+    partial = next(line for line in (out / "report.md").read_text().splitlines() if "Partial report" in line)
+    assert "L3_star seed 0" in partial and "seed 1 of the best ST-AR arm by held-out NLL" in partial
 
 
 def test_the_decision_rule_and_the_equal_compute_reading():

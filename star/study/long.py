@@ -207,12 +207,20 @@ def collect_long_finished(plan: StudyPlan) -> dict:
     invocations = plan.out / "invocations.json"
     unfinished = [f"{arm.key} seed {seed}" for arm in plan.arms for seed in seeds_of(plan, arm)
                   if not (run_dir(plan, arm, seed) / "result.json").is_file()]
-    candidates = {arm.key for arm in plan.arms if arm.candidate}  # a short arm's third seed is not the extra one
-    best = next((r["arm"] for r in results if r["seed"] == extra_seed(plan) and r["arm"] in candidates), None)
+    candidates = [arm for arm in plan.arms if arm.candidate]  # a short arm's third seed is not the extra one
+    best = next((r["arm"] for r in results
+                 if r["seed"] == extra_seed(plan) and r["arm"] in {arm.key for arm in candidates}), None)
+    nll_means = {}
     if plan.extra_seed_for_best and best is None:
-        unfinished.append(f"seed {extra_seed(plan)} of the best ST-AR arm by held-out NLL")
+        if candidates and not any(f"{arm.key} seed" in run for arm in candidates for run in unfinished):
+            # every candidate's planned seeds are scored: the best is known before its extra seed is
+            nll_means = {arm.key: float(np.mean([r["points"][-1]["nll"]["conditional"]["nats_per_token"]
+                                                 for r in results if r["arm"] == arm.key])) for arm in candidates}
+            best = min(nll_means, key=nll_means.get)
+        unfinished.append(f"{best} seed {extra_seed(plan)}" if best else
+                          f"seed {extra_seed(plan)} of the best ST-AR arm by held-out NLL")
     return {"vq": json.loads((plan.out / "vq" / "metrics.json").read_text()), "ceilings": ceilings,
-            "results": results, "best_candidate": best, "candidate_nll": {}, "seconds": 0.0,
+            "results": results, "best_candidate": best, "candidate_nll": nll_means, "seconds": 0.0,
             "stage_seconds": stage_times(plan), "unfinished": unfinished,
             "invocations": json.loads(invocations.read_text()) if invocations.is_file() else []}
 
