@@ -212,7 +212,8 @@ def collect_long_finished(plan: StudyPlan) -> dict:
                  if r["seed"] == extra_seed(plan) and r["arm"] in {arm.key for arm in candidates}), None)
     nll_means = {}
     if plan.extra_seed_for_best and best is None:
-        if candidates and not any(f"{arm.key} seed" in run for arm in candidates for run in unfinished):
+        if candidates and all((run_dir(plan, arm, seed) / "result.json").is_file()
+                              for arm in candidates for seed in seeds_of(plan, arm)):
             # every candidate's planned seeds are scored: the best is known before its extra seed is
             nll_means = {arm.key: float(np.mean([r["points"][-1]["nll"]["conditional"]["nats_per_token"]
                                                  for r in results if r["arm"] == arm.key])) for arm in candidates}
