@@ -155,13 +155,16 @@ def run_result(plan: StudyPlan, arm: Arm, seed: int, scored: list[dict]) -> dict
 # The study
 
 
-def best_candidate(plan: StudyPlan, arms: list[Arm]) -> tuple[Arm | None, dict]:
-    """The candidate ST-AR arm with the lowest mean held-out NLL (with the label) at its last checkpoint."""
+def best_candidate(plan: StudyPlan, arms: list[Arm],
+                   final_nll: Callable[[Arm, int], float] | None = None) -> tuple[Arm | None, dict]:
+    """The candidate ST-AR arm with the lowest mean held-out NLL (with the label) at its last checkpoint.
+    final_nll(arm, seed): that NLL for one run; by default from the run's nll stage (run if not yet done)."""
+    if final_nll is None:
+        def final_nll(arm: Arm, seed: int) -> float:
+            return nll_at(plan, arm, seed, arm_steps(plan, arm))["conditional"]["nats_per_token"]
     means = {}
     for arm in (a for a in arms if a.candidate):
-        values = [nll_at(plan, arm, seed, arm_steps(plan, arm))["conditional"]["nats_per_token"]
-                  for seed in seeds_of(plan, arm)]
-        means[arm.key] = float(np.mean(values))
+        means[arm.key] = float(np.mean([final_nll(arm, seed) for seed in seeds_of(plan, arm)]))
     if not means:
         return None, means
     best = min(means, key=means.get)
@@ -212,12 +215,13 @@ def collect_long_finished(plan: StudyPlan) -> dict:
                  if r["seed"] == extra_seed(plan) and r["arm"] in {arm.key for arm in candidates}), None)
     nll_means = {}
     if plan.extra_seed_for_best and best is None:
-        if candidates and all((run_dir(plan, arm, seed) / "result.json").is_file()
-                              for arm in candidates for seed in seeds_of(plan, arm)):
-            # every candidate's planned seeds are scored: the best is known before its extra seed is
-            nll_means = {arm.key: float(np.mean([r["points"][-1]["nll"]["conditional"]["nats_per_token"]
-                                                 for r in results if r["arm"] == arm.key])) for arm in candidates}
-            best = min(nll_means, key=nll_means.get)
+        run_results = {(r["arm"], r["seed"]): r for r in results}
+        if candidates and all((arm.key, seed) in run_results for arm in candidates for seed in seeds_of(plan, arm)):
+            # every candidate's planned seeds are scored: the best is known before its extra seed is (read from
+            # the results, since --report-only runs nothing)
+            best_arm, nll_means = best_candidate(plan, candidates, lambda arm, seed: run_results[(arm.key, seed)][
+                "points"][-1]["nll"]["conditional"]["nats_per_token"])
+            best = best_arm.key
         unfinished.append(f"{best} seed {extra_seed(plan)}" if best else
                           f"seed {extra_seed(plan)} of the best ST-AR arm by held-out NLL")
     return {"vq": json.loads((plan.out / "vq" / "metrics.json").read_text()), "ceilings": ceilings,

@@ -235,7 +235,7 @@ def plot_metric_panels(panels: dict[str, dict[str, dict]], path: Path, xlabel: s
     line with its seed spread (± sd) as a band."""
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False,
-                                  layout="constrained")  # keeps a row's titles off the x labels above it
+                                layout="constrained")  # keeps a row's titles off the x labels above it
     for axis in axes.flat[len(panels):]:
         axis.axis("off")
     for axis, (metric, curves) in zip(axes.flat, panels.items()):
