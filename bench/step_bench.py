@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from llamagen_ref import RefTransformer, ref_generate
 
-# The compute-bound CPU size, and a larger one so the growth of the costs shows.
+# A compute-bound CPU size (the LM head and the layers both matter), and a larger one so the growth of the costs shows.
 STEP_SIZES = {
     "d384-L6": {"dim": 384, "n_layer": 6, "n_head": 6},
     "d512-L8": {"dim": 512, "n_layer": 8, "n_head": 8},

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from test_training_step import tiny_model
 
@@ -21,7 +20,6 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     assert {"training", "sampling", "tokenizer"} <= set(report)
     training = report["training"]
     assert training["eager_star_s"] > 0 and training["eager_plain_s"] > 0 and training["eager_llamagen_s"] > 0
-    assert training["eager_star_over_plain"] == pytest.approx(training["eager_star_s"] / training["eager_plain_s"])
     assert report["sampling"]["batch4"]["speedup"] > 0 and report["tokenizer"]["images_per_s"] > 0
 
 

@@ -317,11 +317,6 @@ class GPT(nn.Module):
         first = self.layers[0].attention.kv_cache
         self._cache_batch_capacity, self._cache_len_capacity = first.k.shape[0], first.k.shape[2]
 
-    def clear_kv_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-        self._cache_batch_capacity = self._cache_len_capacity = 0
-
     def forward_cached(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor], input_pos: torch.Tensor,
                        cache_len: Optional[int]) -> torch.Tensor:
         """Incremental forward with the KV cache; returns logits [B, q, vocab] float32 for the new positions.
