@@ -54,7 +54,7 @@ def read_log(out: Path) -> list[dict]:
     (["--mask-ratio", "1"], "--mask-ratio 1.0: must be in [0, 1)"),
     (["--mask-ratio", "nan"], "--mask-ratio nan"),
     (["--teacher-decay", "1.5"], "--teacher-decay 1.5: must be in [0, 1]"),
-    (["--teacher-decay", "fast"], "invalid TeacherDecay value"),
+    (["--teacher-decay", "fast"], "--teacher-decay 'fast': give a number in [0, 1] or 'auto'"),
     (["--class-dropout", "2"], "--class-dropout 2.0: must be in [0, 1]"),
     (["--contrastive-temperature", "0"], "--contrastive-temperature 0.0: must be a finite number > 0"),
     (["--num-positions", "0"], "--num-positions 0: must be >= 1"),

@@ -14,13 +14,16 @@ PAPER_TEACHER_DECAY = 0.9999
 PAPER_HORIZON_FRACTION = 0.04
 
 
-class TeacherDecay:
-    """The type of --teacher-decay: a float in [0, 1], or 'auto' (calling it parses a flag or a library value)."""
-
-    def __new__(cls, value: float | str) -> float | str:  # type: ignore[misc]
-        if isinstance(value, str) and value.strip().lower() == AUTO:
-            return AUTO
-        return float(value)
+def parse_teacher_decay(value: float | str) -> float | str:
+    """--teacher-decay as a run uses it: 'auto', or a number in [0, 1]."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        decay = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--teacher-decay {value!r}: give a number in [0, 1] or 'auto'") from None
+    check(0.0 <= decay <= 1.0, f"--teacher-decay {decay}: must be in [0, 1] or 'auto'")
+    return decay
 
 
 def resolve_teacher_decay(decay: float | str, total_steps: int) -> float:
@@ -44,7 +47,7 @@ class StarSettings:
     num_positions: int = setting(4, help="K sampled positions per sequence for the contrastive terms (>= 2 with "
                                          "L_step)")
     contrastive_temperature: float = setting(0.2, help="InfoNCE temperature of L_step and L_view (> 0)")
-    teacher_decay: TeacherDecay = setting(PAPER_TEACHER_DECAY, metavar="DECAY",
+    teacher_decay: str = setting(PAPER_TEACHER_DECAY, metavar="DECAY",  # a number, or 'auto' (parsed below)
                                           help="EMA decay of the teacher, in [0, 1], or 'auto': keep the paper's "
                                                "ratio of EMA horizon (1 / (1 - decay)) to run length, 4%%")
     use_mim: bool = setting(True, flag="mim", help="L_MIM, the masked-attention feature loss")
@@ -52,12 +55,7 @@ class StarSettings:
     use_view: bool = setting(True, flag="view", help="L_view, the inter-view contrastive loss")
 
     def __post_init__(self) -> None:
-        try:
-            self.teacher_decay = TeacherDecay(self.teacher_decay)
-        except (TypeError, ValueError):
-            raise ValueError(f"--teacher-decay {self.teacher_decay!r}: give a number in [0, 1] or 'auto'") from None
-        check(self.teacher_decay == AUTO or 0.0 <= self.teacher_decay <= 1.0,
-              f"--teacher-decay {self.teacher_decay}: must be in [0, 1] or 'auto'")
+        self.teacher_decay = parse_teacher_decay(self.teacher_decay)
         check(0.0 <= self.mask_ratio < 1.0, f"--mask-ratio {self.mask_ratio}: must be in [0, 1) (1 would hide every "
                                             "image key)")
         check(self.contrastive_temperature > 0 and math.isfinite(self.contrastive_temperature),
