@@ -211,3 +211,11 @@ def test_fid_takes_the_reference_and_inception_by_name(server, tmp_path, monkeyp
     assert seen == {"ref": str(tmp_path / "cache" / "VIRTUAL_test.npz"),
                     "inception": str(tmp_path / "cache" / "inception-test.pt")}
     assert (tmp_path / "cache" / "VIRTUAL_test.npz").read_bytes() == b"VIRTUAL_test.npz" * 10
+
+
+def test_readme_lists_every_official_file_with_its_link():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, entry in downloads.OFFICIAL_FILES.items():
+        assert f"[`{name}`]({entry.url})" in readme, f"README's table of official files lacks {name}"
