@@ -197,8 +197,8 @@ def _download(wanted: Wanted, flag: str, value: str, progress: bool) -> None:
     except (urllib.error.URLError, OSError) as error:
         reason = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", None) or error
         kept = f" ({part.stat().st_size} bytes kept in {part.name}: run again to resume)" if part.is_file() else ""
-        raise DownloadError(f"{flag} {value}: cannot download {wanted.url} ({reason}){kept}. Offline? Fetch it by "
-                            f"hand and put it at {wanted.path}") from None
+        raise DownloadError(f"{flag} {value}: cannot download {wanted.url} ({reason}){kept}; fetch it by hand and "
+                            f"put it at {wanted.path}") from None
     actual = sha256_file(part)
     if wanted.sha256 and actual != wanted.sha256:
         part.unlink()

@@ -219,3 +219,20 @@ def test_readme_lists_every_official_file_with_its_link():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name, entry in downloads.OFFICIAL_FILES.items():
         assert f"[`{name}`]({entry.url})" in readme, f"README's table of official files lacks {name}"
+
+
+def test_a_second_process_waits_for_the_first_ones_download(server, tmp_path, monkeypatch):
+    from star.lock import folder_lock
+
+    monkeypatch.setattr(downloads, "LOCK_POLL_S", 0.05)
+    _register(monkeypatch, "shared.pt", server.base + "/files/data.bin", None)
+    result = {}
+    with folder_lock(tmp_path / ".locks" / "shared.pt", "the other process's download"):
+        waiter = threading.Thread(target=lambda: result.update(path=fetch_file("shared.pt", "--ckpt", tmp_path,
+                                                                                 progress=False)))
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and server.ranges == []  # waiting, not downloading beside the holder
+        (tmp_path / "shared.pt").write_bytes(PAYLOAD)  # what the holder's download leaves
+    waiter.join(timeout=10)
+    assert result["path"] == str(tmp_path / "shared.pt") and server.ranges == []  # used, not fetched again
