@@ -253,5 +253,5 @@ def _fetch_into(url: str, part: Path, progress: bool) -> None:
         raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
 
 
-DOWNLOAD_DIR_HELP = ("where official files and URLs given to the file flags are downloaded (default: $STAR_CACHE, "
-                     "else $XDG_CACHE_HOME/star, else ~/.cache/star)")
+DOWNLOAD_DIR_HELP = ("folder that official file names and URLs given to the file flags are downloaded into (empty: "
+                     "$STAR_CACHE, else $XDG_CACHE_HOME/star, else ~/.cache/star)")
