@@ -79,6 +79,8 @@ CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 LOCK_POLL_S = 2.0
 RECORD_SUFFIX = ".sha256.json"
+DOWNLOAD_DIR_HELP = ("folder that official file names and URLs given to the file flags are downloaded into (empty: "
+                     "$STAR_CACHE, else $XDG_CACHE_HOME/star, else ~/.cache/star)")
 
 
 def default_cache_dir() -> Path:
@@ -252,6 +254,3 @@ def _fetch_into(url: str, part: Path, progress: bool) -> None:
     if total is not None and part.stat().st_size != total:
         raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
 
-
-DOWNLOAD_DIR_HELP = ("folder that official file names and URLs given to the file flags are downloaded into (empty: "
-                     "$STAR_CACHE, else $XDG_CACHE_HOME/star, else ~/.cache/star)")
