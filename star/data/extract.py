@@ -48,6 +48,7 @@ from star.data.shards import (
     token_dtype,
 )
 from star.data.views import VIEW_POLICY_CHOICES, ViewPolicy, make_views
+from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.io import sha256_file, write_json_atomic
 from star.lock import folder_lock
 from star.runtime import autocast_dtype, pick_device, resolve_precision
@@ -61,7 +62,9 @@ MAX_CROP_RANGE = 2.0  # fp16 is not offered: the VQ encoder was trained in fp32/
 class TokenizeConfig:
     data: str = setting(help="ImageFolder tree (class/*.jpg) or WebDataset tars of images with `cls`")
     out: str = setting(help="output shard folder: absent, empty, or a shard folder made with the same settings")
-    vq_ckpt: str = setting(help="VQ checkpoint (official LlamaGen format: {'model': state_dict})")
+    vq_ckpt: str = setting(help="VQ checkpoint (official LlamaGen format: {'model': state_dict}): a path, "
+                                "vq_ds16_c2i.pt or a URL")
+    download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
     vq_config: str = setting("VQ-16", help="VQ preset (VQ-16, VQ-8) or JSON file")
     image_size: int = setting(256, help="side of each view in pixels (a multiple of the VQ's downsampling)")
     view_policy: str = setting("tencrop", metavar="POLICY",
@@ -251,12 +254,13 @@ def _load_encoder(config: TokenizeConfig, device: torch.device) -> Encoder:
     if config.image_size % vq_config.downsample:
         raise ValueError(f"--image-size {config.image_size} is not a multiple of the tokenizer's downsampling "
                          f"{vq_config.downsample}")
-    model = load_vq(config.vq_ckpt, vq_config).to(device).eval()
+    checkpoint = fetch_file(config.vq_ckpt, "--vq-ckpt", config.download_dir, config.progress)
+    model = load_vq(checkpoint, vq_config).to(device).eval()
     tokenizer = {
         "config": vq_config.to_dict(),
         "config_source": str(config.vq_config),
-        "checkpoint": str(Path(config.vq_ckpt).resolve()),
-        "checkpoint_sha256": sha256_file(config.vq_ckpt),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": sha256_file(checkpoint),
     }
     return Encoder(model, device, resolve_precision(config.precision, device), vq_config, tokenizer)
 

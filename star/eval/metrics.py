@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from star.cli import check, setting
+from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.inception import (
     INCEPTION_FILE_NAME,
     INCEPTION_PRECISIONS,
@@ -176,8 +177,11 @@ class FidConfig:
     """Settings of `evaluate/run.py fid`."""
 
     samples: str = setting(help="samples .npz (arr_0) or image folder")
-    ref: str = setting(help="ADM reference .npz, image folder, samples .npz, or shard folder (its source images)")
-    inception: str | None = setting(None, help="Inception weights (TorchScript); found automatically")
+    ref: str = setting(help="ADM reference .npz, image folder, samples .npz, or shard folder (its source images); "
+                            "VIRTUAL_imagenet256_labeled.npz or a URL is downloaded")
+    inception: str | None = setting(None, help="Inception weights (TorchScript; inception-2015-12-05.pt or a URL is "
+                                               "downloaded); found automatically")
+    download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
     batch_size: int = setting(50, help="images per network batch")
     num_workers: int = setting(0, help="threads for the resize to 299 (0: up to 8)")
     device: str = setting("auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
@@ -204,13 +208,15 @@ class FidConfig:
 
 def run_fid(config: FidConfig) -> dict:
     """Score the samples against the reference and write metrics.json atomically."""
-    options = MetricOptions(inception_path=config.inception, batch_size=config.batch_size,
-                            device=pick_device(config.device), num_workers=config.num_workers or None,
-                            cache_dir=config.cache_dir, precision=config.precision)
+    device = pick_device(config.device)
     if not Path(config.samples).exists():
         raise FileNotFoundError(f"--samples {config.samples} not found")
     check_output_file(config.metrics_path(), "--out", "metrics file", lambda path: is_json_with(path, "fid"),
                       inputs=(config.samples, config.ref), overwrite=config.overwrite)
-    metrics = compute_metrics(config.samples, resolve_reference(config.ref), options)
+    options = MetricOptions(inception_path=fetch_file(config.inception, "--inception", config.download_dir),
+                            batch_size=config.batch_size, device=device, num_workers=config.num_workers or None,
+                            cache_dir=config.cache_dir, precision=config.precision)
+    reference = fetch_file(config.ref, "--ref", config.download_dir)
+    metrics = compute_metrics(config.samples, resolve_reference(reference), options)
     write_json_atomic(config.metrics_path(), metrics)
     return {**metrics, "written": str(config.metrics_path())}

@@ -9,7 +9,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from star.checkpoint import WEIGHT_CHOICES, load_generator, read_meta, resolve_checkpoint
 from star.cli import check, setting
+from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
 from star.gpt.generate import SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
@@ -39,11 +40,14 @@ def parse_int_list(text: str, what: str) -> list[int]:
 class SampleConfig:
     """Settings of `evaluate/run.py sample` (flags generated from these fields; checked on creation)."""
 
-    ckpt: str = setting(help="run folder (newest checkpoint), checkpoint folder, .safetensors, or LlamaGen .pt")
+    ckpt: str = setting(help="run folder (newest checkpoint), checkpoint folder, .safetensors, or LlamaGen .pt "
+                             "(a path, an official name such as c2i_B_256.pt, or a URL)")
     out: str = setting(help="output folder: samples.npz, grid.png, settings.json")
     model: str = setting("", help="preset or JSON (needed for official LlamaGen checkpoints)")
     weights: str = setting("student", choices=WEIGHT_CHOICES, help="student, or the EMA teacher of an ST-AR run")
-    vq_ckpt: str = setting("", help="VQ checkpoint that decodes the tokens (not needed with --tokens-only)")
+    vq_ckpt: str = setting("", help="VQ checkpoint that decodes the tokens: a path, vq_ds16_c2i.pt or a URL (not "
+                                    "needed with --tokens-only)")
+    download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
     vq_config: str = setting("VQ-16", help="VQ preset or JSON")
     allow_other_tokenizer: bool = setting(False, help="sample with a VQ other than the one the checkpoint was "
                                                       "trained on (warn instead of refusing)")
@@ -172,6 +176,9 @@ def run_sampling(config: SampleConfig) -> dict:
     assembled by streaming the batches into the .npz, never holding all the images at once.
     """
     started = time.time()
+    config = replace(config, ckpt=fetch_file(config.ckpt, "--ckpt", config.download_dir, config.progress),
+                     vq_ckpt=config.vq_ckpt if config.tokens_only else
+                     fetch_file(config.vq_ckpt, "--vq-ckpt", config.download_dir, config.progress))
     state, device = sampling_device(config)
     checkpoint_file = resolve_checkpoint(config.ckpt, config.weights)
     if config.weights == "teacher" and checkpoint_file.name != "teacher.safetensors":

@@ -32,7 +32,7 @@ def parts_folder(config, checkpoint_file: Path) -> Path:
     weights file, the VQ, the settings; not the sample count), so a rerun reuses exactly the batches it would
     make again, and another setting never picks up stale ones."""
     stat = checkpoint_file.stat()
-    decides = {**asdict(config), "out": None, "progress": None, "num_samples": None, "save_tokens": None,
+    decides = {**asdict(config), "out": None, "progress": None, "download_dir": None, "num_samples": None, "save_tokens": None,
                "weights_file": [str(checkpoint_file.resolve()), stat.st_size, stat.st_mtime_ns],
                "vq": sha256_file(config.vq_ckpt) if config.vq_ckpt and not config.tokens_only else None}
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:16]

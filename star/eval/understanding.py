@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from star.checkpoint import WEIGHT_CHOICES, load_generator
 from star.cli import check, setting
 from star.data.manifest import shard_tokens
+from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.sample import parse_int_list
 from star.gpt.model import GPT
 from star.images import save_tile_grid
@@ -160,10 +161,12 @@ def even_positions(block_size: int, count: int) -> list[int]:
 class AnalysisModel:
     """Which generator to look inside (shared by probe and attention)."""
 
-    ckpt: str = setting(help="run folder, checkpoint folder, .safetensors, or LlamaGen .pt")
+    ckpt: str = setting(help="run folder, checkpoint folder, .safetensors, or LlamaGen .pt (a path, an official "
+                             "name such as c2i_B_256.pt, or a URL)")
     model: str = setting("", help="preset or JSON (needed for official LlamaGen checkpoints)")
     weights: str = setting("student", choices=WEIGHT_CHOICES, help="student, or the EMA teacher of an ST-AR run")
     device: str = setting("auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
+    download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
 
     def __post_init__(self) -> None:
         check(bool(self.ckpt), "--ckpt is required")
@@ -172,7 +175,8 @@ class AnalysisModel:
               f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
     def load(self) -> GPT:
-        return load_generator(self.ckpt, self.model, self.weights).to(pick_device(self.device)).eval()
+        ckpt = fetch_file(self.ckpt, "--ckpt", self.download_dir)
+        return load_generator(ckpt, self.model, self.weights).to(pick_device(self.device)).eval()
 
 
 def check_positions(positions: list[int], block_size: int, flag: str = "--positions") -> None:

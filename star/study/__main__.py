@@ -10,13 +10,13 @@ Arms: 1 LlamaGen (--no-star, equal epochs), 2 LlamaGen at arm 3's measured compu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from star.cli import check, parse_config, setting
 from star.runtime import cpu_description
 from star.study.arms import ARM_KEYS, ARMS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
@@ -24,27 +24,36 @@ from star.study.long_arms import LONG_ARMS
 from star.study.presets import DEFAULT_ARMS, PRESETS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m star.study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the QUICK preset (subset, own folder runs/study-quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="full (default) | quick | long (runs scored along their length) | gpu (long at GPU scale) | "
-                        "smoke, long-smoke, gpu-smoke (tests)")
-    p.add_argument("--out", default="", help="default: runs/study, or runs/study-quick with --quick")
-    p.add_argument("--data-root", default="data/fashion-mnist", help="where the converted ImageFolder goes")
-    p.add_argument("--idx-folder", default="", help="use these idx(.gz) files instead of downloading the package")
-    p.add_argument("--arms", default="", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a); default all (quick: 1,2,3)")
-    p.add_argument("--seeds", default="", help="seeds of arms 1 and 3 (default: the preset's, full: 0,1)")
-    p.add_argument("--other-seeds", default="", help="seeds of the other arms (default 0)")
-    p.add_argument("--steps", type=int, default=0, help="override the equal-epoch step count")
-    p.add_argument("--num-samples", type=int, default=0, help="override samples per FID")
-    p.add_argument("--no-third-seed", action="store_true", help="never add a third seed when arms 1 and 3 are close")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
-    p.add_argument("--train-only", action="store_true", help="long presets: stop after training (score later)")
-    p.add_argument("--fid-precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="Inception's precision; auto: bf16 on a CPU with AMX-BF16 (2.4x faster here), else fp32")
-    return p.parse_args(argv)
+@dataclass
+class StudyConfig:
+    """The study's settings; `python -m star.study --help` lists them."""
+
+    quick: bool = setting(False, help="the QUICK preset (subset, own folder runs/study-quick)")
+    preset: str = setting("", choices=("", *sorted(PRESETS)),
+                          help="full (default) | quick | long (runs scored along their length) | gpu (long at GPU "
+                               "scale) | smoke, long-smoke, gpu-smoke (tests)")
+    out: str = setting("", help="default: runs/study, or runs/study-quick with --quick")
+    data_root: str = setting("data/fashion-mnist", help="where the converted ImageFolder goes")
+    idx_folder: str = setting("", help="use these idx(.gz) files instead of downloading the package")
+    arms: str = setting("", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a); default all "
+                                 "(quick: 1,2,3)")
+    seeds: str = setting("", help="seeds of arms 1 and 3 (default: the preset's, full: 0,1)")
+    other_seeds: str = setting("", help="seeds of the other arms (default 0)")
+    steps: int = setting(0, help="override the equal-epoch step count (0: the preset's)")
+    num_samples: int = setting(0, help="override samples per FID (0: the preset's)")
+    third_seed: bool = setting(True, help="add a third seed when arms 1 and 3 are close")
+    report_only: bool = setting(False, help="only rebuild the report from finished runs")
+    train_only: bool = setting(False, help="long presets: stop after training (score later)")
+    fid_precision: str = setting("auto", choices=("auto", "fp32", "bf16"),
+                                 help="Inception's precision; auto: bf16 on a CPU with AMX-BF16 (2.4x faster here), "
+                                      "else fp32")
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0 and self.num_samples >= 0, "--steps and --num-samples must be >= 0 (0: the preset's)")
+
+
+def parse_args(argv=None) -> StudyConfig:
+    return parse_config(StudyConfig, argv, description=__doc__)
 
 
 def resolve_fid_precision(requested: str) -> str:
@@ -81,7 +90,7 @@ def build_plan(args):
         plan = replace(plan, steps=args.steps)
     if args.num_samples:
         plan = replace(plan, num_samples=args.num_samples)
-    if args.no_third_seed:
+    if not args.third_seed:
         plan = replace(plan, third_seed_if_close=False)
     plan = replace(plan, fid_precision=resolve_fid_precision(args.fid_precision))
     return plan, subset
