@@ -130,5 +130,154 @@ def test_resume_reads_and_builds_nothing():
     assert not graph & {"star.train.loop", "star.gpt.model", "star.train.distributed", "star.weights"}, graph
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# A resumed run on another launch (2 CPU processes with gloo, DDP or FSDP2) against one that never stopped
+
 def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+EXACT = dict(batch_size=8, lr=2e-3, num_workers=0, log_every=1, ckpt_every=2, keep_checkpoints=0, progress=False,
+             dropout=0.0, token_dropout=0.0, projector_hidden=32)
+
+
+def _worker(spec_json: str) -> None:
+    """One process of a launch: train the spec's TrainConfig under its engine (ddp or fsdp2) and, on rank 0, save
+    the states a resumed run starts from (the optimizer's and the teacher's, gathered whole) as loaded.pt."""
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(int(__import__("os").environ.get("STAR_TEST_HANG_S", "150")), exit=True)
+    sys.path.insert(0, str(REPO))
+    import star.train.loop as loop
+    from star.train.distributed import full_optimizer_state, full_state_dict
+    from star.train.star_settings import StarSettings
+    from test_fsdp import _fsdp_on_cpu
+
+    spec = json.loads(spec_json)
+    if spec["engine"] == "fsdp2":
+        loop.make_accelerator = _fsdp_on_cpu(loop.make_accelerator)
+    prepare = loop.prepare_run
+
+    def prepare_and_record(*args, **kwargs):
+        run = prepare(*args, **kwargs)
+        if not run.progress.start_step:  # a fresh optimizer has no state yet (reading it would make one)
+            return run
+        started = {"optimizer": full_optimizer_state(run.model, run.optimizer),
+                   "teacher": full_state_dict(run.teacher) if run.teacher is not None else None}
+        if run.accelerator.is_main_process:
+            torch.save(started, run.out / "loaded.pt")
+        return run
+
+    loop.prepare_run = prepare_and_record
+    settings = dict(spec["config"])
+    settings["star_settings"] = StarSettings(**settings.get("star_settings", {}))
+    loop.train(loop.TrainConfig(**settings))
+
+
+def launch(engine: str, **config) -> None:
+    """Train on 2 CPU processes under `engine` (ddp | fsdp2) with these TrainConfig settings."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CPU_ENV, TWO_CPU_PROCESSES
+
+    spec = json.dumps({"engine": engine, "config": {key: str(value) if isinstance(value, Path) else value
+                                                    for key, value in config.items()}})
+    result = subprocess.run([sys.executable, *TWO_CPU_PROCESSES, __file__, spec], capture_output=True, text=True,
+                            env={**os.environ, **CPU_ENV, "PYTHONPATH": str(REPO)}, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("[rank")]  # the workers' tracebacks
+    assert result.returncode == 0, "\n".join(errors[-40:]) or result.stderr[-4000:]
+
+
+def assert_same_steps(run: Path, reference: Path, steps: list[int], terms=("loss", "loss_ar")) -> None:
+    logged = {record["step"]: record for record in read_log(run)}
+    expected = {record["step"]: record for record in read_log(reference)}
+    assert sorted(logged) == steps, sorted(logged)
+    for step in steps:
+        for term in terms:
+            assert logged[step][term] == pytest.approx(expected[step][term], abs=2e-5), (run.name, step, term)
+
+
+def assert_states_equal(found: dict, expected: dict, what: str) -> None:
+    assert set(found) == set(expected), what
+    for name, value in expected.items():
+        if isinstance(value, dict):
+            assert_states_equal(found[name], value, f"{what}.{name}")
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(found[name], value), f"{what}.{name}"
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:07d}"
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp2_exactly(tiny_shards, tiny_gpt_json, tmp_path):
+    """ST-AR on 2 processes: DDP to step 4 without a stop, and DDP's step-2 checkpoint continued under FSDP2. The
+    AdamW state and the teacher are loaded whole and sharded, the losses follow the DDP run's, and FSDP2 writes
+    its checkpoints."""
+    from safetensors.torch import load_file
+
+    common = dict(EXACT, shards=tiny_shards, model=tiny_gpt_json, batch_size=4, steps=4,
+                  star_settings={"teacher_decay": 0.5})
+    launch("ddp", out=tmp_path / "ddp", **common)
+    launch("fsdp2", out=tmp_path / "fsdp2", resume=checkpoint(tmp_path / "ddp", 2), **common)
+    loaded = torch.load(tmp_path / "fsdp2" / "loaded.pt", weights_only=True)
+    saved = torch.load(checkpoint(tmp_path / "ddp", 2) / "optimizer.pt", weights_only=True)
+    assert_states_equal(loaded["optimizer"]["state"], saved["state"], "optimizer")
+    student = {f"student.{name}" for name in load_file(checkpoint(tmp_path / "ddp", 2) / "model.safetensors")}
+    assert student < set(saved["state"]) and all(k.startswith(("student.", "projector.")) for k in saved["state"])
+    assert_states_equal(loaded["teacher"], load_file(checkpoint(tmp_path / "ddp", 2) / "teacher.safetensors"), "teacher")
+    assert_same_steps(tmp_path / "fsdp2", tmp_path / "ddp", [3, 4], terms=("loss", "loss_ar", "loss_mim"))
+    for name in ("model", "teacher", "projector"):
+        resumed = load_file(checkpoint(tmp_path / "fsdp2", 4) / f"{name}.safetensors")
+        unbroken = load_file(checkpoint(tmp_path / "ddp", 4) / f"{name}.safetensors")
+        assert max((resumed[k] - unbroken[k]).abs().max().item() for k in unbroken) < 1e-5, name
+
+
+def test_a_run_continues_on_another_number_of_processes_exactly(tiny_shards, tiny_gpt_json, tmp_path):
+    """One process to step 6 without a stop; its step-2 checkpoint continued on 2 processes (DDP with 2
+    micro-batches, and FSDP2) to step 4, each of those continued on one process to step 6: every step's losses
+    are the uninterrupted run's. (The plain baseline without dropout: no random draw depends on the rank.)"""
+    from star.train.loop import TrainConfig, train
+
+    common = dict(EXACT, shards=tiny_shards, model=tiny_gpt_json, star=False, class_dropout=0.0)
+    straight = tmp_path / "straight"
+    train(TrainConfig(out=str(straight), steps=6, **{k: str(v) if isinstance(v, Path) else v
+                                                     for k, v in common.items()}))
+    for engine, extra in (("ddp", {"grad_accum": 2}), ("fsdp2", {})):
+        two = tmp_path / f"{engine}-two"
+        launch(engine, out=two, steps=4, resume=checkpoint(straight, 2), **common, **extra)
+        assert_same_steps(two, straight, [3, 4])
+        loaded = torch.load(two / "loaded.pt", weights_only=True)["optimizer"]["state"]
+        saved = torch.load(checkpoint(straight, 2) / "optimizer.pt", weights_only=True)["state"]
+        assert_states_equal(loaded, saved, f"{engine} optimizer")  # resharded over 2 processes, every value kept
+        config = json.loads((two / "config.json").read_text())
+        assert (config["start_step"], config["world_size"]) == (2, 2)
+        one = tmp_path / f"{engine}-one"
+        train(TrainConfig(out=str(one), steps=6, resume=str(checkpoint(two, 4)),
+                          **{k: str(v) if isinstance(v, Path) else v for k, v in common.items()}))
+        assert_same_steps(one, straight, [5, 6])
+
+
+def test_another_global_batch_is_refused_unless_allowed(tiny_shards, tiny_gpt_json, tmp_path):
+    from star.train.loop import TrainConfig, train
+
+    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), star=False, out=str(tmp_path / "run"))
+    train(TrainConfig(steps=2, **common))
+    with pytest.raises(ValueError, match=r"(?s)global_batch: checkpoint 8, now 4.*--allow-batch-change continues"):
+        train(TrainConfig(steps=4, resume="auto", **{**common, "batch_size": 4}))
+    assert not (tmp_path / "run" / "checkpoints" / "step-0000004").exists()
+    summary = train(TrainConfig(steps=4, resume="auto", allow_batch_change=True, **{**common, "batch_size": 4}))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert summary["steps"] == 4 and config["changed_on_resume"] == ["global_batch: checkpoint 8, now 4"]
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4]
+    assert json.loads((checkpoint(tmp_path / "run", 4) / "meta.json").read_text())["global_batch"] == 4
+
+
+if __name__ == "__main__":  # one process of a launch (see `launch`)
+    import sys
+
+    _worker(sys.argv[1])
