@@ -3,6 +3,9 @@ meta.json and index-keyed optimizer states, the batch-change refusal, and no imp
 import ast
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,14 +149,14 @@ def _worker(spec_json: str) -> None:
     """One process of a launch: train the spec's TrainConfig under its engine (ddp or fsdp2) and, on rank 0, save
     the states a resumed run starts from (the optimizer's and the teacher's, gathered whole) as loaded.pt."""
     import faulthandler
-    import sys
 
-    faulthandler.dump_traceback_later(int(__import__("os").environ.get("STAR_TEST_HANG_S", "150")), exit=True)
+    faulthandler.dump_traceback_later(int(os.environ.get("STAR_TEST_HANG_S", "150")), exit=True)
     sys.path.insert(0, str(REPO))
+    from test_fsdp import _fsdp_on_cpu
+
     import star.train.loop as loop
     from star.train.distributed import full_optimizer_state, full_state_dict
     from star.train.star_settings import StarSettings
-    from test_fsdp import _fsdp_on_cpu
 
     spec = json.loads(spec_json)
     if spec["engine"] == "fsdp2":
@@ -178,10 +181,6 @@ def _worker(spec_json: str) -> None:
 
 def launch(engine: str, **config) -> None:
     """Train on 2 CPU processes under `engine` (ddp | fsdp2) with these TrainConfig settings."""
-    import os
-    import subprocess
-    import sys
-
     from conftest import CPU_ENV, TWO_CPU_PROCESSES
 
     spec = json.dumps({"engine": engine, "config": {key: str(value) if isinstance(value, Path) else value
@@ -278,6 +277,4 @@ def test_another_global_batch_is_refused_unless_allowed(tiny_shards, tiny_gpt_js
 
 
 if __name__ == "__main__":  # one process of a launch (see `launch`)
-    import sys
-
     _worker(sys.argv[1])
