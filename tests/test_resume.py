@@ -276,5 +276,24 @@ def test_another_global_batch_is_refused_unless_allowed(tiny_shards, tiny_gpt_js
     assert json.loads((checkpoint(tmp_path / "run", 4) / "meta.json").read_text())["global_batch"] == 4
 
 
+def test_an_index_keyed_optimizer_pt_still_resumes_exactly(tiny_shards, tiny_gpt_json, tmp_path):
+    """A checkpoint whose optimizer.pt is torch's Optimizer.state_dict() (keyed by parameter index, as DDP and
+    single-process runs wrote it) continues like a run that never stopped."""
+    from star.train.loop import TrainConfig, train
+
+    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), star=False)
+    train(TrainConfig(out=str(tmp_path / "straight"), steps=4, **common))
+    cut = tmp_path / "cut"
+    train(TrainConfig(out=str(cut), steps=2, **common))
+    path = checkpoint(cut, 2) / "optimizer.pt"
+    named = torch.load(path, weights_only=True)
+    index = {name: i for i, name in enumerate(name for group in named["param_groups"] for name in group["params"])}
+    torch.save({"state": {index[name]: value for name, value in named["state"].items()},
+                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                 for group in named["param_groups"]]}, path)
+    train(TrainConfig(out=str(cut), steps=4, resume="auto", **common))
+    assert_same_steps(cut, tmp_path / "straight", [1, 2, 3, 4])
+
+
 if __name__ == "__main__":  # one process of a launch (see `launch`)
     _worker(sys.argv[1])
