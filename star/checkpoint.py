@@ -10,7 +10,8 @@ A run folder (`train/run.py --out RUN`):
         model.safetensors + config.json  the student, loadable alone (`load_gpt`)
         teacher.safetensors              ST-AR's EMA teacher (same architecture)
         projector.safetensors            ST-AR's student-only projector
-        optimizer.pt                     AdamW state (torch.save of tensors and numbers: weights_only loads it)
+        optimizer.pt                     AdamW state, whole and keyed by parameter name (any launch loads it;
+                                         torch.save of tensors and numbers: weights_only loads it)
         meta.json                        `CheckpointMeta`: step, data and tokenizer, what exact resume depends on,
                                          the id every file of the checkpoint carries; written last
 
@@ -204,42 +205,50 @@ def run_holds_a_run(run: str | Path) -> bool:
 @dataclass
 class CheckpointMeta:
     """meta.json: what a checkpoint is, and what continuing it exactly depends on. Fields an older checkpoint
-    lacks read as None (and are then not compared)."""
+    lacks read as None (and are then not compared).
+
+    The data position is a function of (seed, global batch, step), so the launch (processes, accumulation) is
+    recorded for information only: a run continues on another launch at the same global batch."""
 
     step: int
     tokenizer_sha256: str | None = None
     star: bool | None = None  # ST-AR's losses on (teacher and projector saved) or the plain baseline
     views_per_image: int | None = None
     seed: int | None = None
-    world_size: int | None = None
-    batch_per_process: int | None = None
-    grad_accum: int | None = None
-    batches_consumed_per_process: int | None = None
+    global_batch: int | None = None  # images per optimizer step, over all processes and micro-batches
+    world_size: int | None = None  # the launch that wrote the checkpoint (information)
+    batch_per_process: int | None = None  # (information)
+    grad_accum: int | None = None  # (information)
     optimizer: dict = field(default_factory=dict)  # lr, weight_decay, grad_clip, betas
     cpu_s: float = 0.0  # training-loop CPU seconds up to this step
     data_digest: str | None = None  # Manifest.digest of the shards trained on
     checkpoint_id: str | None = None  # carried by every safetensors file of this checkpoint
 
     # compared on resume: a difference means the run cannot continue exactly
-    RESUME_FIELDS = ("tokenizer_sha256", "data_digest", "star", "views_per_image", "seed", "world_size",
-                     "batch_per_process", "grad_accum")
+    RESUME_FIELDS = ("tokenizer_sha256", "data_digest", "star", "views_per_image", "seed", "global_batch")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, record: dict) -> "CheckpointMeta":
+        """Reads every meta.json the trainer has written: `views` is views_per_image; a meta.json without
+        global_batch has it as world_size x batch_per_process x grad_accum where all three are recorded."""
         record = dict(record)
         if "views" in record and "views_per_image" not in record:
             record["views_per_image"] = record.pop("views")
+        launch = [record.get(name) for name in ("world_size", "batch_per_process", "grad_accum")]
+        if record.get("global_batch") is None and all(isinstance(value, int) for value in launch):
+            record["global_batch"] = launch[0] * launch[1] * launch[2]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in record.items() if name in known})
 
-    def differences(self, now: "CheckpointMeta") -> list[str]:
-        """'name: checkpoint X, now Y' for every field exact resume depends on that differs (betas included)."""
+    def differences(self, now: "CheckpointMeta", ignore: Sequence[str] = ()) -> list[str]:
+        """'name: checkpoint X, now Y' for every field exact resume depends on that differs (betas included),
+        except the fields named in `ignore`."""
         lines = [f"{name}: checkpoint {getattr(self, name)!r}, now {getattr(now, name)!r}"
                  for name in self.RESUME_FIELDS
-                 if getattr(self, name) is not None and getattr(self, name) != getattr(now, name)]
+                 if name not in ignore and getattr(self, name) is not None and getattr(self, name) != getattr(now, name)]
         betas, betas_now = self.optimizer.get("betas"), now.optimizer.get("betas")
         if betas is not None and list(betas) != list(betas_now):
             lines.append(f"betas: checkpoint {betas!r}, now {betas_now!r}")

@@ -225,7 +225,8 @@ def test_resume_refuses_a_different_run_and_applies_a_new_lr(tiny_shards, tiny_g
         train(run_config(tiny_shards, out, other_heads, steps=4, resume="auto", seed=1, batch_size=4))
     message = str(caught.value)
     for difference in ("model n_head: checkpoint 4, now 2", "seed: checkpoint 0, now 1",
-                       "batch_per_process: checkpoint 8, now 4", "star: checkpoint False, now True"):
+                       "global_batch: checkpoint 8, now 4", "star: checkpoint False, now True",
+                       "--allow-batch-change continues with this run's --batch-size"):
         assert difference in message
     assert "May change on resume: lr, weight_decay, grad_clip" in message
     train(run_config(tiny_shards, out, tiny_gpt_json, steps=4, resume="auto", star=False, lr=5e-4, weight_decay=0.1))

@@ -144,16 +144,16 @@ def test_non_finite_loss_stops_with_step_and_term(tiny_shards, tiny_gpt_json, tm
 
 
 def test_ranks_read_disjoint_batches_and_resume_position():
-    samplers = [EpochBatchSampler(50, 4, rank, 3, seed=1) for rank in range(3)]
+    samplers = [EpochBatchSampler(50, 12, rank, 3, seed=1) for rank in range(3)]
     streams = [iter(s) for s in samplers]
     for _epoch in range(2):
         seen = []
-        for _ in range(samplers[0].batches_per_epoch):  # 50 // 12 = 4 batches per epoch
+        for _ in range(samplers[0].steps_per_epoch):  # 50 // 12 = 4 steps per epoch
             batches = [next(stream) for stream in streams]
             seen += [i for batch in batches for i in batch]
         assert len(seen) == len(set(seen)) == 48
-    resumed = iter(EpochBatchSampler(50, 4, 1, 3, seed=1, start_batch=5))
-    fresh = iter(EpochBatchSampler(50, 4, 1, 3, seed=1))
+    resumed = iter(EpochBatchSampler(50, 12, 1, 3, seed=1, start_step=5))
+    fresh = iter(EpochBatchSampler(50, 12, 1, 3, seed=1))
     for _ in range(5):
         next(fresh)
     assert [next(resumed) for _ in range(6)] == [next(fresh) for _ in range(6)]

@@ -57,7 +57,11 @@ class TrainConfig:
     ckpt_at: str = setting("", help="comma list of further steps to checkpoint (e.g. 300,1500), never pruned: "
                                     "evaluate a run along its length")
     log_every: int = setting(10, help="steps between log.jsonl records")
-    resume: str = setting("", help="'auto' (newest intact checkpoint in --out) or a checkpoint folder")
+    resume: str = setting("", help="'auto' (newest intact checkpoint in --out) or a checkpoint folder; it may "
+                                   "continue on another number of processes or --grad-accum at the same --batch-size")
+    allow_batch_change: bool = setting(False, help="--resume with another --batch-size: the step, weights and "
+                                       "AdamW state carry over, but the data order becomes the new batch's (images "
+                                       "of the current epoch are then seen twice or skipped)")
     init_from: str = setting("", help="start from these weights (LlamaGen .pt or our checkpoint) to fine-tune")
     deterministic: bool = setting(False, help="deterministic kernels (slower)")
     compile: bool = setting(False, help="torch.compile the student")

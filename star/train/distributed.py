@@ -108,21 +108,39 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def keyed_by_name(optimizer_state: dict) -> bool:
-    """FSDP2 checkpoints key AdamW's state by parameter name; plain ones by parameter index."""
+    """Whether AdamW's state is keyed by parameter name (what the trainer saves) rather than by index."""
     return any(isinstance(key, str) for key in optimizer_state.get("state", {}))
 
 
+def optimizer_state_by_name(optimizer_state: dict, names: list[list[str]]) -> dict:
+    """An optimizer state keyed by parameter index (torch's `Optimizer.state_dict()`, as older DDP checkpoints
+    hold it) keyed by parameter name instead: `names[g]` names the parameters of param group g in order, the
+    order the optimizer was built in. A state already keyed by name is returned as it is."""
+    if keyed_by_name(optimizer_state):
+        return optimizer_state
+    groups = optimizer_state["param_groups"]
+    if [len(group["params"]) for group in groups] != [len(group) for group in names]:
+        raise ValueError(f"the optimizer state holds param groups of {[len(g['params']) for g in groups]} parameters, "
+                         f"this run's optimizer {[len(group) for group in names]}")
+    name_of = {index: name for group, group_names in zip(groups, names)
+               for index, name in zip(group["params"], group_names)}
+    return {"state": {name_of[index]: value for index, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]} for group in groups]}
+
+
 def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
-    """FSDP2: AdamW's state gathered whole (keyed by parameter name), on rank 0's CPU; a collective."""
+    """AdamW's state whole and keyed by parameter name, on rank 0's CPU, under any engine (plain, DDP, FSDP2's
+    shards gathered): a collective. Keyed by name, it loads into any launch (`load_optimizer_state`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(wrapped, getattr(optimizer, "optimizer", optimizer),
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_named_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
-    """Load an optimizer state keyed by parameter name (saved under FSDP2) into the prepared optimizer, each
-    rank keeping its shards; the param groups' lr / weight decay set by resume_into stay this run's."""
+def load_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
+    """Load a whole optimizer state keyed by parameter name into the prepared optimizer of any engine and world
+    size (under FSDP2 each rank keeps its own rows of every tensor). The param groups keep this run's lr and
+    weight decay (a resumed run may change them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)

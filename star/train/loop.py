@@ -6,7 +6,8 @@ processes and sharding are star/train/distributed.py; what keeps a run safe is s
 
 One code path from one CPU process to many GPU nodes: Accelerate picks DDP (or FSDP) from its launch config.
 All per-step randomness (dropout, class dropout, MIM masks, contrastive positions, the data order) is a function
-of (seed, rank, step), so `--resume` continues exactly where the checkpoint left off.
+of (seed, rank, step), so `--resume` continues exactly where the checkpoint left off; the data order is a function
+of (seed, global batch, step) alone, and checkpoints hold whole states, so a run resumes on another launch.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,18 +24,26 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from star.checkpoint import RUN_CONFIG, RUN_LOG, TrainingState, checkpoint_dirs, save_training_state
+from star.checkpoint import (
+    RUN_CONFIG,
+    RUN_LOG,
+    TrainingState,
+    checkpoint_dirs,
+    read_meta,
+    save_training_state,
+)
 from star.data.manifest import Manifest
 from star.gpt.model import GPT
-from star.io import write_json_atomic
+from star.io import atomic_path, write_json_atomic
 from star.runtime import peak_memory_gb, step_seed
 from star.train.config import TrainConfig
 from star.train.distributed import (
     full_optimizer_state,
     full_state_dict,
     is_sharded,
-    load_named_optimizer_state,
+    load_optimizer_state,
     make_accelerator,
+    optimizer_state_by_name,
     raise_on_any_rank,
     shard_teacher_like,
 )
@@ -46,7 +56,7 @@ from star.train.objectives import (
     update_teacher,
 )
 from star.train.plan import ResolvedTrainConfig, resolve_config
-from star.train.resume import init_weights_from, resume_into, run_meta, trim_log
+from star.train.resume import ResumePoint, RunProgress, read_resume
 from star.train.safety import (
     NonFiniteGradient,
     NonFiniteGuard,
@@ -57,6 +67,7 @@ from star.train.safety import (
 )
 from star.train.token_cache import CacheFailed, build_token_cache, wait_for_token_cache
 from star.train.token_loader import make_loader
+from star.weights import load_llamagen_state_dict, load_state_dict_strict
 
 __all__ = ["TrainConfig", "train", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
 
@@ -73,10 +84,10 @@ def train(config: TrainConfig) -> dict:
         claim_run_folder(accelerator, config, held)
         manifest = Manifest.load(config.shards)
         plan = resolve_config(config, manifest, accelerator.num_processes, precision)
+        resumed = read_resume(plan)
         cache = prepare_data(accelerator, config, manifest)["cache"]
-        modules = build_modules(plan)
-        plan = resume_into(plan, modules)
-        run = prepare_run(plan, modules, accelerator, cache)
+        modules = build_modules(plan, resumed.state)
+        run = prepare_run(plan, modules, accelerator, cache, resumed)
         write_run_record(run)
         return train_loop(run, held.enter_context(SignalStop()))
 
@@ -122,23 +133,50 @@ class RunModules:
     teacher: GPT | None
     projector: Projector | None
     optimizer: torch.optim.Optimizer
-    named_optimizer_state: dict | None = None  # a resumed FSDP2 optimizer state, loaded after sharding
+    optimizer_state: dict | None = None  # a resumed AdamW state keyed by parameter name, loaded once prepared
 
 
-def build_modules(plan: ResolvedTrainConfig) -> RunModules:
+def build_modules(plan: ResolvedTrainConfig, resumed: TrainingState | None = None) -> RunModules:
+    """The modules of a run: fresh (seeded), from --init-from weights, or holding a resumed checkpoint's states
+    (whole; the optimizer's is loaded by `prepare_run`, once the optimizer is wrapped for the launch)."""
     from accelerate.utils import set_seed
 
     set_seed(plan.settings.seed)
     student = GPT(plan.model)
-    if plan.settings.init_from:
+    if resumed is not None:
+        student.load_state_dict(resumed.student)
+    elif plan.settings.init_from:
         init_weights_from(student, plan.settings.init_from, plan.tokenizer_sha256)
     teacher = make_teacher(student) if plan.needs_teacher else None
     projector = Projector(plan.model.dim, plan.projector_hidden) if plan.needs_projector else None
-    trainable = [student] + ([projector] if projector is not None else [])
+    if resumed is not None:
+        for module, state in ((teacher, resumed.teacher), (projector, resumed.projector)):
+            if module is not None:
+                module.load_state_dict(state)
+    trainable = {"student": student, **({"projector": projector} if projector is not None else {})}
+    groups = parameter_groups(list(trainable.values()), plan.settings.weight_decay)
     # fused AdamW runs on CPU too (~5x the foreach step) and can skip a non-finite step on the device
-    optimizer = torch.optim.AdamW(parameter_groups(trainable, plan.settings.weight_decay), lr=plan.lr,
-                                  betas=tuple(plan.settings.betas), fused=True)
-    return RunModules(student, teacher, projector, optimizer)
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(plan.settings.betas), fused=True)
+    optimizer_state = None
+    if resumed is not None and resumed.optimizer is not None:
+        name_of = {id(p): f"{prefix}.{name}" for prefix, module in trainable.items()
+                   for name, p in module.named_parameters()}  # StudentWithProjector's parameter names
+        names = [[name_of[id(p)] for p in group["params"]] for group in groups]
+        optimizer_state = optimizer_state_by_name(resumed.optimizer, names)  # older checkpoints: keyed by index
+    return RunModules(student, teacher, projector, optimizer, optimizer_state)
+
+
+def init_weights_from(model: GPT, path: str, tokenizer_sha256: str) -> None:
+    """Fine-tune start: an official LlamaGen .pt (any container) or one of our checkpoint folders/safetensors. A
+    checkpoint of ours trained with another tokenizer is loaded with a warning: its token ids mean other codes."""
+    source = Path(path)
+    if source.is_dir():
+        recorded = read_meta(source).tokenizer_sha256 if (source / "meta.json").is_file() else None
+        if recorded and recorded != tokenizer_sha256:
+            warnings.warn(f"--init-from {path} was trained on tokenizer {recorded[:12]}, these shards use "
+                          f"{tokenizer_sha256[:12]}: its token ids stand for other codes", stacklevel=2)
+        source = source / "model.safetensors"
+    load_state_dict_strict(model, load_llamagen_state_dict(source), str(source))
 
 
 @dataclass
@@ -158,6 +196,7 @@ class TrainingRun:
     guard: NonFiniteGuard | None = None  # device-side NaN/inf flags of the loss terms and gradient norm
     uses_scaler: bool = False  # fp16: GradScaler skips overflowing steps itself (an inf norm is routine there)
     cpu_started: float = 0.0  # process CPU time when this invocation's loop began
+    progress: RunProgress = RunProgress()  # where this invocation started (a resumed step, or 0)
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(GUARDED, self.accelerator.device)
@@ -177,8 +216,10 @@ def _compiled(module: nn.Module, accelerator) -> nn.Module:
     return torch.compile(module)
 
 
-def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cache: Path | None) -> TrainingRun:
-    """Wrap the modules for the launch (compile, DDP/FSDP), shard the teacher like the student, build the loader."""
+def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cache: Path | None,
+                resumed: ResumePoint = ResumePoint()) -> TrainingRun:
+    """Wrap the modules for the launch (compile, DDP/FSDP), load a resumed optimizer state into the wrapped
+    optimizer, shard the teacher like the student, build the loader at the step the run starts from."""
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -189,34 +230,56 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
     compile_ = plan.settings.compile
     trained = _compiled(modules.student, accelerator) if compile_ else modules.student
     model, optimizer = accelerator.prepare(StudentWithProjector(trained, modules.projector), modules.optimizer)
-    if modules.named_optimizer_state is not None:
-        load_named_optimizer_state(model, optimizer, modules.named_optimizer_state)
+    if modules.optimizer_state is not None:
+        load_resumed_optimizer_state(model, optimizer, modules.optimizer_state, resumed.progress.resumed_from)
     student = accelerator.unwrap_model(model).student
     student = getattr(student, "_orig_mod", student)  # the module itself, also when compiled
     teacher_forward = modules.teacher
     if modules.teacher is not None:
         modules.teacher.to(accelerator.device)
-        if is_sharded(student):  # FSDP2: the teacher holds the same shards as the student (loaded full by resume)
+        if is_sharded(student):  # FSDP2: the teacher holds the same shards as the student (loaded whole above)
             shard_teacher_like(modules.teacher, student, accelerator.state.fsdp_plugin.mixed_precision_policy)
         elif compile_:
             teacher_forward = _compiled(modules.teacher, accelerator)
+    progress = resumed.progress
     return TrainingRun(plan, accelerator, model, student, modules.teacher, teacher_forward, optimizer,
-               make_loader(plan, accelerator, cache), Path(plan.settings.out), last_good_checkpoint=plan.resumed_from)
+                       make_loader(plan, accelerator, cache, progress.start_step), Path(plan.settings.out),
+                       last_good_checkpoint=progress.resumed_from, progress=progress)
+
+
+def load_resumed_optimizer_state(model: nn.Module, optimizer, state: dict, folder: str | None) -> None:
+    """Load the resumed AdamW state into the prepared optimizer; one line naming the checkpoint when it does not
+    fit this run's parameters (before any step)."""
+    try:
+        load_optimizer_state(model, optimizer, state)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ValueError(f"--resume {folder}: its optimizer.pt does not fit this run's parameters "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); resume "
+                         "from another checkpoint or start a new --out") from error
 
 
 def write_run_record(run: TrainingRun) -> None:
-    plan, out = run.plan, run.out
+    plan, out, progress = run.plan, run.out, run.progress
     if run.accelerator.is_main_process:
-        write_json_atomic(out / RUN_CONFIG, plan.to_json())
-        trim_log(out / RUN_LOG, plan.start_step)
+        write_json_atomic(out / RUN_CONFIG, {**plan.to_json(), **progress.to_json()})
+        trim_log(out / RUN_LOG, progress.start_step)
         if plan.star is not None:
             print(f"teacher EMA decay {plan.star.teacher_decay:.6g} (--teacher-decay "
                   f"{plan.settings.star_settings.teacher_decay}, {plan.total_steps} steps)", flush=True)
-        for change in plan.changed_on_resume:
+        for change in progress.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
     if plan.settings.tensorboard:
         flat = {k: v for k, v in dataclasses.asdict(plan.settings).items() if isinstance(v, (int, float, str, bool))}
         run.accelerator.init_trackers("star", config={**flat, "lr": plan.lr, "total_steps": plan.total_steps})
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log records after the step a run resumes from: those steps are redone, and logged again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,11 +293,11 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     # a signal is read every step on one process; across processes at most every 10 steps (a collective)
     signal_every = 1 if accelerator.num_processes == 1 else min(10, config.log_every)
     run.model.train()
-    bar = tqdm(total=total_steps, initial=plan.start_step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=run.progress.start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
     sums = torch.zeros(len(LOSS_TERMS) + 1, device=accelerator.device)  # [5] summed on the device between logs
     interval_steps, interval_start = 0, time.time()
-    step, started = plan.start_step, time.time()
+    step, started = run.progress.start_step, time.time()
     run.cpu_started = time.process_time()
     data = iter(run.loader)
     while step < total_steps:
@@ -331,7 +394,7 @@ def raise_if_non_finite(run: TrainingRun) -> None:
 
 def cpu_seconds(run: TrainingRun) -> float:
     """CPU seconds this process spent in the training loop since the run began (earlier invocations included)."""
-    return run.plan.start_cpu_s + time.process_time() - run.cpu_started
+    return run.progress.start_cpu_s + time.process_time() - run.cpu_started
 
 
 def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, float, float], grad_norm: torch.Tensor) -> dict:
@@ -356,19 +419,20 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
 
 
 def save(run: TrainingRun, step: int) -> None:
-    """Checkpoint: every process takes part in gathering (FSDP2 shards to rank 0's CPU); the main process writes."""
+    """Checkpoint: every process takes part in gathering (FSDP2 shards to rank 0's CPU); the main process writes
+    whole states (the optimizer's keyed by parameter name), which any launch can resume."""
     accelerator, plan = run.accelerator, run.plan
     accelerator.wait_for_everyone()
     fsdp2 = is_sharded(run.model)
     full_state = full_state_dict(run.model) if fsdp2 else accelerator.get_state_dict(run.model)
     teacher = full_state_dict(run.teacher) if run.teacher is not None else None
-    optimizer_state = full_optimizer_state(run.model, run.optimizer) if fsdp2 else run.optimizer.state_dict()
+    optimizer_state = full_optimizer_state(run.model, run.optimizer)
     if accelerator.is_main_process:
         student = {k.removeprefix("student.").removeprefix("_orig_mod."): v for k, v in full_state.items()
                    if k.startswith("student.")}
         projector = {k.removeprefix("projector."): v for k, v in full_state.items() if k.startswith("projector.")}
         state = TrainingState(plan.model, student, teacher, projector or None, optimizer_state,
-                              run_meta(plan, step, cpu_seconds(run)))
+                              plan.checkpoint_meta(step, cpu_seconds(run)))
         run.last_good_checkpoint = str(save_training_state(run.out, step, state, plan.settings.keep_checkpoints,
                                                            keep_steps=plan.settings.milestones))
     accelerator.wait_for_everyone()

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from star.checkpoint import CheckpointMeta
 from star.cli import check
 from star.data.manifest import Manifest
 from star.gpt.model import GPTConfig
@@ -34,11 +35,6 @@ class ResolvedTrainConfig:
     tokenizer_checkpoint: str
     data_digest: str  # the shards' Manifest.digest: resume checks the data is the data the run started on
     command: str
-    start_step: int = 0
-    start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)
-    resumed_from: str | None = None
-    changed_on_resume: tuple[str, ...] = ()  # optimizer settings the resumed run changed (applied)
-    skipped_on_resume: tuple[str, ...] = ()  # damaged checkpoints `--resume auto` passed over
 
     @property
     def needs_teacher(self) -> bool:
@@ -54,6 +50,17 @@ class ResolvedTrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def checkpoint_meta(self, step: int, cpu_s: float = 0.0) -> CheckpointMeta:
+        """What this run records in a checkpoint at `step` (and compares with a checkpoint it resumes)."""
+        config = self.settings
+        return CheckpointMeta(
+            step=step, tokenizer_sha256=self.tokenizer_sha256, star=self.star is not None,
+            views_per_image=self.views_per_image, seed=config.seed, global_batch=config.batch_size,
+            world_size=self.world_size, batch_per_process=self.batch_per_process, grad_accum=config.grad_accum,
+            optimizer={"lr": self.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
+                       "betas": list(config.betas)},
+            cpu_s=round(cpu_s, 2), data_digest=self.data_digest)
 
 
 def build_model_config(config: TrainConfig) -> GPTConfig:

@@ -1,8 +1,8 @@
 """Stage two's loader: batches of M distinct views per image, from the token cache or streamed from the shards.
 
 The map-style loader reads the memory-mapped token cache (star/train/token_cache.py; ImageNet with ten views is
-~6.5 GB of uint16), which makes an epoch a seeded permutation and the data position a pure function of the step:
-resume is exact, for any number of workers. The stream loader reads the WebDataset shards themselves, local or
+~6.5 GB of uint16), which makes an epoch a seeded permutation and the data position a pure function of the step and the global
+batch: resume is exact, for any number of workers, processes and micro-batches. The stream loader reads the WebDataset shards themselves, local or
 remote, for data that does not fit a node.
 """
 from __future__ import annotations
@@ -149,44 +149,53 @@ def collate_views(items) -> TokenBatch:
 
 
 class EpochBatchSampler(Sampler):
-    """Endless batches for one rank: each epoch a seeded permutation, cut into world * batch slices (tail dropped).
+    """Endless micro-batches for one rank, a function of (seed, global batch, step) alone: each epoch a seeded
+    permutation cut into global batches (tail dropped); each step's global batch is cut into `micro_batches`
+    consecutive micro-batches, and each of those into `world` consecutive rank slices.
 
-    Starting at `start_batch` (batches already consumed by this rank) makes a resumed run read exactly what an
-    uninterrupted run would have read.
+    A step reads the same images on any number of processes and any accumulation at the same global batch, and
+    starting at `start_step` reads exactly what an uninterrupted run would have read from that step on.
     """
 
-    def __init__(self, num_samples: int, batch_per_rank: int, rank: int, world: int, seed: int, start_batch: int = 0):
-        self.batches_per_epoch = num_samples // (batch_per_rank * world)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
-                             f"({batch_per_rank} x {world} processes): lower --batch-size")
-        self.num_samples, self.batch_per_rank, self.rank, self.world = num_samples, batch_per_rank, rank, world
-        self.seed, self.start_batch = seed, start_batch
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world: int, seed: int,
+                 micro_batches: int = 1, start_step: int = 0):
+        self.batch_per_rank, leftover = divmod(global_batch, world * micro_batches)
+        if self.batch_per_rank == 0 or leftover:
+            raise ValueError(f"global batch {global_batch} is not a multiple of processes x micro-batches = "
+                             f"{world} x {micro_batches}")
+        self.steps_per_epoch = num_samples // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch ({global_batch}): "
+                             "lower --batch-size")
+        self.num_samples, self.global_batch, self.rank, self.world = num_samples, global_batch, rank, world
+        self.seed, self.micro_batches, self.start_step = seed, micro_batches, start_step
 
     def __iter__(self):
-        batch = self.start_batch
+        step = self.start_step
+        micro_span = self.global_batch // self.micro_batches  # images of one micro-batch over all ranks
         while True:
-            epoch, within = divmod(batch, self.batches_per_epoch)
+            epoch, within = divmod(step, self.steps_per_epoch)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.num_samples, generator=generator)
-            span = self.batch_per_rank * self.world
-            for position in range(within, self.batches_per_epoch):
-                chunk = order[position * span : (position + 1) * span]
-                mine = chunk[self.rank * self.batch_per_rank : (self.rank + 1) * self.batch_per_rank]
-                yield (mine + epoch * self.num_samples).tolist()
-            batch = (epoch + 1) * self.batches_per_epoch
+            for position in range(within, self.steps_per_epoch):
+                batch = order[position * self.global_batch : (position + 1) * self.global_batch]
+                for micro in range(self.micro_batches):
+                    first = micro * micro_span + self.rank * self.batch_per_rank
+                    yield (batch[first : first + self.batch_per_rank] + epoch * self.num_samples).tolist()
+            step = (epoch + 1) * self.steps_per_epoch
 
 
-def make_loader(plan, accelerator, cache: Path | None):
-    """The training loader of a run's plan: the map loader over the token cache (exact resume from
-    plan.start_step), or the stream loader over the shards."""
+def make_loader(plan, accelerator, cache: Path | None, start_step: int = 0):
+    """The training loader of a run's plan from `start_step` on: the map loader over the token cache (the same
+    images at a step on any launch of the same global batch), or the stream loader over the shards (a fresh
+    random stream)."""
     config, rank = plan.settings, accelerator.process_index
     if config.loader == "stream":
         return stream_loader(config.shards, plan.views_per_image, plan.batch_per_process,
-                             config.seed + plan.start_step, config.view_match, rank, config.num_workers)
+                             config.seed + start_step, config.view_match, rank, config.num_workers)
     dataset = TokenViews(cache, plan.views_per_image, config.seed, config.view_match)
-    sampler = EpochBatchSampler(len(dataset), plan.batch_per_process, rank, plan.world_size, config.seed,
-                                start_batch=plan.start_step * config.grad_accum)
+    sampler = EpochBatchSampler(len(dataset), config.batch_size, rank, plan.world_size, config.seed,
+                                micro_batches=config.grad_accum, start_step=start_step)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_views,
                       pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
                       worker_init_fn=leave_signals_to_the_trainer)
