@@ -34,7 +34,7 @@ def commands() -> dict:
 
     return {
         "sample": ("CFG sampling into samples.npz + grid.png", SampleConfig, run_sampling, format_sampling_summary),
-        "fid": ("FID / sFID / IS / precision / recall", FidConfig, run_fid, format_report),
+        "fid": ("FID / KID / sFID / IS / precision / recall", FidConfig, run_fid, format_report),
         "probe": ("linear probe accuracy per position (paper Fig. 1b)", ProbeConfig, run_probe, format_probe),
         "attention": ("attention maps and class / neighbour mass per layer", AttentionConfig, run_attention,
                       format_attention),
