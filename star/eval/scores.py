@@ -208,8 +208,9 @@ KID_SUBSETS = 100
 
 
 def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """k(x, y) = (x.y / d + 1)^3, the cubic kernel of KID. [len(x), len(y)]"""
-    return (x @ y.T / x.shape[1] + 1) ** 3
+    """k(x, y) = (x.y / d + 1)^3, the cubic kernel of KID: float32 dot products (as clean-fid's), the rest in
+    float64 so the sums over m^2 entries keep their digits. [len(x), len(y)]"""
+    return ((x @ y.T).double() / x.shape[1] + 1) ** 3
 
 
 def unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -229,8 +230,8 @@ def kernel_inception_distance(real_features: np.ndarray, fake_features: np.ndarr
     (mean, std over subsets, m, number of subsets). Unbiased at any m (unlike FID), so it can be compared
     across sample counts; when m equals both set sizes every subset is the same, so one is computed (std 0).
     """
-    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64, device=device)  # [N_real, D]
-    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64, device=device)  # [N_fake, D]
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)  # [N_real, D]
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)  # [N_fake, D]
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"need two feature sets [N, D] of the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
     m = min(subset_size, len(real), len(fake))
@@ -239,7 +240,8 @@ def kernel_inception_distance(real_features: np.ndarray, fake_features: np.ndarr
     if m == len(real) == len(fake):
         num_subsets = 1
     rng = np.random.default_rng(seed)
-    values = [unbiased_mmd2(real[torch.from_numpy(rng.choice(len(real), m, replace=False))],
-                            fake[torch.from_numpy(rng.choice(len(fake), m, replace=False))])
-              for _ in range(num_subsets)]
+    def subset(points: torch.Tensor) -> torch.Tensor:
+        return points[torch.from_numpy(rng.choice(len(points), m, replace=False)).to(points.device)]
+
+    values = [unbiased_mmd2(subset(real), subset(fake)) for _ in range(num_subsets)]
     return float(np.mean(values)), float(np.std(values)), m, num_subsets
