@@ -607,8 +607,10 @@ def test_small_sample_counts_are_named_in_warnings_and_kid_sits_beside_fid(tmp_p
 
     big = np.random.default_rng(4).integers(0, 256, (8, 24, 24, 3), dtype=np.uint8)
     few = metrics.compute_metrics(big, folder, inception_path=with_head, k=3, is_split_size=5)
-    assert any(w.startswith(f"FID from 8 samples, fewer than the {TINY_FEATURE_DIM} feature dimensions")
+    assert any(w.startswith(f"FID from 8 samples, fewer than its {TINY_FEATURE_DIM} feature dimensions")
                for w in few["warnings"])
+    assert "KID: " in metrics.format_report({**few, "kid_subsets": 1}).splitlines()[1]
+    assert "no spread" in metrics.format_report({**few, "kid_subsets": 1}).splitlines()[1]
     assert not any("Inception Score" in w for w in few["warnings"])  # 8 samples fill splits of 5
 
 
@@ -618,8 +620,12 @@ def test_sample_size_warnings_stay_quiet_when_the_counts_suffice():
     assert metrics.sample_size_warnings(enough, {"fid": 2048, "sfid": 2023}, 10_000) == []
     few = {**enough, "num_samples": 90}
     found = metrics.sample_size_warnings(few, {"fid": 2048, "sfid": 2023}, 90)
-    starts = ["FID from 90 samples,", "FID from 90 reference images,", "sFID from 90 samples,",
-              "sFID from 90 reference images,", "Inception Score from 90 samples,",
-              "precision/recall from 90 samples and 90 reference images:"]
+    starts = ["FID from 90 samples and 90 reference images, fewer than its 2048 feature dimensions",
+              "sFID from 90 samples and 90 reference images, fewer than its 2023 feature dimensions",
+              "Inception Score from 90 samples,", "precision/recall from 90 samples and 90 reference images:"]
     assert len(found) == len(starts) and all(w.startswith(start) for w, start in zip(found, starts))
-    assert "rank <= 89" in found[0] and "2048 feature dimensions" in found[0]
+    assert "rank <= 89" in found[0]
+    reference_short = metrics.sample_size_warnings({**enough, "sfid": None}, {"fid": 2048}, 500)
+    assert [w.split(":")[0] for w in reference_short] == [
+        "FID from 500 reference images, fewer than its 2048 feature dimensions", "precision/recall from 50000 samples "
+        "and 500 reference images"]

@@ -125,12 +125,15 @@ def _kid_entries(features: np.ndarray, reference: ReferenceStats, options: Metri
 PRECISION_RECALL_MIN_SAMPLES = 1000  # per set, for k=3 nearest-neighbour manifolds
 
 
-def _frechet_warning(name: str, count: int, what: str, dimension: int) -> list[str]:
-    if count >= dimension:
+def _frechet_warning(name: str, samples: int, reference_count: int | None, dimension: int) -> list[str]:
+    counts = {"samples": samples, "reference images": reference_count}
+    short = [f"{count} {what}" for what, count in counts.items() if count is not None and count < dimension]
+    if not short:
         return []
-    return [f"{name} from {count} {what}, fewer than the {dimension} feature dimensions: the {dimension}x{dimension} "
-            f"covariance has rank <= {count - 1}, so {name} is biased upward and changes with the count; compare "
-            f"only at equal counts, use >= {dimension} (papers: 50,000 samples), or read KID"]
+    rank = min(count for count in counts.values() if count is not None) - 1
+    return [f"{name} from {' and '.join(short)}, fewer than its {dimension} feature dimensions: the covariance has "
+            f"rank <= {rank}, so {name} is biased upward and moves with the count; compare only at equal counts, "
+            f"use >= {dimension} (papers: 50,000 samples), or read KID"]
 
 
 def sample_size_warnings(metrics: dict, feature_dims: dict[str, int], reference_count: int | None) -> list[str]:
@@ -143,9 +146,7 @@ def sample_size_warnings(metrics: dict, feature_dims: dict[str, int], reference_
     found = []
     for name, key in (("FID", "fid"), ("sFID", "sfid")):
         if metrics.get(key) is not None and key in feature_dims:
-            found += _frechet_warning(name, samples, "samples", feature_dims[key])
-            if reference_count is not None:
-                found += _frechet_warning(name, reference_count, "reference images", feature_dims[key])
+            found += _frechet_warning(name, samples, reference_count, feature_dims[key])
     split = metrics.get("inception_score_split_size")
     if metrics.get("inception_score") is not None and split and samples < split:
         found.append(f"Inception Score from {samples} samples, fewer than one {split}-sample split (the ADM rule): "
@@ -211,9 +212,12 @@ def format_report(metrics: dict) -> str:
     """One screen: `FID: <value>` on the first line, KID beside it, then the other metrics and a `warning:` line
     for each metric its sample count makes unreliable."""
     lines = [f"FID: {metrics['fid']:.4f}"]
-    if metrics.get("kid") is not None:
+    if metrics.get("kid") is not None and metrics["kid_subsets"] == 1:
+        lines.append(f"KID: {metrics['kid']:.5f} (one subset: all {metrics['kid_subset_size']} of each set, so no "
+                     "spread over subsets)")
+    elif metrics.get("kid") is not None:
         lines.append(f"KID: {metrics['kid']:.5f} +- {metrics['kid_std']:.5f} (std over {metrics['kid_subsets']} "
-                     f"subset{'s' if metrics['kid_subsets'] != 1 else ''} of {metrics['kid_subset_size']})")
+                     f"subsets of {metrics['kid_subset_size']})")
     elif "kid" in metrics:
         lines.append(_value_or_reason("KID", None, metrics.get("kid_unavailable")))
     if "sfid" in metrics:
