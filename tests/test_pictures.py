@@ -120,6 +120,8 @@ def test_sampling_grid_rows_carry_the_shards_class_names(tmp_path, tiny_gpt_json
         assert image.info["Title"].endswith("all 2 samples per class; 3 classes")
     resolved = json.loads((tmp_path / "named" / "settings.json").read_text())["resolved"]
     assert resolved["class_names"] == f"manifest of {tiny_shards}"
+    assert SampleConfig(out="o", class_names=["T-shirt/top", "Trouser"], **settings).class_names == \
+        "T-shirt/top,Trouser,"  # a library caller's list
     with pytest.raises(ValueError, match="--grid-per-class -1: must be >= 0"):
         SampleConfig(out=str(tmp_path / "x"), grid_per_class=-1, **settings)
 

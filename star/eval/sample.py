@@ -81,6 +81,10 @@ class SampleConfig:
         check(self.image_size_eval >= 0, f"--image-size-eval {self.image_size_eval}: must be >= 0 (0 = keep)")
         check(self.tokens_only or bool(self.vq_ckpt), "--vq-ckpt is needed to decode images (or pass --tokens-only)")
         check(all(c >= 0 for c in parse_int_list(self.classes, "--classes")), f"--classes {self.classes}: ids >= 0")
+        if isinstance(self.class_names, (list, tuple)):  # a library caller's names in class-id order
+            check(not any("," in str(name) for name in self.class_names),
+                  f"class_names {self.class_names}: a name holds a comma, which separates names")
+            self.class_names = ",".join(str(name) for name in self.class_names) + ","
         if isinstance(self.sampling, dict):  # settings.json, or a library caller's plain dict
             self.sampling = SamplingSettings(**self.sampling)
 
