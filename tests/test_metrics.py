@@ -357,7 +357,8 @@ def test_compute_metrics_reports_fid_and_never_fakes_the_inception_score(tmp_pat
     report = metrics.format_report(with_logits)
     assert report.splitlines()[0] == f"FID: {with_logits['fid']:.4f}"
     assert "Inception Score:" in report and "Precision:" in report and "Recall:" in report
-    assert "unavailable" in metrics.format_report(headless).splitlines()[1]
+    sfid_line = next(line for line in metrics.format_report(headless).splitlines() if line.startswith("sFID"))
+    assert "unavailable" in sfid_line
 
     # A smoke-sized run: IS over fewer splits, precision/recall explained instead of crashing.
     tiny_run = metrics.compute_metrics(real[:3], folder, inception_path=with_head, k=3)
@@ -562,3 +563,69 @@ def test_a_shard_folder_as_reference_stands_for_its_source_images(tiny_shards, t
     source = Manifest.load(tiny_shards).source
     assert resolve_reference(tiny_shards) == source["data"] and Path(source["data"]).is_dir()
     assert resolve_reference(tmp_path / "samples.npz") == str(tmp_path / "samples.npz")  # anything else: itself
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KID and the sample-size warnings
+
+
+def test_kid_of_two_one_dimensional_pairs_is_the_hand_computed_mmd():
+    """x = {0, 1}, y = {1, 2}, d = 1, k(a, b) = (ab + 1)^3: within-x 2 k(0,1) / 2 = 1, within-y 2 k(1,2) / 2 = 27,
+    across 2 (k(0,1) + k(0,2) + k(1,1) + k(1,2)) / 4 = 2 (1 + 1 + 8 + 27) / 4 = 18.5; MMD^2 = 1 + 27 - 18.5."""
+    kid, std, subset_size, subsets = scores.kernel_inception_distance(np.array([[0.0], [1.0]]),
+                                                                      np.array([[1.0], [2.0]]))
+    assert kid == pytest.approx(9.5) and (std, subset_size, subsets) == (0.0, 2, 1)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    real, fake = rng.standard_normal((600, 8)), rng.standard_normal((700, 8))
+    same, same_std, subset_size, subsets = scores.kernel_inception_distance(real, fake, subset_size=200,
+                                                                            num_subsets=20)
+    assert (subset_size, subsets) == (200, 20) and same_std > 0  # subsets differ: a real spread
+    assert abs(same) < 3 * same_std + 0.01
+    shifted, _, _, _ = scores.kernel_inception_distance(real, fake + 0.5, subset_size=200, num_subsets=20)
+    far, _, _, _ = scores.kernel_inception_distance(real, fake + 1.0, subset_size=200, num_subsets=20)
+    assert 0.05 < shifted < far
+    assert scores.kernel_inception_distance(real, fake)[2] == 600  # min(n, 1000)
+
+
+def test_small_sample_counts_are_named_in_warnings_and_kid_sits_beside_fid(tmp_path, tiny_weights):
+    """FID/precision/recall on a few samples say so, naming the counts; KID with its spread follows FID."""
+    with_head, _ = tiny_weights
+    real = random_images(30, seed=3)
+    folder = write_folder(tmp_path / "real", real)
+    small = metrics.compute_metrics(real[:20] // 2, folder, inception_path=with_head, k=3, is_split_size=10)
+    assert small["kid"] > 0 and small["kid_std"] > 0  # 100 subsets of 20 of the 30 reference images differ
+    assert (small["kid_subset_size"], small["kid_subsets"]) == (20, 100)
+    assert not any(w.startswith("FID") for w in small["warnings"])  # 20 samples >= 16 feature dimensions
+    pr_warning, = [w for w in small["warnings"] if w.startswith("precision/recall")]
+    assert "20 samples and 30 reference images" in pr_warning and ">= 1000" in pr_warning
+    report = metrics.format_report(small).splitlines()
+    assert report[0].startswith("FID: ") and report[1].startswith("KID: ") and "(std over 100 subsets of 20)" in report[1]
+    assert f"warning: {pr_warning}" in report
+
+    big = np.random.default_rng(4).integers(0, 256, (8, 24, 24, 3), dtype=np.uint8)
+    few = metrics.compute_metrics(big, folder, inception_path=with_head, k=3, is_split_size=5)
+    assert any(w.startswith(f"FID from 8 samples, fewer than its {TINY_FEATURE_DIM} feature dimensions")
+               for w in few["warnings"])
+    assert "KID: " in metrics.format_report({**few, "kid_subsets": 1}).splitlines()[1]
+    assert "no spread" in metrics.format_report({**few, "kid_subsets": 1}).splitlines()[1]
+    assert not any("Inception Score" in w for w in few["warnings"])  # 8 samples fill splits of 5
+
+
+def test_sample_size_warnings_stay_quiet_when_the_counts_suffice():
+    enough = {"num_samples": 50_000, "fid": 3.0, "sfid": 5.0, "inception_score": 200.0,
+              "inception_score_split_size": 5000, "precision": 0.8, "recall": 0.6, "precision_recall_k": 3}
+    assert metrics.sample_size_warnings(enough, {"fid": 2048, "sfid": 2023}, 10_000) == []
+    few = {**enough, "num_samples": 90}
+    found = metrics.sample_size_warnings(few, {"fid": 2048, "sfid": 2023}, 90)
+    starts = ["FID from 90 samples and 90 reference images, fewer than its 2048 feature dimensions",
+              "sFID from 90 samples and 90 reference images, fewer than its 2023 feature dimensions",
+              "Inception Score from 90 samples,", "precision/recall from 90 samples and 90 reference images:"]
+    assert len(found) == len(starts) and all(w.startswith(start) for w, start in zip(found, starts))
+    assert "rank <= 89" in found[0]
+    reference_short = metrics.sample_size_warnings({**enough, "sfid": None}, {"fid": 2048}, 500)
+    assert [w.split(":")[0] for w in reference_short] == [
+        "FID from 500 reference images, fewer than its 2048 feature dimensions", "precision/recall from 50000 samples "
+        "and 500 reference images"]

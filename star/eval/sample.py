@@ -19,6 +19,7 @@ from tqdm import tqdm
 from star.checkpoint import WEIGHT_CHOICES, load_generator, read_meta, resolve_checkpoint
 from star.cli import check, setting
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
+from star.eval.class_names import parse_class_names, run_class_names
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
 from star.gpt.generate import SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
@@ -60,6 +61,11 @@ class SampleConfig:
     save_tokens: str = setting("", help="also save the tokens [N, T] as this .npy")
     overwrite: bool = setting(False, help="let --save-tokens replace a file that is not a token array this tool wrote")
     image_size_eval: int = setting(0, help="bicubic resize of decoded images for evaluation (e.g. 384 -> 256; 0 = keep)")
+    class_names: str = setting("", help="names for grid.png's rows: a shard folder (its manifest's classes) or names in "
+                                        "class-id order separated by commas (empty: the run's training shards when "
+                                        "they still hold its data, else class ids)")
+    grid_per_class: int = setting(16, help="grid.png: the first this many samples of each class (0 = all)")
+    grid_classes: int = setting(16, help="grid.png: a row for each of the first this many classes (0 = all)")
     precision: str = setting("auto", choices=SAMPLE_PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N (under accelerate launch: the launcher's)")
     progress: bool = setting(True, help="progress bar")
@@ -74,9 +80,15 @@ class SampleConfig:
               f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         check(self.num_samples > 0, f"--num-samples {self.num_samples}: must be > 0")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
+        check(self.grid_per_class >= 0, f"--grid-per-class {self.grid_per_class}: must be >= 0 (0 = all)")
+        check(self.grid_classes >= 0, f"--grid-classes {self.grid_classes}: must be >= 0 (0 = all)")
         check(self.image_size_eval >= 0, f"--image-size-eval {self.image_size_eval}: must be >= 0 (0 = keep)")
         check(self.tokens_only or bool(self.vq_ckpt), "--vq-ckpt is needed to decode images (or pass --tokens-only)")
         check(all(c >= 0 for c in parse_int_list(self.classes, "--classes")), f"--classes {self.classes}: ids >= 0")
+        if isinstance(self.class_names, (list, tuple)):  # a library caller's names in class-id order
+            check(not any("," in str(name) for name in self.class_names),
+                  f"class_names {self.class_names}: a name holds a comma, which separates names")
+            self.class_names = ",".join(str(name) for name in self.class_names) + ","
         if isinstance(self.sampling, dict):  # settings.json, or a library caller's plain dict
             self.sampling = SamplingSettings(**self.sampling)
 
@@ -167,6 +179,13 @@ def check_outputs(config: SampleConfig, checkpoint_file: Path) -> None:
         raise ValueError(f"--out {out} is a file: give a folder for samples.npz, grid.png and settings.json")
 
 
+def grid_class_names(config: SampleConfig, checkpoint_file: Path, num_classes: int) -> tuple[dict[int, str], str]:
+    """(id -> name, where the names came from) for grid.png: --class-names, else the run's training shards."""
+    if config.class_names:
+        return parse_class_names(config.class_names, num_classes)
+    return run_class_names(checkpoint_file)
+
+
 def run_sampling(config: SampleConfig) -> dict:
     """Sample, decode and write samples.npz + grid.png + settings.json (or tokens.npz), each atomically.
 
@@ -192,6 +211,7 @@ def run_sampling(config: SampleConfig) -> dict:
         model = model.to(autocast_dtype(precision))
     vq = None if config.tokens_only else load_decoder(config, model.config, device)
     labels = sample_labels(config.num_samples, model.config.num_classes, config.classes)
+    class_names, names_source = grid_class_names(config, checkpoint_file, model.config.num_classes)
     batches = [(b, labels[start : start + config.batch_size])
                for b, start in enumerate(range(0, len(labels), config.batch_size))]
     parts = parts_folder(config, checkpoint_file)
@@ -210,8 +230,8 @@ def run_sampling(config: SampleConfig) -> dict:
     if state.is_main_process:
         resolved = {"precision": precision, "decode": resolve_decode_mode(config.sampling.decode, device),
                     "device": str(device), "world_size": state.num_processes, "checkpoint_file": str(checkpoint_file),
-                    "tokenizer_check": tokenizer_check}
-        summary.update(assemble(parts, len(batches), labels.numpy(), config, resolved))
+                    "tokenizer_check": tokenizer_check, "class_names": names_source}
+        summary.update(assemble(parts, len(batches), labels.numpy(), config, resolved, class_names))
         shutil.rmtree(parts, ignore_errors=True)
     state.wait_for_everyone()
     return summary

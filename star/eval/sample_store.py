@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from star.images import save_tile_grid
+from star.eval.class_names import row_label
+from star.images import save_labelled_grid
 from star.io import atomic_path, sha256_file, write_json_atomic
 
 
@@ -32,7 +34,8 @@ def parts_folder(config, checkpoint_file: Path) -> Path:
     weights file, the VQ, the settings; not the sample count), so a rerun reuses exactly the batches it would
     make again, and another setting never picks up stale ones."""
     stat = checkpoint_file.stat()
-    decides = {**asdict(config), "out": None, "progress": None, "download_dir": None, "num_samples": None, "save_tokens": None,
+    decides = {**asdict(config), "out": None, "progress": None, "download_dir": None, "num_samples": None,
+               "save_tokens": None, "class_names": None, "grid_per_class": None, "grid_classes": None,
                "weights_file": [str(checkpoint_file.resolve()), stat.st_size, stat.st_mtime_ns],
                "vq": sha256_file(config.vq_ckpt) if config.vq_ckpt and not config.tokens_only else None}
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -73,7 +76,9 @@ def _stream_npz(path: Path, arrays: dict[str, tuple[tuple, np.dtype, Callable[[]
                     entry.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def assemble(parts: Path, num_batches: int, labels: np.ndarray, config, resolved: dict) -> dict:
+def assemble(parts: Path, num_batches: int, labels: np.ndarray, config, resolved: dict,
+             class_names: dict[int, str] | None = None) -> dict:
+    """Stream the batches into the outputs; grid.png's rows are named from `class_names` (id -> name)."""
     def read(key: str) -> Iterator[np.ndarray]:
         for b in range(num_batches):
             with np.load(part_path(parts, b)) as part:
@@ -95,7 +100,8 @@ def assemble(parts: Path, num_batches: int, labels: np.ndarray, config, resolved
         _stream_npz(out / "samples.npz", {"arr_0": ((len(labels), *image_shape), np.uint8, lambda: read("images")),
                                           "labels": (labels.shape, labels.dtype, lambda: iter([labels]))})
         written["samples"] = str(out / "samples.npz")
-        written["grid"] = str(_grid_from_parts(read("images"), labels, out / "grid.png"))
+        layout = GridLayout(config.grid_per_class, config.grid_classes, class_names or {}, grid_caption(config))
+        written["grid"] = str(grid_from_batches(read("images"), labels, out / "grid.png", layout))
     write_json_atomic(out / "settings.json", {**asdict(config), "labels_balanced": not config.classes,
                                               "resolved": resolved})
     return written
@@ -109,17 +115,51 @@ def _write_npy_streamed(path: Path, shape: tuple, dtype, chunks: Callable[[], It
             handle.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def _grid_from_parts(images: Iterator[np.ndarray], labels: np.ndarray, path: Path, per_class: int = 8,
-                     max_classes: int = 16) -> Path:
-    """A row per class (the first `max_classes` classes present), up to `per_class` samples each, read in order."""
-    classes = list(dict.fromkeys(labels.tolist()))[:max_classes]
+@dataclass
+class GridLayout:
+    """What grid.png shows: the first `per_class` samples (0 = all) of each of the first `classes` classes
+    (0 = all), rows named from `names` (id -> name), under `caption` (the sampling settings)."""
+
+    per_class: int = 16
+    classes: int = 16
+    names: dict[int, str] = field(default_factory=dict)
+    caption: str = ""
+
+
+def grid_caption(config) -> str:
+    sampling = config.sampling
+    return (f"{Path(config.ckpt).name} ({config.weights}): CFG {sampling.cfg_scale:g}, temperature "
+            f"{sampling.temperature:g}, top-k {sampling.top_k or 'all'}, top-p {sampling.top_p:g}, seed {config.seed}")
+
+
+def grid_title(shown: dict[int, int], counts: dict[int, int], caption: str = "") -> str:
+    """Says what the grid holds: every sample, or the first N of M per class, and how many classes of all."""
+    per_class = sorted(set(counts[label] for label in shown))
+    of = f"{per_class[0]}" if len(per_class) == 1 else f"{per_class[0]}-{per_class[-1]}"
+    if all(shown[label] == counts[label] for label in shown):
+        samples = f"all {of} samples per class"
+    else:
+        samples = f"first {max(shown.values())} of {of} samples per class"
+    classes = f"{len(shown)} classes" if len(shown) == len(counts) else f"first {len(shown)} of {len(counts)} classes"
+    return "\n".join(part for part in (caption, f"{samples}; {classes}") if part)
+
+
+def grid_from_batches(images: Iterator[np.ndarray], labels: np.ndarray, path: Path,
+                      layout: GridLayout | None = None) -> Path:
+    """A row per class in order of first appearance, read batch by batch (only the shown images are kept),
+    each row named by its class and the title saying how much of the samples it shows."""
+    layout = layout or GridLayout()
+    counts = dict(Counter(labels.tolist()))
+    classes = list(counts)[: layout.classes or None]
+    wanted = {label: min(counts[label], layout.per_class or counts[label]) for label in classes}
     rows: dict[int, list[np.ndarray]] = {label: [] for label in classes}
     offset = 0
     for chunk in images:
         for image, label in zip(chunk, labels[offset : offset + len(chunk)].tolist()):
-            if label in rows and len(rows[label]) < per_class:
+            if label in rows and len(rows[label]) < wanted[label]:
                 rows[label].append(image)
         offset += len(chunk)
-        if all(len(row) == per_class for row in rows.values()):
+        if all(len(rows[label]) == wanted[label] for label in classes):
             break
-    return save_tile_grid([rows[label] for label in classes], path)
+    return save_labelled_grid([(row_label(label, layout.names), rows[label]) for label in classes], path,
+                              title=grid_title(wanted, counts, layout.caption))

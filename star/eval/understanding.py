@@ -22,9 +22,8 @@ from star.data.manifest import shard_tokens
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.sample import parse_int_list
 from star.gpt.model import GPT
-from star.images import save_tile_grid
 from star.io import write_json_atomic
-from star.plots import plot_probe_curves
+from star.plots import plot_attention_maps, plot_probe_curves
 from star.runtime import DEVICE_CHOICES, pick_device
 
 
@@ -128,25 +127,27 @@ def attention_statistics(weights: torch.Tensor, grid: int) -> dict:
     return {"class_mass": class_mass, "neighbour_mass": float(np.mean(neighbour_mass))}
 
 
-def save_attention_png(weights: dict[int, torch.Tensor], positions: list[int], grid: int, path: Path,
-                       scale: int = 8) -> Path:
-    """A panel per (layer, query position): the query's attention over the image grid (cells of image tokens,
-    class position not drawn), normalised per panel; rows = layers, columns = positions."""
-    layers = sorted(weights)
-    rows = []
-    for layer in layers:
-        row = []
+def attention_panels(weights: dict[int, torch.Tensor], positions: list[int], grid: int
+                     ) -> tuple[dict[int, dict[int, np.ndarray]], dict[int, dict[int, float]]]:
+    """Per layer and query position: its attention over the image grid [grid, grid] (NaN where the causal mask
+    hides a cell) and its attention on the class position."""
+    maps: dict[int, dict[int, np.ndarray]] = {}
+    class_mass: dict[int, dict[int, float]] = {}
+    for layer in sorted(weights):
+        maps[layer], class_mass[layer] = {}, {}
         for position in positions:
-            query = position - 1
-            cells = torch.zeros(grid * grid)
-            cells[: query] = weights[layer][query, 1 : query + 1].cpu()  # keys 1..query are cells 0..query-1
-            cells = cells / cells.max().clamp_min(1e-12)
-            heat = (cells.reshape(grid, grid).numpy() * 255).astype(np.uint8)
-            tile = np.kron(heat, np.ones((scale, scale), np.uint8))
-            row.append(np.stack([tile, (tile * 0.6).astype(np.uint8), 255 - tile], -1))
-        rows.append(row)
-    save_tile_grid(rows, path, gap=4)
-    return path
+            query = position - 1  # sequence index
+            cells = np.full(grid * grid, np.nan)
+            cells[:query] = weights[layer][query, 1 : query + 1].float().cpu().numpy()  # keys 1..query: cells 0..
+            maps[layer][position] = cells.reshape(grid, grid)
+            class_mass[layer][position] = float(weights[layer][query, 0])
+    return maps, class_mass
+
+
+def save_attention_png(weights: dict[int, torch.Tensor], positions: list[int], grid: int, path: Path) -> Path:
+    """Rows = layers, columns = query positions; each panel the query's attention over the image grid with axes,
+    a shared colour bar, and its class mass (star/plots.py `plot_attention_maps`)."""
+    return plot_attention_maps(*attention_panels(weights, positions, grid), path)
 
 
 # ----------------------------------------------------------------------------------------------------------
