@@ -55,7 +55,7 @@ from star.train.safety import (
     StopRequested,
     claim_run_folder,
 )
-from star.train.token_cache import CacheFailed, build_token_cache, wait_for_token_cache
+from star.train.token_cache import CacheFailed, build_unless_building, builds_cache, wait_for_token_cache
 from star.train.token_loader import make_loader
 
 __all__ = ["TrainConfig", "train", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
@@ -87,17 +87,21 @@ def train(config: TrainConfig) -> dict:
 
 def prepare_data(accelerator, config: TrainConfig, manifest: Manifest) -> dict:
     """The stream loader's shards checked against the manifest (sizes; every header with --verify-shards full),
-    or the map loader's token cache: built once per node by its first process outside any collective while the
-    others poll for it (a long build never meets the process group's timeout); then every process agrees."""
+    or the map loader's token cache: built outside any collective by the processes --cache-scope names (each
+    node's first, one build per filesystem; or the job's main) while the others poll for it (a long build never
+    meets the process group's timeout); then every process agrees."""
     problem, cache = "", None
+    root, timeout_s = config.cache_dir or None, config.cache_timeout * 60
     try:
         if config.loader == "stream":
             if accelerator.is_local_main_process and manifest.folder is not None and config.verify_shards != "none":
                 manifest.verify(full=config.verify_shards == "full")
-        elif accelerator.is_local_main_process:
-            cache = build_token_cache(config.shards, config.cache_dir or None, manifest, config.cache_workers)
+        elif builds_cache(config.cache_scope, accelerator.is_main_process, accelerator.is_local_main_process):
+            cache = build_unless_building(config.shards, root, manifest, config.cache_workers, timeout_s)
         else:
-            cache = wait_for_token_cache(config.shards, config.cache_dir or None, manifest, config.cache_timeout * 60)
+            hint = ("; --cache-scope shared needs a --cache-dir every node sees (node-local disks: --cache-scope node)"
+                    if config.cache_scope == "shared" else "")
+            cache = wait_for_token_cache(config.shards, root, manifest, timeout_s, hint=hint)
     except (ValueError, FileNotFoundError, CacheFailed) as error:
         problem = f"--shards {config.shards}: {error}"
     raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: another process found a problem")
