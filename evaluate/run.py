@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from star.cli import add_config_flags, build_or_exit, run_command  # noqa: E402
+from star.cli import CommandParser, add_config_flags, build_or_exit, run_command  # noqa: E402
 
 
 def commands() -> dict:
@@ -44,7 +44,7 @@ def commands() -> dict:
 
 def main(argv=None) -> int:
     table = commands()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, settings_class, _, _) in table.items():
         add_config_flags(subparsers.add_parser(name, help=help_text, description=help_text), settings_class)

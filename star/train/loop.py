@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +24,20 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from star.checkpoint import RUN_CONFIG, RUN_LOG, TrainingState, checkpoint_dirs, save_training_state
+from star.checkpoint import CHECKPOINTS, RUN_CONFIG, RUN_LOG, TrainingState, checkpoint_dirs, save_training_state
 from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import write_json_atomic
 from star.runtime import peak_memory_gb, step_seed
 from star.train.config import TrainConfig
 from star.train.distributed import (
+    agreed,
     full_optimizer_state,
     full_state_dict,
     is_sharded,
     load_named_optimizer_state,
     make_accelerator,
+    one_process_warning,
     raise_on_any_rank,
     shard_teacher_like,
 )
@@ -64,18 +68,24 @@ GUARDED = (*LOSS_TERMS, "loss", "grad_norm")  # what the non-finite guard watche
 
 
 def train(config: TrainConfig) -> dict:
-    """Train one run (see TrainConfig); returns {"steps", "out", "last_checkpoint", "seconds", "rank", ...}.
+    """Train one run (see TrainConfig); returns {"steps" (the run's step reached), "start_step", "trained_steps"
+    (by this invocation), "total_steps", "out", "last_checkpoint", "seconds", "rank", ...}.
     With --prepare-only: check the shards, build the token cache, and return without training."""
     accelerator, precision = make_accelerator(config)
+    warning = one_process_warning(accelerator.num_processes, os.environ)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if config.prepare_only:
         return prepare_data(accelerator, config, Manifest.load(config.shards))
     with contextlib.ExitStack() as held:
         claim_run_folder(accelerator, config, held)
-        manifest = Manifest.load(config.shards)
-        plan = resolve_config(config, manifest, accelerator.num_processes, precision)
+        with agreed(accelerator, f"--shards {config.shards}"):  # every process refuses together, one line
+            manifest = Manifest.load(config.shards)
+            plan = resolve_config(config, manifest, accelerator.num_processes, precision)
         cache = prepare_data(accelerator, config, manifest)["cache"]
-        modules = build_modules(plan)
-        plan = resume_into(plan, modules)
+        with agreed(accelerator, f"--out {config.out}"):
+            modules = build_modules(plan)
+            plan = resume_into(plan, modules)
         run = prepare_run(plan, modules, accelerator, cache)
         write_run_record(run)
         return train_loop(run, held.enter_context(SignalStop()))
@@ -211,11 +221,11 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
 def write_run_record(run: TrainingRun) -> None:
     plan, out = run.plan, run.out
     if run.accelerator.is_main_process:
+        decay_before = resumed_teacher_decay(plan)  # read before config.json is replaced
         write_json_atomic(out / RUN_CONFIG, plan.to_json())
         trim_log(out / RUN_LOG, plan.start_step)
         if plan.star is not None:
-            print(f"teacher EMA decay {plan.star.teacher_decay:.6g} (--teacher-decay "
-                  f"{plan.settings.star_settings.teacher_decay}, {plan.total_steps} steps)", flush=True)
+            print(teacher_decay_line(plan, decay_before), flush=True)
         for change in plan.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
     if plan.settings.tensorboard:
@@ -227,18 +237,47 @@ def write_run_record(run: TrainingRun) -> None:
 # The loop
 
 
+def resumed_at(plan: ResolvedTrainConfig) -> tuple[int, str | None]:
+    """(the step this invocation starts from, the checkpoint it resumed from or None)."""
+    return plan.start_step, plan.resumed_from
+
+
+def resumed_teacher_decay(plan: ResolvedTrainConfig) -> float | None:
+    """The teacher decay the resumed checkpoint was trained with (its run folder's config.json), or None."""
+    _, resumed_from = resumed_at(plan)
+    if resumed_from is None:
+        return None
+    try:
+        record = json.loads((Path(resumed_from).parent.parent / RUN_CONFIG).read_text())
+        return float(record["star"]["teacher_decay"])
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or a run without ST-AR
+        return None
+
+
+def teacher_decay_line(plan: ResolvedTrainConfig, before: float | None) -> str:
+    """The resolved teacher decay, said as a change when a resume changes it (`auto` follows the run length)."""
+    decay, flag = plan.star.teacher_decay, plan.settings.star_settings.teacher_decay
+    if before is not None and before != decay:
+        return (f"resume: teacher EMA decay changed from {before:.6g} to {decay:.6g} (--teacher-decay {flag}, "
+                f"{plan.total_steps} steps)")
+    return f"teacher EMA decay {decay:.6g} (--teacher-decay {flag}, {plan.total_steps} steps)"
+
+
 def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     plan, accelerator = run.plan, run.accelerator
     config, total_steps = plan.settings, plan.total_steps
+    start_step, resumed_from = resumed_at(plan)
+    if resumed_from is not None and accelerator.is_main_process:
+        print(f"resumed from step {start_step} ({resumed_from}); training to step {total_steps}", flush=True)
     milestones = set(config.milestones)
     # a signal is read every step on one process; across processes at most every 10 steps (a collective)
     signal_every = 1 if accelerator.num_processes == 1 else min(10, config.log_every)
     run.model.train()
-    bar = tqdm(total=total_steps, initial=plan.start_step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
     sums = torch.zeros(len(LOSS_TERMS) + 1, device=accelerator.device)  # [5] summed on the device between logs
     interval_steps, interval_start = 0, time.time()
-    step, started = plan.start_step, time.time()
+    step, started = start_step, time.time()
     run.cpu_started = time.process_time()
     data = iter(run.loader)
     while step < total_steps:
@@ -260,13 +299,15 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
             save(run, step)
         if stopping:
             name, code = stop.received or ("a signal on another process", 143)
-            raise StopRequested(f"stopped by {name} after step {step}: checkpoint {run.last_good_checkpoint} "
-                                f"written; continue with --resume auto", code)
+            raise StopRequested(f"stopped by {name} after step {step} ({step - start_step} trained by this "
+                                f"invocation): checkpoint {run.last_good_checkpoint} written; continue with "
+                                "--resume auto", code, quiet=not accelerator.is_main_process)
     bar.close()
     if config.tensorboard:
         accelerator.end_training()
     newest = checkpoint_dirs(run.out)
-    return {"steps": step, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
+    return {"steps": step, "start_step": start_step, "trained_steps": step - start_step, "total_steps": total_steps,
+            "resumed_from": resumed_from, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
             "seconds": round(time.time() - started, 2), "rank": accelerator.process_index,
             "teacher_decay": plan.star.teacher_decay if plan.star is not None else None}
 
@@ -376,3 +417,5 @@ def save(run: TrainingRun, step: int) -> None:
         run.last_good_checkpoint = str(save_training_state(run.out, step, state, plan.settings.keep_checkpoints,
                                                            keep_steps=plan.settings.milestones))
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # every process can name the checkpoint the main process wrote
+        run.last_good_checkpoint = str(run.out / CHECKPOINTS / f"step-{step:07d}")

@@ -69,11 +69,13 @@ class NonFiniteGuard:
 
 
 class StopRequested(RuntimeError):
-    """SIGTERM or SIGINT arrived: the run stopped at a step boundary after writing a checkpoint."""
+    """SIGTERM or SIGINT arrived: the run stopped at a step boundary after writing a checkpoint. `quiet`: a
+    process other than the main one, which leaves the one line to the main process."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, quiet: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.quiet = quiet
 
 
 class SignalStop:
