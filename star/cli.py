@@ -197,6 +197,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 class ReportedElsewhere(ValueError):
     """A problem another process of the same launch found and reports: this process exits 2 without a line."""
 
+    quiet = True
+
 
 def run_command(work, config, summarise=None, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """The body every stage command shares: run `work(config)`; a user error is one line on stderr and exit 2
@@ -204,10 +206,9 @@ def run_command(work, config, summarise=None, user_errors: tuple[type[BaseExcept
     something (other ranks of a data-parallel run do not)."""
     try:
         result = work(config)
-    except ReportedElsewhere:
-        return 2
     except USER_ERRORS + tuple(user_errors) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not getattr(error, "quiet", False):  # quiet: another process of the launch reports it
+            print(f"error: {error}", file=sys.stderr)
         return 2
     summary = summarise(result) if summarise is not None else None
     if summary:

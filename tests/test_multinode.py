@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CPU_ENV
 
 from star.cli import ReportedElsewhere, launch_rank
@@ -224,3 +225,42 @@ def test_a_resume_counts_this_invocations_steps_and_says_when_the_teacher_decay_
     assert f"resume: teacher EMA decay changed from {before:.6g} to {after:.6g} (--teacher-decay auto, 32 steps)" \
         in printed
     assert "resumed from step 30 (" in printed
+
+
+class TwoProcessPeer:
+    """Process `rank` of a 2-process launch whose other process also saw a non-finite loss (reduce adds its flags)."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, rank: int):
+        self.process_index = rank
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        if len(tensor) == self.num_processes:  # the per-rank flags: the other process failed too
+            other = torch.zeros_like(tensor)
+            other[1 - self.process_index] = 1.0
+            return tensor + other
+        return tensor + 1.0  # the guard's per-term flags
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_non_finite_loss_every_process_saw_is_reported_by_one(rank, capsys):
+    from types import SimpleNamespace
+
+    from star.cli import run_command
+    from star.train.loop import GUARDED, NonFiniteLoss, raise_if_non_finite
+    from star.train.safety import NonFiniteGuard
+
+    guard = NonFiniteGuard(GUARDED, "cpu")
+    guard.record(torch.tensor([float("nan")] + [1.0] * (len(GUARDED) - 1)), step=7)
+    run = SimpleNamespace(guard=guard, accelerator=TwoProcessPeer(rank), last_good_checkpoint=None)
+    with pytest.raises(NonFiniteLoss) as caught:
+        raise_if_non_finite(run)
+    assert caught.value.quiet == (rank == 1)
+    assert ("non-finite loss at step 7" in str(caught.value)) == (rank == 0)
+
+    def work(config):
+        raise caught.value
+
+    assert run_command(work, None, user_errors=(NonFiniteLoss,)) == 2
+    assert (capsys.readouterr().err != "") == (rank == 0), "the lowest rank that saw it prints the one line"

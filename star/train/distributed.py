@@ -40,7 +40,7 @@ def make_accelerator(config):
     return accelerator, precision
 
 
-def _lowest_failing_rank(accelerator, failed: bool) -> int | None:
+def lowest_failing_rank(accelerator, failed: bool) -> int | None:
     """A collective: the lowest rank of the processes where `failed` is true (None when none failed)."""
     flags = torch.zeros(accelerator.num_processes, device=accelerator.device)  # [processes] one per rank
     flags[accelerator.process_index] = float(failed)
@@ -52,7 +52,7 @@ def raise_on_any_rank(accelerator, problem: str, fallback: str) -> None:
     """A collective check: every process raises when any one found a problem (none is left waiting). The lowest
     rank that found it raises ValueError(problem), the one line the launch prints; the others raise
     ReportedElsewhere(fallback), which the command exits on without a line."""
-    reporter = _lowest_failing_rank(accelerator, bool(problem))
+    reporter = lowest_failing_rank(accelerator, bool(problem))
     if reporter == accelerator.process_index:
         raise ValueError(problem)
     if reporter is not None:
@@ -69,7 +69,7 @@ def agreed(accelerator, what: str) -> Iterator[None]:
         yield
     except (ValueError, FileNotFoundError) as raised:
         error = raised
-    reporter = _lowest_failing_rank(accelerator, error is not None)
+    reporter = lowest_failing_rank(accelerator, error is not None)
     if reporter == accelerator.process_index:
         raise error
     if reporter is not None:

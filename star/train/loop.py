@@ -36,6 +36,7 @@ from star.train.distributed import (
     full_state_dict,
     is_sharded,
     load_named_optimizer_state,
+    lowest_failing_rank,
     make_accelerator,
     one_process_warning,
     raise_on_any_rank,
@@ -359,9 +360,10 @@ def raise_if_non_finite(run: TrainingRun) -> None:
     step, bad = failure
     last_good = (f"The newest checkpoint, {run.last_good_checkpoint}, was written before this step with finite "
                  "weights." if run.last_good_checkpoint else "No checkpoint of this run was written yet.")
-    if step is None:
-        raise NonFiniteLoss(f"another process saw a non-finite loss or gradient; its steps were not applied. "
-                            f"{last_good}")
+    reporter = lowest_failing_rank(run.accelerator, step is not None)  # every process is here: one reports
+    if reporter != run.accelerator.process_index:
+        raise NonFiniteLoss(f"process {reporter} saw a non-finite loss or gradient; its steps were not applied. "
+                            f"{last_good}", quiet=True)
     if set(bad) == {"grad_norm"}:
         raise NonFiniteGradient(f"non-finite gradient norm ({bad['grad_norm']}) at step {step} with a finite loss; "
                                 f"the step was not applied. {last_good} Lower --lr or --grad-clip, or check the data.")

@@ -24,7 +24,12 @@ from star.train.distributed import raise_on_any_rank
 
 
 class NonFiniteLoss(RuntimeError):
-    """A step's loss is NaN/inf: the run stops before the step is applied."""
+    """A step's loss is NaN/inf: the run stops before the step is applied. `quiet`: another process reports it
+    (the command exits without a line)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class NonFiniteGradient(NonFiniteLoss):
