@@ -4,7 +4,7 @@ folder that is not its own.
 - Non-finite steps: the loss terms and the gradient norm are watched on the device (`NonFiniteGuard`), read at
   log steps and before every checkpoint, so no checkpoint follows a poisoned step.
 - Signals: SIGTERM (what schedulers send before preemption) and SIGINT ask the loop to stop at the next step
-  boundary, write a checkpoint, release the folder and exit with one line (`StopRequested`).
+  boundary, write a checkpoint, release the folder and exit with one line from the main process (`StopRequested`).
 - The run folder: locked for the run's lifetime (a lease, taken over once stale), refused when it holds another
   run without --resume, or when it is a shard folder or an image folder.
 """
