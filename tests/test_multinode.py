@@ -228,19 +228,35 @@ def test_a_resume_counts_this_invocations_steps_and_says_when_the_teacher_decay_
 
 
 class TwoProcessPeer:
-    """Process `rank` of a 2-process launch whose other process also saw a non-finite loss (reduce adds its flags)."""
+    """Process `rank` of a 2-process launch; its reduce adds the other process's flags (failed or not)."""
 
     num_processes, device = 2, torch.device("cpu")
 
-    def __init__(self, rank: int):
-        self.process_index = rank
+    def __init__(self, rank: int, other_failed: bool = True):
+        self.process_index, self.other_failed = rank, other_failed
 
     def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
-        if len(tensor) == self.num_processes:  # the per-rank flags: the other process failed too
+        if len(tensor) == self.num_processes:  # the per-rank flags
             other = torch.zeros_like(tensor)
-            other[1 - self.process_index] = 1.0
+            other[1 - self.process_index] = float(self.other_failed)
             return tensor + other
-        return tensor + 1.0  # the guard's per-term flags
+        return tensor + float(self.other_failed)  # the guard's per-term flags
+
+
+def test_a_process_that_alone_fails_reports_and_one_whose_peer_failed_stays_quiet():
+    from star.train.distributed import agreed
+
+    with pytest.raises(FileNotFoundError, match="no shards on this node"):  # rank 1 alone: its own error
+        with agreed(TwoProcessPeer(1, other_failed=False), "--shards s"):
+            raise FileNotFoundError("no shards on this node")
+    with pytest.raises(ReportedElsewhere, match="process 1 found a problem"):  # rank 0, whose block went well
+        with agreed(TwoProcessPeer(0, other_failed=True), "--shards s"):
+            pass
+    with pytest.raises(ReportedElsewhere):  # both failed: rank 0 reports, rank 1 stays quiet
+        with agreed(TwoProcessPeer(1, other_failed=True), "--shards s"):
+            raise ValueError("--batch-size 7 must be a multiple of processes")
+    with agreed(TwoProcessPeer(0, other_failed=False), "--shards s"):
+        pass  # nobody failed: nothing raised
 
 
 @pytest.mark.parametrize("rank", [0, 1])
