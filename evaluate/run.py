@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from star.cli import add_config_flags, build_or_exit, run_command  # noqa: E402
+from star.cli import CommandParser, add_config_flags, build_or_exit, run_command  # noqa: E402
 
 
 def commands() -> dict:
@@ -53,7 +53,7 @@ POSITIONAL = {"plot": ("runs", "RUN", "training run folders (each with log.jsonl
 
 def main(argv=None) -> int:
     table = commands()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, settings_class, _, _) in table.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -144,10 +145,33 @@ def config_from_namespace(cls: type[T], namespace: argparse.Namespace, **overrid
     return build(cls, [])
 
 
+# Where launchers put a process's global rank: torchrun / accelerate launch, then the MPI launchers.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launch_rank() -> int:
+    """This process's rank in a multi-process launch, read from the launcher's environment (0 when launched alone)."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with one change: under a multi-process launch only rank 0 prints a flag error (every rank parses
+    the same argv, so every rank finds the same error); the others exit 2 quietly."""
+
+    def error(self, message: str):
+        if launch_rank() != 0:
+            self.exit(2)
+        super().error(message)
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
                  exclude: Sequence[str] = ()) -> T:
     """Parse argv into `cls`. A value the config rejects exits with status 2 and one line, as argparse does."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, cls, exclude)
     namespace = parser.parse_args(argv)
     return build_or_exit(parser, cls, namespace)
@@ -170,13 +194,21 @@ def check(condition: bool, message: str) -> None:
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
+class ReportedElsewhere(ValueError):
+    """A problem another process of the same launch found and reports: this process exits 2 without a line."""
+
+    quiet = True
+
+
 def run_command(work, config, summarise=None, user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """The body every stage command shares: run `work(config)`; a user error is one line on stderr and exit 2;
-    otherwise print `summarise(result)` when it says something (other ranks of a data-parallel run do not)."""
+    """The body every stage command shares: run `work(config)`; a user error is one line on stderr and exit 2
+    (no line when another process of the launch reports it); otherwise print `summarise(result)` when it says
+    something (other ranks of a data-parallel run do not)."""
     try:
         result = work(config)
     except USER_ERRORS + tuple(user_errors) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not getattr(error, "quiet", False):  # quiet: another process of the launch reports it
+            print(f"error: {error}", file=sys.stderr)
         return 2
     summary = summarise(result) if summarise is not None else None
     if summary:

@@ -23,7 +23,8 @@ def main(argv=None) -> int:
         return run_command(train, config, summarise,
                            user_errors=(FolderLocked, NonFiniteLoss, NonFiniteWeights, CheckpointWriteError))
     except StopRequested as stop:  # SIGTERM / SIGINT: a checkpoint was written at the step boundary
-        print(stop, file=sys.stderr)
+        if not stop.quiet:  # the main process says it once for the launch
+            print(stop, file=sys.stderr)
         return stop.exit_code
 
 
@@ -32,8 +33,12 @@ def summarise(summary: dict) -> str:
         return ""
     if "cache" in summary:  # --prepare-only
         return f"shards checked ({summary['shards']} shards, {summary['samples']} samples); token cache: {summary['cache']}"
-    return (f"\ntrained {summary['steps']} steps in {summary['seconds']} s; last checkpoint: "
-            f"{summary['last_checkpoint']}\nlog: {Path(summary['out']) / 'log.jsonl'}")
+    done, start = summary["steps"], summary.get("start_step", 0)
+    steps = f"steps {start + 1}-{done}" if summary["trained_steps"] else "no step left to train"
+    resumed = f", resumed from step {start}" if summary.get("resumed_from") else ""
+    return (f"\ntrained {summary['trained_steps']} steps in {summary['seconds']} s ({steps}{resumed}; the run is at "
+            f"step {done} of {summary['total_steps']}); last checkpoint: {summary['last_checkpoint']}\n"
+            f"log: {Path(summary['out']) / 'log.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from star.cli import check, setting
 from star.gpt.model import GPT_PRESETS
 from star.runtime import PRECISION_CHOICES
 from star.train.star_settings import StarSettings
+from star.train.token_cache import CACHE_SCOPES
 from star.train.token_loader import VIEW_MATCH_CHOICES
 
 VERIFY_CHOICES = ("sizes", "full", "none")
@@ -71,6 +72,9 @@ class TrainConfig:
     cache_dir: str = setting("", help="where the token cache goes (default: <shards>/cache)")
     cache_workers: int = setting(0, help="processes that build the token cache, a shard each at a time (0: a core "
                                          "each)")
+    cache_scope: str = setting("node", choices=CACHE_SCOPES, help="who builds the token cache: node (each node's "
+                               "first process, unless another node already builds it on a shared disk) or shared "
+                               "(only the job's main process; every node must see --cache-dir)")
     cache_timeout: float = setting(240.0, help="minutes the other processes wait for the first one's token cache")
     prepare_only: bool = setting(False, help="check the shards and build the token cache, then exit (before a "
                                              "launch: the run then starts at once)")
@@ -116,6 +120,8 @@ class TrainConfig:
         check(self.log_every >= 1, f"--log-every {self.log_every}: must be >= 1")
         check(self.num_workers >= 0, f"--num-workers {self.num_workers}: must be >= 0")
         check(self.cache_workers >= 0, f"--cache-workers {self.cache_workers}: must be >= 0 (0: a core each)")
+        check(self.cache_scope in CACHE_SCOPES, f"--cache-scope {self.cache_scope!r}: choose one of "
+              f"{', '.join(CACHE_SCOPES)}")
         check(self.cache_timeout > 0, f"--cache-timeout {self.cache_timeout}: must be > 0 minutes")
         check(self.dist_timeout > 0, f"--dist-timeout {self.dist_timeout}: must be > 0 minutes")
         check(self.verify_shards in VERIFY_CHOICES, f"--verify-shards {self.verify_shards!r}: choose one of "

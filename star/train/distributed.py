@@ -3,11 +3,14 @@
 teacher, gathered state dicts and optimizer states."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
+from star.cli import ReportedElsewhere
 from star.runtime import pick_device, resolve_precision
 
 
@@ -37,13 +40,62 @@ def make_accelerator(config):
     return accelerator, precision
 
 
+def lowest_failing_rank(accelerator, failed: bool) -> int | None:
+    """A collective: the lowest rank of the processes where `failed` is true (None when none failed)."""
+    flags = torch.zeros(accelerator.num_processes, device=accelerator.device)  # [processes] one per rank
+    flags[accelerator.process_index] = float(failed)
+    failing = accelerator.reduce(flags, reduction="sum").nonzero()
+    return int(failing[0]) if len(failing) else None
+
+
 def raise_on_any_rank(accelerator, problem: str, fallback: str) -> None:
-    """A collective check: every process raises ValueError when any one found a problem (none is left waiting)."""
-    failed = accelerator.reduce(torch.tensor(float(bool(problem)), device=accelerator.device), reduction="sum")
-    if problem:
+    """A collective check: every process raises when any one found a problem (none is left waiting). The lowest
+    rank that found it raises ValueError(problem), the one line the launch prints; the others raise
+    ReportedElsewhere(fallback), which the command exits on without a line."""
+    reporter = lowest_failing_rank(accelerator, bool(problem))
+    if reporter == accelerator.process_index:
         raise ValueError(problem)
-    if failed.item() > 0:
-        raise ValueError(fallback)
+    if reporter is not None:
+        raise ReportedElsewhere(fallback)
+
+
+@contextlib.contextmanager
+def agreed(accelerator, what: str) -> Iterator[None]:
+    """Run a block every process runs alike (loading the data's manifest, resolving the settings, resuming) and
+    agree on its user errors (a collective at the block's end): a ValueError / FileNotFoundError on any process
+    is raised on every process, as itself on the lowest failing rank and as ReportedElsewhere on the others."""
+    error: Exception | None = None
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as raised:
+        error = raised
+    reporter = lowest_failing_rank(accelerator, error is not None)
+    if reporter == accelerator.process_index:
+        raise error
+    if reporter is not None:
+        raise ReportedElsewhere(f"{what}: process {reporter} found a problem")
+
+
+SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def one_process_warning(num_processes: int, environ: Mapping[str, str]) -> str | None:
+    """A line when the launch asked for several processes but this is the only one (None otherwise).
+    Detectable: a launcher's world size above 1 that Accelerate did not join, or `accelerate launch` with
+    --num_processes > 1 (or --num_machines > 1) without --multi_gpu, whose plain launcher runs one process (on a
+    CPU it does so silently) but still sets MASTER_ADDR / MASTER_PORT; a one-process launch sets neither."""
+    if num_processes > 1:
+        return None
+    sizes = [int(environ[name]) for name in SIZE_VARIABLES if environ.get(name, "").strip().isdigit()]
+    if sizes and max(sizes) > 1:
+        return (f"warning: the launcher's world size is {max(sizes)} but this process trains alone (world size 1): "
+                "check that every process sees the same MASTER_ADDR / MASTER_PORT")
+    by_accelerate = "ACCELERATE_MIXED_PRECISION" in environ and "MASTER_PORT" in environ
+    if by_accelerate and not sizes:
+        return ("warning: accelerate launch was asked for several processes but started one (world size 1): "
+                "without --multi_gpu its launcher runs a single process; add --multi_gpu (it starts every process, "
+                "on CPUs too)")
+    return None
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from star.checkpoint import (
+    CHECKPOINTS,
     RUN_CONFIG,
     RUN_LOG,
     TrainingState,
@@ -38,11 +41,14 @@ from star.io import atomic_path, write_json_atomic
 from star.runtime import peak_memory_gb, step_seed
 from star.train.config import TrainConfig
 from star.train.distributed import (
+    agreed,
     full_optimizer_state,
     full_state_dict,
     is_sharded,
     load_optimizer_state,
+    lowest_failing_rank,
     make_accelerator,
+    one_process_warning,
     optimizer_state_by_name,
     raise_on_any_rank,
     shard_teacher_like,
@@ -65,7 +71,7 @@ from star.train.safety import (
     StopRequested,
     claim_run_folder,
 )
-from star.train.token_cache import CacheFailed, build_token_cache, wait_for_token_cache
+from star.train.token_cache import CacheFailed, build_unless_building, builds_cache, wait_for_token_cache
 from star.train.token_loader import make_loader
 from star.weights import load_llamagen_state_dict, load_state_dict_strict
 
@@ -75,18 +81,25 @@ GUARDED = (*LOSS_TERMS, "loss", "grad_norm")  # what the non-finite guard watche
 
 
 def train(config: TrainConfig) -> dict:
-    """Train one run (see TrainConfig); returns {"steps", "out", "last_checkpoint", "seconds", "rank", ...}.
+    """Train one run (see TrainConfig); returns {"steps" (the run's step reached), "start_step", "trained_steps"
+    (by this invocation), "total_steps", "out", "last_checkpoint", "seconds", "rank", ...}.
     With --prepare-only: check the shards, build the token cache, and return without training."""
     accelerator, precision = make_accelerator(config)
+    warning = one_process_warning(accelerator.num_processes, os.environ)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if config.prepare_only:
         return prepare_data(accelerator, config, Manifest.load(config.shards))
     with contextlib.ExitStack() as held:
         claim_run_folder(accelerator, config, held)
-        manifest = Manifest.load(config.shards)
-        plan = resolve_config(config, manifest, accelerator.num_processes, precision)
-        resumed = read_resume(plan)
+        with agreed(accelerator, f"--shards {config.shards}"):  # every process refuses together, one line
+            manifest = Manifest.load(config.shards)
+            plan = resolve_config(config, manifest, accelerator.num_processes, precision)
+        with agreed(accelerator, f"--out {config.out}"):
+            resumed = read_resume(plan)
         cache = prepare_data(accelerator, config, manifest)["cache"]
-        modules = build_modules(plan, resumed.state)
+        with agreed(accelerator, f"--init-from {config.init_from}" if config.init_from else f"--out {config.out}"):
+            modules = build_modules(plan, resumed.state)
         run = prepare_run(plan, modules, accelerator, cache, resumed)
         write_run_record(run)
         return train_loop(run, held.enter_context(SignalStop()))
@@ -98,17 +111,21 @@ def train(config: TrainConfig) -> dict:
 
 def prepare_data(accelerator, config: TrainConfig, manifest: Manifest) -> dict:
     """The stream loader's shards checked against the manifest (sizes; every header with --verify-shards full),
-    or the map loader's token cache: built once per node by its first process outside any collective while the
-    others poll for it (a long build never meets the process group's timeout); then every process agrees."""
+    or the map loader's token cache: built outside any collective by the processes --cache-scope names (each
+    node's first, one build per filesystem; or the job's main) while the others poll for it (a long build never
+    meets the process group's timeout); then every process agrees."""
     problem, cache = "", None
+    root, timeout_s = config.cache_dir or None, config.cache_timeout * 60
     try:
         if config.loader == "stream":
             if accelerator.is_local_main_process and manifest.folder is not None and config.verify_shards != "none":
                 manifest.verify(full=config.verify_shards == "full")
-        elif accelerator.is_local_main_process:
-            cache = build_token_cache(config.shards, config.cache_dir or None, manifest, config.cache_workers)
+        elif builds_cache(config.cache_scope, accelerator.is_main_process, accelerator.is_local_main_process):
+            cache = build_unless_building(config.shards, root, manifest, config.cache_workers, timeout_s)
         else:
-            cache = wait_for_token_cache(config.shards, config.cache_dir or None, manifest, config.cache_timeout * 60)
+            hint = ("; --cache-scope shared needs a --cache-dir every node sees (node-local disks: --cache-scope node)"
+                    if config.cache_scope == "shared" else "")
+            cache = wait_for_token_cache(config.shards, root, manifest, timeout_s, hint=hint)
     except (ValueError, FileNotFoundError, CacheFailed) as error:
         problem = f"--shards {config.shards}: {error}"
     raise_on_any_rank(accelerator, problem, f"--shards {config.shards}: another process found a problem")
@@ -261,11 +278,11 @@ def load_resumed_optimizer_state(model: nn.Module, optimizer, state: dict, folde
 def write_run_record(run: TrainingRun) -> None:
     plan, out, progress = run.plan, run.out, run.progress
     if run.accelerator.is_main_process:
+        decay_before = resumed_teacher_decay(progress)  # read before config.json is replaced
         write_json_atomic(out / RUN_CONFIG, {**plan.to_json(), **progress.to_json()})
         trim_log(out / RUN_LOG, progress.start_step)
         if plan.star is not None:
-            print(f"teacher EMA decay {plan.star.teacher_decay:.6g} (--teacher-decay "
-                  f"{plan.settings.star_settings.teacher_decay}, {plan.total_steps} steps)", flush=True)
+            print(teacher_decay_line(plan, decay_before), flush=True)
         for change in progress.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
     if plan.settings.tensorboard:
@@ -286,18 +303,42 @@ def trim_log(path: Path, last_step: int) -> None:
 # The loop
 
 
+def resumed_teacher_decay(progress: RunProgress) -> float | None:
+    """The teacher decay the resumed checkpoint was trained with (its run folder's config.json), or None."""
+    resumed_from = progress.resumed_from
+    if resumed_from is None:
+        return None
+    try:
+        record = json.loads((Path(resumed_from).parent.parent / RUN_CONFIG).read_text())
+        return float(record["star"]["teacher_decay"])
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or a run without ST-AR
+        return None
+
+
+def teacher_decay_line(plan: ResolvedTrainConfig, before: float | None) -> str:
+    """The resolved teacher decay, said as a change when a resume changes it (`auto` follows the run length)."""
+    decay, flag = plan.star.teacher_decay, plan.settings.star_settings.teacher_decay
+    if before is not None and before != decay:
+        return (f"resume: teacher EMA decay changed from {before:.6g} to {decay:.6g} (--teacher-decay {flag}, "
+                f"{plan.total_steps} steps)")
+    return f"teacher EMA decay {decay:.6g} (--teacher-decay {flag}, {plan.total_steps} steps)"
+
+
 def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     plan, accelerator = run.plan, run.accelerator
     config, total_steps = plan.settings, plan.total_steps
+    start_step, resumed_from = run.progress.start_step, run.progress.resumed_from
+    if resumed_from is not None and accelerator.is_main_process:
+        print(f"resumed from step {start_step} ({resumed_from}); training to step {total_steps}", flush=True)
     milestones = set(config.milestones)
     # a signal is read every step on one process; across processes at most every 10 steps (a collective)
     signal_every = 1 if accelerator.num_processes == 1 else min(10, config.log_every)
     run.model.train()
-    bar = tqdm(total=total_steps, initial=run.progress.start_step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
     sums = torch.zeros(len(LOSS_TERMS) + 1, device=accelerator.device)  # [5] summed on the device between logs
     interval_steps, interval_start = 0, time.time()
-    step, started = run.progress.start_step, time.time()
+    step, started = start_step, time.time()
     run.cpu_started = time.process_time()
     data = iter(run.loader)
     while step < total_steps:
@@ -319,13 +360,15 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
             save(run, step)
         if stopping:
             name, code = stop.received or ("a signal on another process", 143)
-            raise StopRequested(f"stopped by {name} after step {step}: checkpoint {run.last_good_checkpoint} "
-                                f"written; continue with --resume auto", code)
+            raise StopRequested(f"stopped by {name} after step {step} ({step - start_step} trained by this "
+                                f"invocation): checkpoint {run.last_good_checkpoint} written; continue with "
+                                "--resume auto", code, quiet=not accelerator.is_main_process)
     bar.close()
     if config.tensorboard:
         accelerator.end_training()
     newest = checkpoint_dirs(run.out)
-    return {"steps": step, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
+    return {"steps": step, "start_step": start_step, "trained_steps": step - start_step, "total_steps": total_steps,
+            "resumed_from": resumed_from, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
             "seconds": round(time.time() - started, 2), "rank": accelerator.process_index,
             "teacher_decay": plan.star.teacher_decay if plan.star is not None else None}
 
@@ -377,9 +420,10 @@ def raise_if_non_finite(run: TrainingRun) -> None:
     step, bad = failure
     last_good = (f"The newest checkpoint, {run.last_good_checkpoint}, was written before this step with finite "
                  "weights." if run.last_good_checkpoint else "No checkpoint of this run was written yet.")
-    if step is None:
-        raise NonFiniteLoss(f"another process saw a non-finite loss or gradient; its steps were not applied. "
-                            f"{last_good}")
+    reporter = lowest_failing_rank(run.accelerator, step is not None)  # every process is here: one reports
+    if reporter != run.accelerator.process_index:
+        raise NonFiniteLoss(f"process {reporter} saw a non-finite loss or gradient; its steps were not applied. "
+                            f"{last_good}", quiet=True)
     if set(bad) == {"grad_norm"}:
         raise NonFiniteGradient(f"non-finite gradient norm ({bad['grad_norm']}) at step {step} with a finite loss; "
                                 f"the step was not applied. {last_good} Lower --lr or --grad-clip, or check the data.")
@@ -436,3 +480,5 @@ def save(run: TrainingRun, step: int) -> None:
         run.last_good_checkpoint = str(save_training_state(run.out, step, state, plan.settings.keep_checkpoints,
                                                            keep_steps=plan.settings.milestones))
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # every process can name the checkpoint the main process wrote
+        run.last_good_checkpoint = str(run.out / CHECKPOINTS / f"step-{step:07d}")

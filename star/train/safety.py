@@ -4,7 +4,7 @@ folder that is not its own.
 - Non-finite steps: the loss terms and the gradient norm are watched on the device (`NonFiniteGuard`), read at
   log steps and before every checkpoint, so no checkpoint follows a poisoned step.
 - Signals: SIGTERM (what schedulers send before preemption) and SIGINT ask the loop to stop at the next step
-  boundary, write a checkpoint, release the folder and exit with one line (`StopRequested`).
+  boundary, write a checkpoint, release the folder and exit with one line from the main process (`StopRequested`).
 - The run folder: locked for the run's lifetime (a lease, taken over once stale), refused when it holds another
   run without --resume, or when it is a shard folder or an image folder.
 """
@@ -24,7 +24,12 @@ from star.train.distributed import raise_on_any_rank
 
 
 class NonFiniteLoss(RuntimeError):
-    """A step's loss is NaN/inf: the run stops before the step is applied."""
+    """A step's loss is NaN/inf: the run stops before the step is applied. `quiet`: another process reports it
+    (the command exits without a line)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class NonFiniteGradient(NonFiniteLoss):
@@ -69,11 +74,13 @@ class NonFiniteGuard:
 
 
 class StopRequested(RuntimeError):
-    """SIGTERM or SIGINT arrived: the run stopped at a step boundary after writing a checkpoint."""
+    """SIGTERM or SIGINT arrived: the run stopped at a step boundary after writing a checkpoint. `quiet`: a
+    process other than the main one, which leaves the one line to the main process."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, quiet: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.quiet = quiet
 
 
 class SignalStop:

@@ -10,12 +10,20 @@ replaced in place) is never used: it is rebuilt.
 
 The build is parallel: shard i's samples go to rows [offset_i, offset_i + count_i) (offsets from the manifest),
 so worker processes fill the arrays independently, each checking its samples against the manifest (dtype,
-shape, token and class ranges, count). It never runs inside a collective: under a multi-process launch each
-node's first process builds it while the others poll for `cache.json` (or for the builder's failure note),
-so NCCL's timeout never sees the build; `train/run.py --prepare-only` builds it before the launch.
+shape, token and class ranges, count). It never runs inside a collective: the builder works while the other
+processes poll for `cache.json` (or for the builder's failure note), so NCCL's timeout never sees the build;
+`train/run.py --prepare-only` builds it before the launch.
+
+Who builds (`--cache-scope`, `builds_cache`): `node` (the default) has each node's first process offer to build;
+an offer takes the cache's build lock (`.tokens-<digest>.build/.lock` beside the cache, a lease from
+star/lock.py) and a process that finds it held by a live builder waits instead. On a disk every node shares,
+the first node's lock is seen by the others, so the cache is built once per job; on node-local disks each
+node's lock is its own, so each node builds its copy. `shared` has only the job's main process build, for a
+cache root every node sees on filesystems whose exclusive create is not atomic (FUSE object-store mounts).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,9 +40,10 @@ import numpy as np
 from star.data.location import ShardLocation
 from star.data.manifest import Manifest
 from star.io import write_json_atomic
-from star.lock import pid_alive
+from star.lock import FolderLocked, folder_lock, pid_alive
 
 CACHE_VERSION = 2
+CACHE_SCOPES = ("node", "shared")  # who offers to build: each node's first process, or the job's main process
 RECORD = "cache.json"
 HEARTBEAT = "heartbeat"
 HEARTBEAT_SECONDS = 10.0
@@ -228,9 +237,10 @@ def _fill_all(manifest: Manifest, staging: Path, workers: int) -> None:
 
 
 def wait_for_token_cache(shards: str | Path, cache_root: str | Path | None, manifest: Manifest,
-                         timeout_s: float, poll_s: float = 2.0) -> Path:
+                         timeout_s: float, poll_s: float = 2.0, hint: str = "") -> Path:
     """Poll (no collective) until another process's build of this cache is complete. Raises CacheFailed when the
-    builder wrote a failure note, died (no heartbeat for STALE_AFTER_SECONDS) or `timeout_s` passed."""
+    builder wrote a failure note, died (no heartbeat for STALE_AFTER_SECONDS) or `timeout_s` passed; `hint` ends
+    the message of a build nobody runs."""
     root = Path(cache_root) if cache_root else cache_root_for(str(shards))
     final = cache_folder(manifest, root)
     started = time.time()
@@ -247,11 +257,37 @@ def wait_for_token_cache(shards: str | Path, cache_root: str | Path | None, mani
         if elapsed > STALE_AFTER_SECONDS and not any(time.time() - b.stat().st_mtime < STALE_AFTER_SECONDS
                                                      for b in beats):
             raise CacheFailed(f"no process is building the token cache {final} (no live build for "
-                              f"{elapsed:.0f} s); run train/run.py --prepare-only, then launch again")
+                              f"{elapsed:.0f} s); run train/run.py --prepare-only, then launch again{hint}")
         if elapsed > timeout_s:
             raise CacheFailed(f"the token cache {final} was not ready after {timeout_s:.0f} s; build it first with "
                               "train/run.py --prepare-only (or raise --cache-timeout)")
         time.sleep(poll_s)
+
+
+def builds_cache(scope: str, is_main: bool, is_local_main: bool) -> bool:
+    """Whether this process offers to build the cache under --cache-scope `scope` (the others wait for it)."""
+    if scope not in CACHE_SCOPES:
+        raise ValueError(f"--cache-scope {scope!r}: choose one of {', '.join(CACHE_SCOPES)}")
+    return is_main if scope == "shared" else is_local_main
+
+
+def build_unless_building(shards: str | Path, cache_root: str | Path | None, manifest: Manifest, workers: int,
+                          timeout_s: float) -> Path:
+    """Build the cache while holding its build lock, or, when a live process elsewhere holds the lock (another
+    node on a shared disk, another job on the same shards), wait for that build instead of building it again."""
+    root = Path(cache_root) if cache_root else cache_root_for(str(shards))
+    final = cache_folder(manifest, root)
+    if (final / RECORD).is_file() and not record_problems(final, manifest):
+        return final
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(root / f".{final.name}.build", f"building the token cache {final}"))
+        except FolderLocked:
+            return wait_for_token_cache(shards, root, manifest, timeout_s)
+        except ValueError as error:  # an unwritable cache root
+            raise ValueError(f"cannot write the token cache under {root} ({error}): give --cache-dir, a writable "
+                             "local folder") from error
+        return build_token_cache(shards, root, manifest, workers)
 
 
 def remove_stale_builds(cache_root: Path) -> list[Path]:
