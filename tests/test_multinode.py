@@ -4,6 +4,7 @@ a resume and a refusal; and what a launch prints: one line per event, from the m
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,8 +93,10 @@ def our_lines(text: str) -> list[str]:
 
 def test_two_nodes_on_one_disk_build_the_cache_once_stop_on_sigterm_resume_and_print_once(
         tiny_shards, tiny_gpt_json, tmp_path):
-    out = tmp_path / "run"
-    nodes = TwoNodes(tmp_path, tiny_shards, out, tiny_gpt_json)
+    out, shards = tmp_path / "run", tmp_path / "shards"
+    # a copy without the token cache that other tests of the session may have built beside the shared shards
+    shutil.copytree(tiny_shards, shards, ignore=shutil.ignore_patterns("cache"))
+    nodes = TwoNodes(tmp_path, shards, out, tiny_gpt_json)
     cluster = nodes.start("--steps 100000 --ckpt-every 100000")
     deadline = time.time() + 400
     while not (out / "log.jsonl").is_file() or len((out / "log.jsonl").read_text().splitlines()) < 3:
