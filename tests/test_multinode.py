@@ -129,7 +129,7 @@ def test_two_nodes_on_one_disk_build_the_cache_once_stop_on_sigterm_resume_and_p
     (code0, out0, err0), (code1, out1, err1) = nodes.run(f"--steps {step + 4} --batch-size 16")
     assert code0 != 0 and code1 != 0
     refusals = our_lines(out0 + err0)
-    assert len(refusals) == 1 and refusals[0].startswith("error: --resume") and "batch_per_process" in err0
+    assert len(refusals) == 1 and refusals[0].startswith("error: --resume") and "global_batch" in err0
     assert our_lines(out1 + err1) == []
 
 
