@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from star.data.manifest import Manifest
 from star.data.shards import decode_sample
+from star.runtime import key_seed
 
 VIEW_MATCH_CHOICES = ("index", "geometry")  # index: the paper's same-raster-index pairs; geometry: same source point
 
@@ -51,7 +52,8 @@ class TokenBatch:
     tokens: torch.Tensor  # [B, M, T] int64, the M views' token grids in raster order
     labels: torch.Tensor  # [B] int64
     view_match: torch.Tensor  # [B, M, T] int64: token of view (m+1) % M matching token t of view m, or -1
-    indices: torch.Tensor  # [B] sample indices, for tests and debugging
+    indices: torch.Tensor  # [B] int64 which image each row is: the sample index (map loader), a hash of the
+    # sample's shard key (stream loader); the InfoNCE terms never use another copy of an image as its negative
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.view_match, self.indices)))
@@ -123,7 +125,7 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
         boxes = np.array([view["box"] for view in sample.views], np.float32)
         flips = np.array([view["flip"] for view in sample.views], bool)
         tokens, match = select_views(sample.tokens, boxes, flips, views_per_sample, view_match, state["rng"])
-        return tokens, sample.class_id, match, -1
+        return tokens, sample.class_id, match, image_id(sample.key)
 
     dataset = (wds.WebDataset(urls, resampled=True, nodesplitter=None, shardshuffle=False, seed=seed * 1000 + rank,
                               empty_check=False)
@@ -131,6 +133,11 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
                .map(to_item)
                .batched(batch_per_rank, collation_fn=collate_views, partial=False))
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer)
+
+
+def image_id(key: str) -> int:
+    """A streamed sample's identity as an int64 (TokenBatch.indices), the same on every process and worker."""
+    return key_seed(key, 0) & (2**63 - 1)
 
 
 def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
@@ -175,6 +182,12 @@ class EpochBatchSampler(Sampler):
                 mine = chunk[self.rank * self.batch_per_rank : (self.rank + 1) * self.batch_per_rank]
                 yield (mine + epoch * self.num_samples).tolist()
             batch = (epoch + 1) * self.batches_per_epoch
+
+
+def first_global_row(micro: int, rank: int, world: int, batch_per_process: int) -> int:
+    """Where a process's micro-batch sits in its optimizer step's global batch (`EpochBatchSampler`'s layout: a
+    step reads grad_accum consecutive world-wide slices, each cut into the processes' batches in rank order)."""
+    return (micro * world + rank) * batch_per_process
 
 
 def make_loader(plan, accelerator, cache: Path | None):
