@@ -278,7 +278,7 @@ def teacher_targets(batch, teacher, settings: StarSettings, model_config, draws:
     output = teacher(tokens.reshape(B * M, T)[:, :-1], labels, return_layers=(layer,) if layer else (),
                      return_final_hidden=True, head=False)
     final = output.final_hidden.reshape(B, M, S, -1)
-    if layer is None:
+    if not layer:  # no contrastive layer (0 or None): L_MIM only, as on the student's side
         return TeacherTargets(final)
     middle = output.hidden[layer].reshape(B, M, S, -1)
     here = at_positions(middle, draws.positions) if settings.use_step else None
