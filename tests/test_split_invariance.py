@@ -84,3 +84,22 @@ def test_two_processes_with_accumulation_log_the_one_process_losses(tiny_shards,
     for term in TERMS:
         assert two[0][term] == pytest.approx(one[0][term], abs=2e-5), term
         assert two[1][term] == pytest.approx(one[1][term], abs=2e-4), term
+
+
+def test_stream_batches_never_hold_an_image_twice(tiny_shards, monkeypatch):
+    """3 small shards resampled with a shuffle buffer bring images back while their first copy is still buffered:
+    the stream loader's batches hold distinct images (the sample keys' ids), and every image is a real sample."""
+    import star.train.token_loader as token_loader
+
+    batches = iter(token_loader.stream_loader(tiny_shards, 2, 8, seed=0, view_match="index", rank=0, workers=0,
+                                              shuffle_buffer=16))
+    seen = set()
+    for _ in range(30):
+        ids = next(batches).indices.tolist()
+        assert len(set(ids)) == 8, ids
+        seen.update(ids)
+    assert len(seen) == 24, "ids name the 24 stored images"
+    monkeypatch.setattr(token_loader, "collate_views", lambda batch: [item[3] for item in batch])
+    items = [(None, 0, None, image) for image in (1, 2, 1, 3, 1, 4, 5, 6)]
+    assert list(token_loader.distinct_batches(3)(iter(items))) == [[1, 2, 3], [1, 4, 5]], \
+        "a repeated image waits for the next batch, in arrival order"

@@ -131,8 +131,30 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
                               empty_check=False)
                .shuffle(shuffle_buffer)
                .map(to_item)
-               .batched(batch_per_rank, collation_fn=collate_views, partial=False))
+               .compose(distinct_batches(batch_per_rank)))
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer)
+
+
+def distinct_batches(batch_size: int):
+    """A WebDataset stage: TokenBatches of `batch_size` items of distinct images (item[3], the image id). Resampled
+    shards, when there are few, bring an image back while its first copy is still in the shuffle buffer; such an
+    item waits for the next batch instead of sharing one with itself."""
+    def stage(items):
+        batch, waiting = {}, []
+        for item in items:
+            waiting.append(item)
+            still_waiting = []
+            for candidate in waiting:
+                if candidate[3] in batch:
+                    still_waiting.append(candidate)
+                    continue
+                batch[candidate[3]] = candidate
+                if len(batch) == batch_size:
+                    yield collate_views(list(batch.values()))
+                    batch = {}
+            waiting = still_waiting
+
+    return stage
 
 
 def image_id(key: str) -> int:
