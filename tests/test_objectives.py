@@ -158,13 +158,17 @@ def test_global_pools_give_the_whole_batch_loss_for_any_split():
     assert torch.stack(local).mean() < expected[0] - 0.3, "a micro-batch alone gives fewer, easier negatives"
 
 
-def test_first_global_row_is_the_samplers_layout():
+def test_first_global_row_is_the_samplers_layout_and_steps_never_span_epochs():
+    """2 processes x 2 micro-batches x 3 images read, step by step, the one-process batches of 12, across epoch
+    boundaries (30 images: 2 whole steps an epoch, 6 left out), and first_global_row says where each slice sits."""
     world, rows, micro_batches = 2, 3, 2
-    samplers = [iter(EpochBatchSampler(40, rows, rank, world, seed=4)) for rank in range(world)]
-    one_process = iter(EpochBatchSampler(40, rows * world * micro_batches, 0, 1, seed=4))
-    for _ in range(2):  # steps
+    samplers = [iter(EpochBatchSampler(30, rows, rank, world, seed=4, micro_batches=micro_batches))
+                for rank in range(world)]
+    one_process = iter(EpochBatchSampler(30, rows * world * micro_batches, 0, 1, seed=4))
+    for _ in range(5):  # steps, over three epochs
         step_batches = [[next(s) for s in samplers] for _ in range(micro_batches)]  # [micro][rank]
         whole = next(one_process)
+        assert len(set(whole)) == 12
         for micro in range(micro_batches):
             for rank in range(world):
                 start = first_global_row(micro, rank, world, rows)

@@ -180,15 +180,20 @@ def collate_views(items) -> TokenBatch:
 class EpochBatchSampler(Sampler):
     """Endless batches for one rank: each epoch a seeded permutation, cut into world * batch slices (tail dropped).
 
-    Starting at `start_batch` (batches already consumed by this rank) makes a resumed run read exactly what an
-    uninterrupted run would have read.
+    An optimizer step reads `micro_batches` consecutive slices (--grad-accum), and an epoch holds whole steps, so a
+    step never spans two epochs (where one image could come twice) and step s reads the same global batch however
+    it is split over processes and micro-batches. Starting at `start_batch` (batches already consumed by this
+    rank) makes a resumed run read exactly what an uninterrupted run would have read.
     """
 
-    def __init__(self, num_samples: int, batch_per_rank: int, rank: int, world: int, seed: int, start_batch: int = 0):
-        self.batches_per_epoch = num_samples // (batch_per_rank * world)
-        if self.batches_per_epoch == 0:
+    def __init__(self, num_samples: int, batch_per_rank: int, rank: int, world: int, seed: int, start_batch: int = 0,
+                 micro_batches: int = 1):
+        steps_per_epoch = num_samples // (batch_per_rank * world * micro_batches)
+        if steps_per_epoch == 0:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
-                             f"({batch_per_rank} x {world} processes): lower --batch-size")
+                             f"({batch_per_rank} x {world} processes x {micro_batches} micro-batches): lower "
+                             "--batch-size")
+        self.batches_per_epoch = steps_per_epoch * micro_batches
         self.num_samples, self.batch_per_rank, self.rank, self.world = num_samples, batch_per_rank, rank, world
         self.seed, self.start_batch = seed, start_batch
 
@@ -221,7 +226,7 @@ def make_loader(plan, accelerator, cache: Path | None):
                              config.seed + plan.start_step, config.view_match, rank, config.num_workers)
     dataset = TokenViews(cache, plan.views_per_image, config.seed, config.view_match)
     sampler = EpochBatchSampler(len(dataset), plan.batch_per_process, rank, plan.world_size, config.seed,
-                                start_batch=plan.start_step * config.grad_accum)
+                                start_batch=plan.start_step * config.grad_accum, micro_batches=config.grad_accum)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=collate_views,
                       pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
                       worker_init_fn=leave_signals_to_the_trainer)
