@@ -3,12 +3,12 @@
     L = L_AR + alpha * L_MIM + beta * (L_step + L_view) / 2                         `total_loss`
 
     L_AR    next-token cross-entropy of the student, through the masked pass         GPT.forward(targets=...)
-    mask    a share of image key positions hidden from every query                   `key_mask`
+    mask    a share of image key positions hidden from every query                   `mask_from_scores`
     L_MIM   cosine distance of student and EMA-teacher final normed states           `cosine_distance`
     L_step  InfoNCE: a position against another position of the same view            `step_loss`
     L_view  InfoNCE: a position against the matching position of the other view      `view_loss`
     teacher an EMA copy of the student, in eval mode                                 `make_teacher`, `update_teacher`
-    draws   class dropout, the mask and the positions of a whole global batch           `draw_step`
+    draws   class dropout, the mask and the positions of a whole global batch        `draw_step`
     pool    the images an InfoNCE row is scored against (positives and negatives)    `global_pools`, `local_pool`
 
 A step's draws depend on the seed and the step only, per global image, and with `--negatives global` (the
