@@ -64,7 +64,7 @@ class StepContenders:
     """The three steps compared at one model size, sharing one set of weights where that is fair.
 
     ref: LlamaGen's computation (its model structure, full logits + F.cross_entropy, foreach AdamW as LlamaGen
-    gets on CPU, clip 1.0) on 8 sequences. plain: our trainer's step (`micro_batch_losses` + backward + clip +
+    gets on CPU, clip 1.0) on 8 sequences. plain: our trainer's step (`batch_losses` + backward + clip +
     its optimiser) on the same 8 sequences. star: the ST-AR step on 4 images x 2 views = the same 8 sequences.
     """
 
@@ -103,10 +103,10 @@ class StepContenders:
         self.ref_optimizer.zero_grad(set_to_none=True)
 
     def _our_step(self, module, star: bool, batch) -> None:
-        from star.train.objectives import micro_batch_losses, update_teacher
+        from star.train.objectives import batch_losses, update_teacher
 
         generator = torch.Generator(device=self.device).manual_seed(0)
-        terms = micro_batch_losses(batch, module, self.teacher, self.settings if star else None, self.config, generator)
+        terms = batch_losses(batch, module, self.teacher, self.settings if star else None, self.config, generator)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # the trainer's on-device skip, as in loop.py

@@ -57,8 +57,16 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of one training step on one rank: every per-step random choice derives from it (exact resume)."""
+    """The seed of one micro-batch's dropout on one rank (dropout masks are drawn per process, over its own rows):
+    a function of (seed, micro-batch count, rank), so resume is exact."""
     return (seed * 1_000_003 + step * 4099 + rank) % (2**63 - 1)
+
+
+def batch_draw_seed(seed: int, step: int) -> int:
+    """The seed of one optimizer step's draws over its whole global batch (class dropout, MIM masks, contrastive
+    positions): the same on every process and for every accumulation split, so neither changes the method. It is
+    rank 0's `step_seed`, so one process without accumulation draws what it always drew."""
+    return step_seed(seed, step, 0)
 
 
 def key_seed(key: str, seed: int) -> int:

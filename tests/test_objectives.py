@@ -7,13 +7,17 @@ import torch.nn.functional as F
 from reference import key_mask_bias
 
 from star.train.objectives import (
+    NegativePool,
+    TeacherTargets,
+    global_pools,
     info_nce,
+    local_pool,
     make_teacher,
     step_loss,
     update_teacher,
     view_loss,
 )
-from star.train.token_loader import geometric_match
+from star.train.token_loader import EpochBatchSampler, first_global_row, geometric_match
 
 
 def test_mask_keeps_class_column_and_diagonal_and_hides_the_ratio():
@@ -65,10 +69,111 @@ def test_step_and_view_losses_pick_the_right_positives():
     student = torch.randn(B, M, K, D)
     expected = torch.stack([info_nce(student[:, m, i], teacher[:, m, j], 0.2)
                             for m in range(M) for i in range(K) for j in range(K) if i != j]).mean()
-    assert torch.allclose(step_loss(student, teacher, 0.2), expected, atol=1e-6)
     valid = torch.ones(B, M, K, dtype=torch.bool)
+    pool = NegativePool(torch.arange(B), here=teacher, other=teacher, valid=valid)
+    assert torch.allclose(step_loss(student, pool, 0.2), expected, atol=1e-6)
     expected_view = torch.stack([info_nce(student[:, m, k], teacher[:, m, k], 0.2) for m in range(M) for k in range(K)]).mean()
-    assert torch.allclose(view_loss(student, teacher, valid, 0.2), expected_view, atol=1e-6)
+    assert torch.allclose(view_loss(student, pool, 0.2), expected_view, atol=1e-6)
+
+
+def test_an_image_twice_in_a_batch_is_not_its_own_negative():
+    torch.manual_seed(1)
+    B, M, K, D = 5, 2, 3, 8
+    teacher, student = torch.randn(B, M, K, D), torch.randn(B, M, K, D)
+    teacher[3] = teacher[1]  # rows 1 and 3 are one image (same view, same positions)
+    ids = torch.tensor([10, 11, 12, 11, 13])
+    valid = torch.ones(B, M, K, dtype=torch.bool)
+    pool = NegativePool(ids, here=teacher, other=teacher, valid=valid)
+
+    def expected(s, t):
+        losses = []
+        logits = F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).T / 0.2
+        for b in range(B):
+            kept = [c for c in range(B) if c == b or ids[c] != ids[b]]
+            losses.append(-F.log_softmax(logits[b, kept], 0)[kept.index(b)])
+        return torch.stack(losses).mean()
+
+    step = torch.stack([expected(student[:, m, i], teacher[:, m, j])
+                        for m in range(M) for i in range(K) for j in range(K) if i != j]).mean()
+    view = torch.stack([expected(student[:, m, k], teacher[:, m, k]) for m in range(M) for k in range(K)]).mean()
+    assert torch.allclose(step_loss(student, pool, 0.2), step, atol=1e-6)
+    assert torch.allclose(view_loss(student, pool, 0.2), view, atol=1e-6)
+    unmarked = NegativePool(torch.arange(B), here=teacher, other=teacher, valid=valid)
+    assert step_loss(student, unmarked, 0.2) > step + 0.01, "without ids the copy would be a (hard) negative"
+
+
+def _shard_gather(locals_by_rank: dict, rank: int):
+    """Accelerator.gather for process `rank` of len(locals_by_rank), the other processes' inputs known."""
+    def gather(local: dict) -> dict:
+        parts = [local if r == rank else locals_by_rank[r] for r in range(len(locals_by_rank))]
+        return {name: torch.cat([part[name] for part in parts]) for name in local}
+    return gather
+
+
+def test_global_pools_give_the_whole_batch_loss_for_any_split():
+    """2 processes x 2 micro-batches score their rows against the gathered global batch: the mean of the 4 shards'
+    L_step and L_view (with unequal valid counts) is the one-process loss of the whole batch, and with a
+    duplicated image across processes it is still masked."""
+    torch.manual_seed(2)
+    world, micro_batches, rows, M, K, D = 2, 2, 3, 2, 3, 8
+    G = world * micro_batches * rows
+    student = torch.randn(G, M, K, D)
+    whole = TeacherTargets(torch.zeros(G, M, 4, D), torch.randn(G, M, K, D), torch.randn(G, M, K, D),
+                           torch.rand(G, M, K) > 0.4)
+    ids = torch.arange(G)
+    ids[first_global_row(1, 1, world, rows)] = ids[0]  # one image on both processes
+    whole.here[first_global_row(1, 1, world, rows)] = whole.here[0]
+    reference = local_pool(whole, ids)
+    expected = (step_loss(student, reference, 0.2), view_loss(student, reference, 0.2))
+
+    def shard(rank: int, micro: int):
+        start = first_global_row(micro, rank, world, rows)
+        part = slice(start, start + rows)
+        return TeacherTargets(whole.final[part], whole.here[part], whole.other[part], whole.valid[part]), ids[part]
+
+    locals_by_rank = {}
+
+    def capture(rank: int):  # records what process `rank` hands to the all_gather
+        def gather(local: dict) -> dict:
+            locals_by_rank[rank] = local
+            return {name: torch.cat([part] * world) for name, part in local.items()}
+        return gather
+
+    for rank in range(world):
+        parts = [shard(rank, micro) for micro in range(micro_batches)]
+        global_pools([p[0] for p in parts], [p[1] for p in parts], capture(rank), world, rank)
+    losses = []
+    for rank in range(world):
+        parts = [shard(rank, micro) for micro in range(micro_batches)]
+        pools = global_pools([p[0] for p in parts], [p[1] for p in parts], _shard_gather(locals_by_rank, rank),
+                             world, rank)
+        for micro, pool in enumerate(pools):
+            assert pool.shares == 4 and pool.here.shape[0] == G
+            start = first_global_row(micro, rank, world, rows)
+            mine = student[start : start + rows]
+            losses.append(torch.stack([step_loss(mine, pool, 0.2), view_loss(mine, pool, 0.2)]))
+    torch.testing.assert_close(torch.stack(losses).mean(0), torch.stack(expected), atol=1e-6, rtol=0)
+    local = [step_loss(student[first_global_row(m, r, world, rows):][:rows], local_pool(*shard(r, m)), 0.2)
+             for r in range(world) for m in range(micro_batches)]
+    assert torch.stack(local).mean() < expected[0] - 0.3, "a micro-batch alone gives fewer, easier negatives"
+
+
+def test_first_global_row_is_the_samplers_layout_and_steps_never_span_epochs():
+    """2 processes x 2 micro-batches x 3 images read, step by step, the one-process batches of 12, across epoch
+    boundaries (30 images: 2 whole steps an epoch, 6 left out), and first_global_row says where each slice sits."""
+    world, rows, micro_batches = 2, 3, 2
+    samplers = [iter(EpochBatchSampler(30, rows * world * micro_batches, rank, world, seed=4,
+                                       micro_batches=micro_batches))
+                for rank in range(world)]
+    one_process = iter(EpochBatchSampler(30, rows * world * micro_batches, 0, 1, seed=4))
+    for _ in range(5):  # steps, over three epochs
+        step_batches = [[next(s) for s in samplers] for _ in range(micro_batches)]  # [micro][rank]
+        whole = next(one_process)
+        assert len(set(whole)) == 12
+        for micro in range(micro_batches):
+            for rank in range(world):
+                start = first_global_row(micro, rank, world, rows)
+                assert step_batches[micro][rank] == whole[start : start + rows]
 
 
 def test_geometry_mirrored_pair_maps_column_c_to_w_minus_1_minus_c():

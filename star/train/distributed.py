@@ -29,8 +29,11 @@ def make_accelerator(config):
     precision = resolve_precision(config.precision, device)
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=config.dist_timeout))
     accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="no" if precision == "fp32" else precision,
-                              gradient_accumulation_steps=config.grad_accum, kwargs_handlers=[timeout],
-                              log_with="tensorboard" if config.tensorboard else None, project_dir=config.out or None)
+                              kwargs_handlers=[timeout], log_with="tensorboard" if config.tensorboard else None,
+                              project_dir=config.out or None)
+    # the trainer accumulates itself (loop.train_step): Accelerate must not divide the loss again, whatever the
+    # launch config says
+    accelerator.gradient_accumulation_steps = 1
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

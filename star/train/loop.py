@@ -5,9 +5,10 @@ and `log` / `save` between steps. The losses are star/train/objectives.py's; res
 processes and sharding are star/train/distributed.py; what keeps a run safe is star/train/safety.py.
 
 One code path from one CPU process to many GPU nodes: Accelerate picks DDP (or FSDP) from its launch config.
-All per-step randomness (dropout, class dropout, MIM masks, contrastive positions, the data order) is a function
-of (seed, rank, step), so `--resume` continues exactly where the checkpoint left off; the data order is a function
-of (seed, global batch, step) alone, and checkpoints hold whole states, so a run resumes on another launch.
+Class dropout, MIM masks and contrastive positions are drawn per global image from (seed, step), the same for any
+process count or --grad-accum split; dropout from (seed, step, micro-batch, rank); the data order from (seed,
+global batch, step). So `--resume` continues exactly where the checkpoint left off, and checkpoints hold whole
+states, so a run also resumes on another number of processes, accumulation or engine.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from star.checkpoint import (
 from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import atomic_path, write_json_atomic
-from star.runtime import peak_memory_gb, step_seed
+from star.runtime import batch_draw_seed, peak_memory_gb, step_seed
 from star.train.config import TrainConfig
 from star.train.distributed import (
     agreed,
@@ -56,9 +57,14 @@ from star.train.distributed import (
 from star.train.objectives import (
     LOSS_TERMS,
     Projector,
+    StepDraws,
     StudentWithProjector,
+    draw_step,
+    global_pools,
+    local_pool,
     make_teacher,
     micro_batch_losses,
+    teacher_targets,
     update_teacher,
 )
 from star.train.plan import ResolvedTrainConfig, resolve_config
@@ -72,12 +78,13 @@ from star.train.safety import (
     claim_run_folder,
 )
 from star.train.token_cache import CacheFailed, build_unless_building, builds_cache, wait_for_token_cache
-from star.train.token_loader import make_loader
+from star.train.token_loader import first_global_row, make_loader
 from star.weights import load_llamagen_state_dict, load_state_dict_strict
 
 __all__ = ["TrainConfig", "train", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
 
-GUARDED = (*LOSS_TERMS, "loss", "grad_norm")  # what the non-finite guard watches, per optimizer step
+LOGGED = (*LOSS_TERMS, "loss")  # the step means train_step returns and log() averages, in this order
+GUARDED = (*LOGGED, "grad_norm")  # what the non-finite guard watches, per optimizer step
 
 
 def train(config: TrainConfig) -> dict:
@@ -336,7 +343,7 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     run.model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
-    sums = torch.zeros(len(LOSS_TERMS) + 1, device=accelerator.device)  # [5] summed on the device between logs
+    sums = torch.zeros(len(LOGGED), device=accelerator.device)  # summed on the device between logs
     interval_steps, interval_start = 0, time.time()
     step, started = start_step, time.time()
     run.cpu_started = time.process_time()
@@ -374,29 +381,18 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
 
 
 def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step (grad_accum micro-batches). Returns (mean loss terms [5], gradient norm before clip),
-    both still on the device: nothing here waits for the host."""
-    plan, accelerator = run.plan, run.accelerator
-    config, device = plan.settings, accelerator.device
-    sums = torch.zeros(len(LOSS_TERMS) + 1, device=device)  # [5]
-    grad_norm = torch.full((), float("nan"), device=device)
-    for micro in range(config.grad_accum):
-        batch = next(data).to(device)
-        seed = step_seed(config.seed, step * config.grad_accum + micro, accelerator.process_index)
-        torch.manual_seed(seed)  # dropout
-        generator = torch.Generator(device=device).manual_seed(seed)
-        with accelerator.accumulate(run.model):
-            with accelerator.autocast():
-                terms = micro_batch_losses(batch, run.model, run.teacher_forward, plan.star, plan.model, generator)
-            sums += torch.stack([terms[name].detach().float() for name in (*LOSS_TERMS, "loss")]) / config.grad_accum
-            accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients:
-                # a NaN loss gives a NaN gradient norm too, so this one check also keeps poisoned losses out
-                grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.grad_clip).detach()
-                grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)().float()  # FSDP2: a DTensor
-                skip_update_if_non_finite(run, grad_norm)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+    """One optimizer step, in the order it happens: read the step's --grad-accum micro-batches; draw the step's
+    random choices for its whole global batch; the teacher's targets and the InfoNCE negatives; forward and backward
+    each micro-batch (the gradients add up); clip; step, or skip a non-finite step on the device; the teacher's EMA.
+    Returns (the step's mean of each LOGGED term [len(LOGGED)], the gradient norm before clipping), both on the
+    device: nothing here waits for the host."""
+    plan = run.plan
+    batches = [next(data).to(run.accelerator.device) for _ in range(plan.settings.grad_accum)]
+    draws = step_draws(run, step)
+    teacher_side = teacher_side_of_step(run, batches, draws)
+    sums = accumulate_gradients(run, batches, draws, teacher_side, step)
+    grad_norm = clip_gradients(run)
+    step_unless_non_finite(run, grad_norm)
     watched_norm = grad_norm.new_zeros(()) if run.uses_scaler else grad_norm  # fp16 overflow is the scaler's job
     run.guard.record(torch.cat([sums, watched_norm.reshape(1)]), step + 1)
     if run.teacher is not None:
@@ -404,11 +400,84 @@ def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.T
     return sums, grad_norm
 
 
-def skip_update_if_non_finite(run: TrainingRun, grad_norm: torch.Tensor) -> None:
-    """Make the optimizer step a no-op on the device when the gradient norm is NaN/inf (fused AdamW's found_inf,
-    the mechanism GradScaler uses): a poisoned step is never applied and nothing waits for the host."""
+def step_draws(run: TrainingRun, step: int) -> StepDraws:
+    """Class dropout, MIM masks and contrastive positions of the step's whole global batch, from (seed, step) only:
+    every process draws the same and takes its micro-batches' rows."""
+    plan, device = run.plan, run.accelerator.device
+    generator = torch.Generator(device=device).manual_seed(batch_draw_seed(plan.settings.seed, step))
+    return draw_step(plan.settings.batch_size, plan.views_per_image, plan.model, plan.star, generator, device)
+
+
+def micro_rows(run: TrainingRun, micro: int, draws: StepDraws) -> StepDraws:
+    """The draws of this process's micro-batch `micro` (its rows of the global batch)."""
+    plan, accelerator = run.plan, run.accelerator
+    start = first_global_row(micro, accelerator.process_index, accelerator.num_processes, plan.batch_per_process)
+    return draws.rows(start, plan.batch_per_process)
+
+
+def teacher_side_of_step(run: TrainingRun, batches: list, draws: StepDraws) -> list[tuple]:
+    """(teacher targets, negative pool) per micro-batch; (None, None) without ST-AR. The teacher does not change
+    within a step, so it runs over every micro-batch first (no gradient) and its targets are kept for the step:
+    the cost of negatives across micro-batches is grad_accum micro-batches of final states [b, M, S, D] held at once
+    (in the autocast dtype; L_MIM's targets), plus one all_gather of the position features per step."""
+    plan, accelerator = run.plan, run.accelerator
+    if run.teacher is None:
+        return [(None, None)] * len(batches)
+    with accelerator.autocast():
+        targets = [teacher_targets(batch, run.teacher_forward, plan.star, plan.model, micro_rows(run, micro, draws))
+                   for micro, batch in enumerate(batches)]
+    image_ids = [batch.indices for batch in batches]
+    if plan.star.negatives == "local":
+        pools = [local_pool(part, ids) for part, ids in zip(targets, image_ids)]
+    else:
+        pools = global_pools(targets, image_ids, accelerator.gather, accelerator.num_processes,
+                             accelerator.process_index)
+    return list(zip(targets, pools))
+
+
+def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teacher_side: list[tuple],
+                         step: int) -> torch.Tensor:
+    """Forward and backward of each micro-batch; the gradients add up in .grad. Each loss is divided by the number
+    of micro-batches, so the sum is the step's mean gradient; DDP averages it over the processes on the last
+    micro-batch only (the others run under no_sync). Returns the step's mean of each LOGGED term [len(LOGGED)]."""
+    plan, accelerator = run.plan, run.accelerator
+    count = len(batches)
+    sums = torch.zeros(len(LOGGED), device=accelerator.device)
+    for micro, batch in enumerate(batches):
+        # dropout masks are drawn per process over its own rows: seeded by the micro-batch and the process
+        torch.manual_seed(step_seed(plan.settings.seed, step * count + micro, accelerator.process_index))
+        last = micro == count - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+            with accelerator.autocast():
+                terms = micro_batch_losses(batch, run.model, plan.star, plan.model, micro_rows(run, micro, draws),
+                                           *teacher_side[micro])
+            accelerator.backward(terms["loss"] / count)
+        sums += torch.stack([terms[name].detach().float() for name in LOGGED]) / count
+    return sums
+
+
+def clip_gradients(run: TrainingRun) -> torch.Tensor:
+    """Clip the gradient norm over all parameters to --grad-clip; returns the norm before clipping (fp32, on the
+    device). A NaN loss gives a NaN norm too, so the step's one check (`step_unless_non_finite`) covers both."""
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.plan.settings.grad_clip).detach()
+    return getattr(grad_norm, "full_tensor", lambda: grad_norm)().float()  # FSDP2: a DTensor
+
+
+def step_unless_non_finite(run: TrainingRun, grad_norm: torch.Tensor) -> None:
+    """The optimizer step, skipped on the device when the gradient norm is NaN/inf, then zeroed gradients.
+
+    Why this way: reading the norm on the host would stall every step on a device sync. Fused AdamW takes a
+    `found_inf` tensor (the input GradScaler uses to skip fp16 overflow steps) and, where it is 1, leaves the
+    weights, moments and step counts as they were; it is set from the norm on the device for this step only. The
+    guard reports a skipped step at the next log (`raise_if_non_finite`). Under fp16 the GradScaler sets it itself.
+    """
+    adamw = run.optimizer.optimizer  # the fused AdamW inside Accelerate's AcceleratedOptimizer
     if not run.uses_scaler:
-        run.optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        adamw.found_inf = (~torch.isfinite(grad_norm)).float()
+    run.optimizer.step()
+    if not run.uses_scaler:
+        del adamw.found_inf
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 def raise_if_non_finite(run: TrainingRun) -> None:
@@ -447,7 +516,7 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
     accelerator, plan = run.accelerator, run.plan
     elapsed = max(time.time() - interval_start, 1e-9)
     averaged = accelerator.reduce(sums.float().to(accelerator.device), reduction="mean").tolist()
-    record = {"step": step, **{n: round(v / interval_steps, 6) for n, v in zip((*LOSS_TERMS, "loss"), averaged)}}
+    record = {"step": step, **{n: round(v / interval_steps, 6) for n, v in zip(LOGGED, averaged)}}
     images_per_second = interval_steps * plan.settings.batch_size / elapsed
     record.update({"grad_norm": round(float(grad_norm), 4), "lr": run.optimizer.param_groups[0]["lr"],
                    "images_per_s": round(images_per_second, 2),

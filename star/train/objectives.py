@@ -3,14 +3,19 @@
     L = L_AR + alpha * L_MIM + beta * (L_step + L_view) / 2                         `total_loss`
 
     L_AR    next-token cross-entropy of the student, through the masked pass         GPT.forward(targets=...)
-    mask    a share of image key positions hidden from every query                   `key_mask`
+    mask    a share of image key positions hidden from every query                   `mask_from_scores`
     L_MIM   cosine distance of student and EMA-teacher final normed states           `cosine_distance`
     L_step  InfoNCE: a position against another position of the same view            `step_loss`
     L_view  InfoNCE: a position against the matching position of the other view      `view_loss`
     teacher an EMA copy of the student, in eval mode                                 `make_teacher`, `update_teacher`
+    draws   class dropout, the mask and the positions of a whole global batch        `draw_step`
+    pool    the images an InfoNCE row is scored against (positives and negatives)    `global_pools`, `local_pool`
 
-`micro_batch_losses` computes every term of one micro-batch from the student's and the teacher's named
-features; the trainer (star/train/loop.py) does the rest of a step. Sequence layout: position 0 is the class,
+A step's draws depend on the seed and the step only, per global image, and with `--negatives global` (the
+default) the InfoNCE negatives are the teacher's features of the whole global batch, gathered from every process
+and micro-batch: the same command is the same method on 1 process or 64, with or without accumulation.
+`teacher_targets` runs the teacher over a micro-batch, `micro_batch_losses` computes every term of one
+micro-batch; the trainer (star/train/loop.py) does the rest of a step. Sequence layout: position 0 is the class,
 position s >= 1 holds image token s - 1 as input; contrastive positions are drawn among s = 1 .. S - 1.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 
 from star.train.distributed import local_shards
 from star.train.star_settings import StarSettings
+from star.train.token_loader import first_global_row
 
 LOSS_TERMS = ("loss_ar", "loss_mim", "loss_step", "loss_view")
 
@@ -47,34 +53,98 @@ def drop_class_labels(labels: torch.Tensor, prob: float, null_class: int,
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
-def key_mask(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None,
-             device=None, cls_token_num: int = 1) -> torch.Tensor:
-    """Causal boolean attention mask [B, 1, S, S] (True = attend) with round(ratio * (S - cls)) image key
-    positions per sequence hidden from every query. Class positions and the diagonal are never hidden, so no row
-    is empty; the mask is shared across layers and heads. Boolean is the form SDPA takes without a per-layer
-    conversion (an additive float mask would be cast to the compute dtype in every layer)."""
-    num_image = seq_len - cls_token_num
-    num_hidden = int(round(ratio * num_image))
-    scores = torch.rand(batch, num_image, generator=generator, device=device)  # [B, S - cls]
-    visible_columns = torch.ones(batch, 1, 1, seq_len, dtype=torch.bool, device=device)  # [B, 1, 1, S]
+def mask_from_scores(scores: torch.Tensor, seq_len: int, ratio: float, cls_token_num: int = 1) -> torch.Tensor:
+    """Causal boolean attention mask [N, 1, S, S] (True = attend) hiding, per sequence, the round(ratio * (S - cls))
+    image key positions with the highest `scores` [N, S - cls] from every query. Class positions and the diagonal
+    are never hidden, so no row is empty; the mask is shared across layers and heads. Boolean is the form SDPA
+    takes without a per-layer conversion (an additive float mask would be cast to the compute dtype in every
+    layer)."""
+    batch, device = scores.shape[0], scores.device
+    num_hidden = int(round(ratio * (seq_len - cls_token_num)))
+    visible_columns = torch.ones(batch, 1, 1, seq_len, dtype=torch.bool, device=device)  # [N, 1, 1, S]
     if num_hidden > 0:
-        chosen = scores.topk(num_hidden, dim=1).indices + cls_token_num  # [B, hidden]
+        chosen = scores.topk(num_hidden, dim=1).indices + cls_token_num  # [N, hidden]
         visible_columns.view(batch, seq_len).scatter_(1, chosen, False)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # [S, S]
     diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
-    return causal & (visible_columns | diagonal)  # [B, 1, S, S]
+    return causal & (visible_columns | diagonal)  # [N, 1, S, S]
+
+
+def key_mask(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None,
+             device=None, cls_token_num: int = 1) -> torch.Tensor:
+    """`mask_from_scores` of a fresh draw: [B, 1, S, S]."""
+    scores = torch.rand(batch, seq_len - cls_token_num, generator=generator, device=device)  # [B, S - cls]
+    return mask_from_scores(scores, seq_len, ratio, cls_token_num)
+
+
+def positions_from_scores(scores: torch.Tensor, count: int, cls_token_num: int = 1) -> torch.Tensor:
+    """The `count` image positions with the highest scores [..., S - cls]: [..., count] in cls .. S - 1."""
+    return scores.topk(count, dim=-1).indices + cls_token_num
 
 
 def sample_positions(batch: int, seq_len: int, count: int, generator: torch.Generator | None, device,
                      cls_token_num: int = 1) -> torch.Tensor:
     """K distinct image positions per row: [batch, K] in cls .. S - 1."""
     scores = torch.rand(batch, seq_len - cls_token_num, generator=generator, device=device)
-    return scores.topk(count, dim=1).indices + cls_token_num
+    return positions_from_scores(scores, count, cls_token_num)
 
 
 def gather_positions(features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """features [N, S, D], positions [N, K] -> [N, K, D]."""
     return features.gather(1, positions[..., None].expand(-1, -1, features.shape[-1]))
+
+
+def at_positions(features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """features [B, M, S, D], positions [B, M, K] -> [B, M, K, D]."""
+    return features.gather(2, positions[..., None].expand(-1, -1, -1, features.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every random draw of one optimizer step
+
+
+@dataclass
+class StepDraws:
+    """The random choices of one optimizer step's class dropout and self-guided terms, for its whole global batch
+    (rows in global image order: star.train.token_loader.first_global_row). `draw_step` draws them from one
+    generator seeded by the seed and the step, so neither the process count nor the accumulation split changes
+    what any image gets, and resume repeats them. A micro-batch takes its rows with `rows`."""
+
+    drop_label: torch.Tensor | None  # [G] bool: the label is replaced by the null class; None: no class dropout
+    mask_scores: torch.Tensor | None  # [G, M, S - cls] the MIM key mask's draw; None without L_MIM
+    positions: torch.Tensor | None  # [G, M, K] contrastive positions in cls .. S - 1; None without L_step / L_view
+
+    def rows(self, start: int, count: int) -> StepDraws:
+        return StepDraws(*(None if draw is None else draw[start : start + count]
+                           for draw in (self.drop_label, self.mask_scores, self.positions)))
+
+
+def draw_step(images: int, views: int, model_config, settings: StarSettings | None, generator: torch.Generator,
+              device) -> StepDraws:
+    """The draws of a global batch of `images` images with `views` views each, in this order: class dropout [G],
+    the MIM mask's scores [G M, S - cls], the contrastive positions' scores [G M, S - cls] (each only when used).
+    One process without accumulation gets what per-batch calls of drop_class_labels, key_mask and sample_positions
+    on this generator would draw."""
+    image_positions = model_config.block_size - 1  # S - cls: the positions holding an image token as input
+    drop = None
+    if model_config.class_dropout_prob > 0:
+        drop = torch.rand(images, generator=generator, device=device) < model_config.class_dropout_prob  # [G]
+    mask_scores, positions = None, None
+    if settings is not None and settings.use_mim:
+        mask_scores = torch.rand(images * views, image_positions, generator=generator, device=device)
+        mask_scores = mask_scores.reshape(images, views, image_positions)
+    if settings is not None and (settings.use_step or settings.use_view):
+        scores = torch.rand(images * views, image_positions, generator=generator, device=device)
+        positions = positions_from_scores(scores, settings.num_positions, model_config.cls_token_num)
+        positions = positions.reshape(images, views, -1)  # [G, M, K]
+    return StepDraws(drop, mask_scores, positions)
+
+
+def conditioning_labels(labels: torch.Tensor, draws: StepDraws, null_class: int) -> torch.Tensor:
+    """The labels [B] both networks see: class dropout applied once per image (every view, student and teacher)."""
+    if draws.drop_label is None:
+        return labels
+    return torch.where(draws.drop_label, torch.full_like(labels, null_class), labels)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,104 +155,218 @@ def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
-def info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-             valid: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE over a batch: row b's positive is teacher[b], negatives are the other rows' teacher features.
-
-    student, teacher: [..., B, D]; leading dims are independent problems. valid: [..., B] rows to score
-    (invalid rows still serve as negatives). Cosine similarity / temperature.
-    """
+def contrastive_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine similarity / temperature of every student row [..., b, D] with every teacher row [..., G, D]:
+    [..., b, G] in float32 (leading dims broadcast)."""
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.float(), dim=-1)
-    logits = s @ t.transpose(-1, -2) / temperature  # [..., B, B]
-    targets = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[:-1])
+    return s @ t.transpose(-1, -2) / temperature
+
+
+def info_nce_of_logits(logits: torch.Tensor, first_row: int = 0, valid: torch.Tensor | None = None,
+                       exclude: torch.Tensor | None = None, denominator=None) -> torch.Tensor:
+    """InfoNCE from logits [..., b, G]: row r's positive is column first_row + r, every other column a negative,
+    except the columns `exclude` [b, G] marks (another copy of the row's image: never its own negative).
+    valid [..., b]: the rows scored (an unscored row's column still serves as a negative). Returns the scored rows'
+    summed loss over `denominator` (default: their count)."""
+    rows = logits.shape[-2]
+    targets = torch.arange(first_row, first_row + rows, device=logits.device).expand(logits.shape[:-1])
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     if valid is None:
-        return losses.mean()
-    weights = valid.reshape(-1).float()
-    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+        return losses.sum() / (losses.numel() if denominator is None else denominator)
+    valid = valid.reshape(-1)
+    scored = torch.where(valid, losses, torch.zeros_like(losses)).sum()
+    return scored / (valid.sum().clamp_min(1) if denominator is None else denominator)
 
 
-def step_loss(student_proj: torch.Tensor, teacher_feat: torch.Tensor, temperature: float) -> torch.Tensor:
-    """L_step. student_proj, teacher_feat: [B, M, K, D] at the same sampled positions. For each view m and
-    ordered pair i != j: positive = teacher (same image, same view, position j); negatives = other images."""
-    B, M, K, D = student_proj.shape
-    s = student_proj.permute(1, 2, 0, 3)[:, :, None].expand(M, K, K, B, D)  # [M, i, j, B, D]
-    t = teacher_feat.permute(1, 2, 0, 3)[:, None, :].expand(M, K, K, B, D)
-    off_diagonal = ~torch.eye(K, dtype=torch.bool, device=student_proj.device)
-    return info_nce(s[:, off_diagonal], t[:, off_diagonal], temperature)  # [M, K(K-1), B, D]
-
-
-def view_loss(student_proj: torch.Tensor, teacher_other: torch.Tensor, valid: torch.Tensor,
-              temperature: float) -> torch.Tensor:
-    """L_view. student_proj [B, M, K, D] at view m's positions; teacher_other [B, M, K, D] = teacher features of
-    view (m+1) % M at the matching positions; valid [B, M, K] where a match exists."""
-    s = student_proj.permute(1, 2, 0, 3)  # [M, K, B, D]
-    t = teacher_other.permute(1, 2, 0, 3)
-    return info_nce(s, t, temperature, valid.permute(1, 2, 0))
+def info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float, valid: torch.Tensor | None = None,
+             first_row: int = 0, exclude: torch.Tensor | None = None, denominator=None) -> torch.Tensor:
+    """InfoNCE of student rows [..., b, D] against teacher rows [..., G, D] (cosine / temperature): row r's positive
+    is teacher row first_row + r, the other rows are its negatives (see `info_nce_of_logits`)."""
+    return info_nce_of_logits(contrastive_logits(student, teacher, temperature), first_row, valid, exclude,
+                              denominator)
 
 
 @dataclass
-class Features:
-    """What one network contributes to the self-guided terms, shaped [B, M, ...] (B images, M views)."""
+class TeacherTargets:
+    """The teacher's side of one micro-batch (no gradient), from `teacher_targets`."""
 
-    final: torch.Tensor  # [B, M, S, D] final normed states (L_MIM)
-    middle: torch.Tensor | None = None  # [B, M, S, D] states after the contrastive layer (teacher)
-    projected: torch.Tensor | None = None  # [B, M, K, D] the student's projected middle states at `positions`
+    final: torch.Tensor  # [b, M, S, D] final normed states (L_MIM)
+    here: torch.Tensor | None = None  # [b, M, K, D] states after the contrastive layer at view m's positions (L_step)
+    other: torch.Tensor | None = None  # [b, M, K, D] the same states of view (m+1) % M at the matching positions
+    valid: torch.Tensor | None = None  # [b, M, K] bool: view m's position has a match in view (m+1) % M (L_view)
 
 
-def star_losses(settings: StarSettings, student: Features, teacher: Features, positions: torch.Tensor | None,
-                view_match: torch.Tensor, cls_token_num: int = 1) -> dict:
-    """L_MIM, L_step and L_view of one micro-batch. positions [B * M, K]: the sampled contrastive positions;
-    view_match [B, M, T]: the token of view (m+1) % M matching token t of view m, or -1."""
-    B, M, S, D = student.final.shape
-    zero = student.final.new_zeros(())
-    terms = {"loss_mim": zero, "loss_step": zero, "loss_view": zero}
-    if settings.use_mim:
-        terms["loss_mim"] = cosine_distance(student.final, teacher.final)
-    if student.projected is None:
-        return terms
-    teacher_here = gather_positions(teacher.middle.reshape(B * M, S, D), positions).reshape(B, M, -1, D)
-    if settings.use_step:
-        terms["loss_step"] = step_loss(student.projected, teacher_here, settings.contrastive_temperature)
+@dataclass
+class NegativePool:
+    """Every image a micro-batch's InfoNCE rows are scored against (their positives and their negatives): the
+    teacher's features at the sampled positions, with the images' ids. `--negatives global`: the optimizer step's
+    whole global batch, gathered from every process and micro-batch, in global image order (`global_pools`), so
+    the loss does not depend on how the batch is split; `local`: the micro-batch alone (`local_pool`). The
+    micro-batch's own images are rows first_row .. first_row + b."""
+
+    image_ids: torch.Tensor  # [G] TokenBatch.indices: which image each row is
+    here: torch.Tensor | None = None  # [G, M, K, D] TeacherTargets.here of every image
+    other: torch.Tensor | None = None  # [G, M, K, D] TeacherTargets.other
+    valid: torch.Tensor | None = None  # [G, M, K] TeacherTargets.valid
+    first_row: int = 0
+    shares: int = 1  # micro-batches (on all processes) scored against this pool; their mean loss is the pool's
+
+    def exclusions(self, rows: int) -> torch.Tensor:
+        """[rows, G]: True where a column holds the image of one of the micro-batch's rows again, other than that
+        row's own column (a batch may hold an image twice): neither its positive nor a negative."""
+        own = self.image_ids[self.first_row : self.first_row + rows]
+        same = own[:, None] == self.image_ids[None, :]  # [rows, G]
+        same[torch.arange(rows, device=same.device), torch.arange(self.first_row, self.first_row + rows)] = False
+        return same
+
+
+def step_loss(student_proj: torch.Tensor, pool: NegativePool, temperature: float) -> torch.Tensor:
+    """L_step. student_proj [b, M, K, D]: the micro-batch's projected states at its sampled positions; pool.here
+    [G, M, K, D]: the teacher's at the same positions, for every image of the pool. For each view m and ordered pair
+    i != j: row (b, m, i)'s positive is the teacher's (b, m, j), its negatives the other images' (., m, j)."""
+    rows, _, K, _ = student_proj.shape
+    s = student_proj.permute(1, 2, 0, 3)[:, :, None]  # [M, K (i), 1, b, D]
+    t = pool.here.permute(1, 2, 0, 3)[:, None]  # [M, 1, K (j), G, D]
+    off_diagonal = ~torch.eye(K, dtype=torch.bool, device=student_proj.device)
+    logits = contrastive_logits(s, t, temperature)[:, off_diagonal]  # [M, K(K-1), b, G]
+    return info_nce_of_logits(logits, pool.first_row, exclude=pool.exclusions(rows))
+
+
+def view_loss(student_proj: torch.Tensor, pool: NegativePool, temperature: float) -> torch.Tensor:
+    """L_view. student_proj [b, M, K, D] at view m's positions; pool.other [G, M, K, D]: the teacher's features of
+    view (m+1) % M at the matching positions, scored where pool.valid. The denominator is the pool's count of
+    valid rows over its shares, so the mean over the micro-batches sharing a pool is the pool's mean."""
+    rows = student_proj.shape[0]
+    s = student_proj.permute(1, 2, 0, 3)  # [M, K, b, D]
+    t = pool.other.permute(1, 2, 0, 3)  # [M, K, G, D]
+    valid = pool.valid[pool.first_row : pool.first_row + rows].permute(1, 2, 0)  # [M, K, b]
+    denominator = pool.valid.sum().clamp_min(1) / pool.shares
+    return info_nce(s, t, temperature, valid, pool.first_row, pool.exclusions(rows), denominator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher's targets and the negatives
+
+
+def matching_in_next_view(middle: torch.Tensor, positions: torch.Tensor, view_match: torch.Tensor,
+                          cls_token_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """middle [B, M, S, D], positions [B, M, K], view_match [B, M, T] -> (the states of view (m+1) % M at the
+    positions matching view m's [B, M, K, D], valid [B, M, K] where a match exists)."""
+    S = middle.shape[2]
+    token_index = positions - cls_token_num  # [B, M, K] image-token index in view m
+    matched = view_match.gather(2, token_index)  # [B, M, K] token index in view (m+1) % M
+    # The last token of a grid is never an input position, so it has no hidden state: treat as no match.
+    valid = (matched >= 0) & (matched < S - cls_token_num)
+    other_positions = matched.clamp(0, S - 1 - cls_token_num) + cls_token_num
+    other_view = torch.roll(middle, shifts=-1, dims=1)  # [B, M, S, D]: view (m+1) % M at slot m
+    return at_positions(other_view, other_positions), valid
+
+
+@torch.no_grad()
+def teacher_targets(batch, teacher, settings: StarSettings, model_config, draws: StepDraws) -> TeacherTargets:
+    """The teacher's pass over one micro-batch (plain causal attention, no LM head) and its features where the terms
+    need them. draws: the micro-batch's rows of the step's draws."""
+    tokens = batch.tokens  # [B, M, T]
+    B, M, T = tokens.shape
+    cls = model_config.cls_token_num
+    S = cls + T - 1
+    labels = conditioning_labels(batch.labels, draws, model_config.null_class).repeat_interleave(M)  # [B M]
+    layer = settings.contrastive_layer if draws.positions is not None else None
+    output = teacher(tokens.reshape(B * M, T)[:, :-1], labels, return_layers=(layer,) if layer else (),
+                     return_final_hidden=True, head=False)
+    final = output.final_hidden.reshape(B, M, S, -1)
+    if not layer:  # no contrastive layer (0 or None): L_MIM only, as on the student's side
+        return TeacherTargets(final)
+    middle = output.hidden[layer].reshape(B, M, S, -1)
+    here = at_positions(middle, draws.positions) if settings.use_step else None
+    other, valid = None, None
     if settings.use_view and M > 1:
-        token_index = positions.reshape(B, M, -1) - cls_token_num  # [B, M, K] image-token index in view m
-        matched = view_match.gather(2, token_index)  # [B, M, K] token index in view (m+1) % M
-        # The last token of a grid is never an input position, so it has no hidden state: treat as no match.
-        valid = (matched >= 0) & (matched < S - cls_token_num)
-        other_positions = matched.clamp(0, S - 1 - cls_token_num) + cls_token_num
-        other_view = torch.roll(teacher.middle, shifts=-1, dims=1)  # [B, M, S, D]: view (m+1) % M at slot m
-        teacher_other = gather_positions(other_view.reshape(B * M, S, D), other_positions.reshape(B * M, -1))
-        terms["loss_view"] = view_loss(student.projected, teacher_other.reshape(B, M, -1, D), valid,
-                                       settings.contrastive_temperature)
-    return terms
+        other, valid = matching_in_next_view(middle, draws.positions, batch.view_match, cls)
+    return TeacherTargets(final, here, other, valid)
+
+
+def local_pool(targets: TeacherTargets, image_ids: torch.Tensor) -> NegativePool:
+    """`--negatives local`: a micro-batch scored against its own images only."""
+    return NegativePool(image_ids, targets.here, targets.other, targets.valid)
+
+
+def global_pools(targets: list[TeacherTargets], image_ids: list[torch.Tensor], gather, world: int,
+                 rank: int) -> list[NegativePool]:
+    """`--negatives global`: one pool per micro-batch of this process, all holding the step's whole global batch.
+    targets, image_ids: this process's micro-batches in order; gather: concatenates a dict of tensors over the
+    processes in rank order (Accelerator.gather). The teacher features carry no gradient, so gathering them is
+    enough: each process scores its own rows, and the mean over processes and micro-batches is the global loss."""
+    micro_batches, rows = len(targets), len(image_ids[0])
+    local = {"image_ids": torch.cat(image_ids)}  # [A b]
+    for name in ("here", "other", "valid"):
+        if getattr(targets[0], name) is not None:
+            parts = torch.cat([getattr(part, name) for part in targets])  # [A b, ...]
+            # float32 features and uint8 flags: every backend gathers those (gloo has no bool)
+            local[name] = parts.to(torch.uint8) if parts.dtype == torch.bool else parts.float()
+    gathered = gather(local)  # [W A b, ...], process-major
+
+    def global_order(part: torch.Tensor) -> torch.Tensor:  # process-major -> the loader's micro-batch-major order
+        rest = part.shape[1:]
+        return part.reshape(world, micro_batches, rows, *rest).transpose(0, 1).reshape(-1, *rest)
+
+    pool = {name: global_order(part) for name, part in gathered.items()}
+    if "valid" in pool:
+        pool["valid"] = pool["valid"].bool()
+    return [NegativePool(**pool, first_row=first_global_row(micro, rank, world, rows), shares=world * micro_batches)
+            for micro in range(micro_batches)]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One micro-batch
 
 
-def micro_batch_losses(batch, student, teacher, settings: StarSettings | None, model_config, generator) -> dict:
+@dataclass
+class Features:
+    """What the student contributes to the self-guided terms, shaped [B, M, ...] (B images, M views)."""
+
+    final: torch.Tensor  # [B, M, S, D] final normed states (L_MIM)
+    projected: torch.Tensor | None = None  # [B, M, K, D] the projected middle states at the sampled positions
+
+
+def star_losses(settings: StarSettings, student: Features, teacher: TeacherTargets, pool: NegativePool) -> dict:
+    """L_MIM, L_step and L_view of one micro-batch: the student's features against the teacher's targets for its own
+    images (L_MIM) and against the pool (the contrastive terms' positives and negatives)."""
+    zero = student.final.new_zeros(())
+    terms = {"loss_mim": zero, "loss_step": zero, "loss_view": zero}
+    if settings.use_mim:
+        terms["loss_mim"] = cosine_distance(student.final, teacher.final)
+    if student.projected is None:
+        return terms
+    if settings.use_step:
+        terms["loss_step"] = step_loss(student.projected, pool, settings.contrastive_temperature)
+    if pool.other is not None:
+        terms["loss_view"] = view_loss(student.projected, pool, settings.contrastive_temperature)
+    return terms
+
+
+def micro_batch_losses(batch, student, settings: StarSettings | None, model_config, draws: StepDraws,
+                       teacher: TeacherTargets | None = None, pool: NegativePool | None = None) -> dict:
     """Every loss term of one micro-batch, and their total under "loss".
 
-    batch: a TokenBatch (tokens [B, M, T], labels [B], view_match); student: the StudentWithProjector the
-    optimizer trains (wrapped by DDP/FSDP); teacher: the EMA teacher's forward; settings None: plain LlamaGen.
-    The generator's draws, in order: class dropout, the mask, the contrastive positions.
+    batch: a TokenBatch (tokens [B, M, T], labels [B], view_match, indices); student: the StudentWithProjector the
+    optimizer trains (wrapped by DDP/FSDP); settings None: plain LlamaGen; draws: the micro-batch's rows of the
+    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only).
     """
     tokens = batch.tokens  # [B, M, T]
     B, M, T = tokens.shape
     cls = model_config.cls_token_num
     S = cls + T - 1
-    labels = drop_class_labels(batch.labels, model_config.class_dropout_prob, model_config.null_class, generator)
     flat_tokens = tokens.reshape(B * M, T)
-    flat_labels = labels.repeat_interleave(M)  # [B M]
+    flat_labels = conditioning_labels(batch.labels, draws, model_config.null_class).repeat_interleave(M)  # [B M]
     star = settings is not None
-    mask, layer, positions = None, None, None
-    if star and settings.use_mim:
-        mask = key_mask(B * M, S, settings.mask_ratio, generator, tokens.device, cls_token_num=cls)  # bool, once
-    if star and (settings.use_step or settings.use_view):
-        layer = settings.contrastive_layer
-        positions = sample_positions(B * M, S, settings.num_positions, generator, tokens.device, cls)  # [B M, K]
+    mask, positions, layer = None, None, None
+    if draws.mask_scores is not None:
+        mask = mask_from_scores(draws.mask_scores.reshape(B * M, -1), S, settings.mask_ratio, cls)  # bool, once
+    if draws.positions is not None:
+        positions, layer = draws.positions.reshape(B * M, -1), settings.contrastive_layer  # [B M, K]
     # targets: the chunked head computes the next-token loss without materialising [N, S, V] logits
     output, projected = student(flat_tokens[:, :-1], flat_labels, attn_mask=mask, layer=layer, positions=positions,
                                 return_final_hidden=star, targets=flat_tokens)
@@ -190,17 +374,25 @@ def micro_batch_losses(batch, student, teacher, settings: StarSettings | None, m
     if not star:
         zero = terms["loss_ar"].new_zeros(())
         return {**terms, "loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": terms["loss_ar"]}
-    with torch.no_grad():  # the teacher needs hidden states only: no LM head
-        teacher_out = teacher(flat_tokens[:, :-1], flat_labels, return_layers=(layer,) if layer else (),
-                              return_final_hidden=True, head=False)
-    shape = (B, M, S, -1)
-    student_features = Features(output.final_hidden.reshape(shape), projected=None if projected is None else
+    student_features = Features(output.final_hidden.reshape(B, M, S, -1), projected=None if projected is None else
                                 projected.reshape(B, M, -1, projected.shape[-1]))
-    teacher_features = Features(teacher_out.final_hidden.reshape(shape),
-                                middle=teacher_out.hidden[layer].reshape(shape) if layer else None)
-    terms.update(star_losses(settings, student_features, teacher_features, positions, batch.view_match, cls))
+    terms.update(star_losses(settings, student_features, teacher, pool))
     terms["loss"] = total_loss(settings, terms)
     return terms
+
+
+def batch_losses(batch, student, teacher, settings: StarSettings | None, model_config,
+                 generator: torch.Generator) -> dict:
+    """Every term of one batch that is a whole optimizer step on one process (draws from `generator`, the batch's
+    own images as negatives): what the trainer's step computes for one process without accumulation. For
+    benchmarks and tests of a step's parts; teacher: the EMA teacher's forward (unused without ST-AR)."""
+    draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], model_config, settings, generator,
+                      batch.tokens.device)
+    if settings is None:
+        return micro_batch_losses(batch, student, None, model_config, draws)
+    targets = teacher_targets(batch, teacher, settings, model_config, draws)
+    return micro_batch_losses(batch, student, settings, model_config, draws, targets,
+                              local_pool(targets, batch.indices))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ PAPER_TEACHER_DECAY = 0.9999
 # The paper's EMA horizon 1 / (1 - 0.9999) = 10k steps over its ~250k-step runs (1.28M images x 50 epochs / 256):
 # a horizon of 4% of the run. `--teacher-decay auto` keeps that ratio for any run length.
 PAPER_HORIZON_FRACTION = 0.04
+# global: the InfoNCE negatives are the whole global batch (gathered over processes and accumulation micro-batches),
+# so the loss does not depend on the launch; local: each process's micro-batch alone (the method then changes with
+# the process count and --grad-accum)
+NEGATIVES_CHOICES = ("global", "local")
 
 
 def parse_teacher_decay(value: float | str) -> float | str:
@@ -50,6 +54,9 @@ class StarSettings:
     teacher_decay: str = setting(PAPER_TEACHER_DECAY, metavar="DECAY",  # a number, or 'auto' (parsed below)
                                           help="EMA decay of the teacher, in [0, 1], or 'auto': keep the paper's "
                                                "ratio of EMA horizon (1 / (1 - decay)) to run length, 4%%")
+    negatives: str = setting("global", choices=NEGATIVES_CHOICES,
+                             help="InfoNCE negatives of L_step / L_view: global (the whole global batch, any process "
+                                  "count or --grad-accum) or local (each process's micro-batch)")
     use_mim: bool = setting(True, flag="mim", help="L_MIM, the masked-attention feature loss")
     use_step: bool = setting(True, flag="step", help="L_step, the inter-step contrastive loss")
     use_view: bool = setting(True, flag="view", help="L_view, the inter-view contrastive loss")
@@ -64,6 +71,8 @@ class StarSettings:
         check(self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight),
               f"--contrastive-weight {self.contrastive_weight}: must be >= 0")
         check(self.contrastive_layer >= 0, f"--contrastive-layer {self.contrastive_layer}: must be >= 0 (0: middle)")
+        check(self.negatives in NEGATIVES_CHOICES, f"--negatives {self.negatives!r}: choose one of "
+              f"{', '.join(NEGATIVES_CHOICES)}")
         check(self.num_positions >= (2 if self.use_step else 1),
               f"--num-positions {self.num_positions}: must be >= 1, and >= 2 with L_step (it contrasts pairs of "
               "positions; or pass --no-step)")

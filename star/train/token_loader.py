@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from star.data.manifest import Manifest
 from star.data.shards import decode_sample
+from star.runtime import key_seed
 
 VIEW_MATCH_CHOICES = ("index", "geometry")  # index: the paper's same-raster-index pairs; geometry: same source point
 
@@ -51,7 +52,8 @@ class TokenBatch:
     tokens: torch.Tensor  # [B, M, T] int64, the M views' token grids in raster order
     labels: torch.Tensor  # [B] int64
     view_match: torch.Tensor  # [B, M, T] int64: token of view (m+1) % M matching token t of view m, or -1
-    indices: torch.Tensor  # [B] sample indices, for tests and debugging
+    indices: torch.Tensor  # [B] int64 which image each row is: the sample index (map loader), a hash of the
+    # sample's shard key (stream loader); the InfoNCE terms never use another copy of an image as its negative
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.view_match, self.indices)))
@@ -123,14 +125,41 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
         boxes = np.array([view["box"] for view in sample.views], np.float32)
         flips = np.array([view["flip"] for view in sample.views], bool)
         tokens, match = select_views(sample.tokens, boxes, flips, views_per_sample, view_match, state["rng"])
-        return tokens, sample.class_id, match, -1
+        return tokens, sample.class_id, match, image_id(sample.key)
 
     dataset = (wds.WebDataset(urls, resampled=True, nodesplitter=None, shardshuffle=False, seed=seed * 1000 + rank,
                               empty_check=False)
                .shuffle(shuffle_buffer)
                .map(to_item)
-               .batched(batch_per_rank, collation_fn=collate_views, partial=False))
+               .compose(distinct_batches(batch_per_rank)))
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=leave_signals_to_the_trainer)
+
+
+def distinct_batches(batch_size: int):
+    """A WebDataset stage: TokenBatches of `batch_size` items of distinct images (item[3], the image id). Resampled
+    shards, when there are few, bring an image back while its first copy is still in the shuffle buffer; such an
+    item waits for the next batch instead of sharing one with itself."""
+    def stage(items):
+        batch, waiting = {}, []
+        for item in items:
+            waiting.append(item)
+            still_waiting = []
+            for candidate in waiting:
+                if candidate[3] in batch:
+                    still_waiting.append(candidate)
+                    continue
+                batch[candidate[3]] = candidate
+                if len(batch) == batch_size:
+                    yield collate_views(list(batch.values()))
+                    batch = {}
+            waiting = still_waiting
+
+    return stage
+
+
+def image_id(key: str) -> int:
+    """A streamed sample's identity as an int64 (TokenBatch.indices), the same on every process and worker."""
+    return key_seed(key, 0) & (2**63 - 1)
 
 
 def leave_signals_to_the_trainer(worker_id: int = 0) -> None:
@@ -183,6 +212,12 @@ class EpochBatchSampler(Sampler):
                     first = micro * micro_span + self.rank * self.batch_per_rank
                     yield (batch[first : first + self.batch_per_rank] + epoch * self.num_samples).tolist()
             step = (epoch + 1) * self.steps_per_epoch
+
+
+def first_global_row(micro: int, rank: int, world: int, batch_per_process: int) -> int:
+    """Where a process's micro-batch sits in its optimizer step's global batch (`EpochBatchSampler`'s layout: a
+    step reads grad_accum consecutive world-wide slices, each cut into the processes' batches in rank order)."""
+    return (micro * world + rank) * batch_per_process
 
 
 def make_loader(plan, accelerator, cache: Path | None, start_step: int = 0):
