@@ -209,12 +209,13 @@ def write_run_record(run: TrainingRun) -> None:
     if run.accelerator.is_main_process:
         write_json_atomic(out / RUN_CONFIG, plan.to_json())
         trim_log(out / RUN_LOG, plan.start_step)
+        print(plan.model_source, flush=True)
         if plan.star is not None:
             print(f"teacher EMA decay {plan.star.teacher_decay:.6g} (--teacher-decay "
                   f"{plan.settings.star_settings.teacher_decay}, {plan.total_steps} steps)", flush=True)
         for change in plan.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
-    if plan.settings.tensorboard:
+    if plan.settings.trackers:
         flat = {k: v for k, v in dataclasses.asdict(plan.settings).items() if isinstance(v, (int, float, str, bool))}
         run.accelerator.init_trackers("star", config={**flat, "lr": plan.lr, "total_steps": plan.total_steps})
 
@@ -259,7 +260,7 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
             raise StopRequested(f"stopped by {name} after step {step}: checkpoint {run.last_good_checkpoint} "
                                 f"written; continue with --resume auto", code)
     bar.close()
-    if config.tensorboard:
+    if config.trackers:
         accelerator.end_training()
     newest = checkpoint_dirs(run.out)
     return {"steps": step, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
@@ -350,7 +351,7 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-    if plan.settings.tensorboard:
+    if plan.settings.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     return record
 
