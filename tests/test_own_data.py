@@ -123,6 +123,21 @@ def test_a_checkpoint_without_a_record_asks_for_the_vq(fixtures_dir, tmp_path, c
     assert len(error.splitlines()) == 1 and "records no tokenizer file" in error and "pass --vq-ckpt" in error
 
 
+def test_nll_and_probe_refuse_shards_of_another_tokenizer(own_images, tiny_shards, tmp_path, capsys):
+    work, _ = own_images
+    run = str(work / "runs/my_star")
+    assert evaluate_main(["nll", "--ckpt", run, "--shards", str(tiny_shards), "--out", str(tmp_path / "n.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"--shards {tiny_shards} were tokenized by a VQ" in error
+    assert "tokenize them with the run's VQ, or pass --allow-other-tokenizer" in error
+    assert evaluate_main(["probe", "--ckpt", run, "--shards", str(work / "shards/my_images"), "--eval-shards",
+                          str(tiny_shards), "--out", str(tmp_path / "p")]) == 2
+    assert f"--shards {tiny_shards} were tokenized by a VQ" in capsys.readouterr().err
+    assert evaluate_main(["nll", "--ckpt", run, "--shards", str(work / "shards/my_images"), "--out",
+                          str(tmp_path / "own.json")]) == 0  # the run's own shards
+    assert json.loads((tmp_path / "own.json").read_text())["tokens_per_image"] == 16
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Model sizes
 

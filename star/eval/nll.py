@@ -65,6 +65,7 @@ def run_nll(config: NllConfig) -> dict:
     """Held-out NLL with and without the label; writes `out` and returns the same record."""
     check_output_file(config.out, "--out", "NLL record", lambda path: is_json_with(path, "conditional", "unconditional"),
                       inputs=(config.shards, config.generator.ckpt), overwrite=config.overwrite)
+    config.generator.check_shards(config.shards)
     model = config.generator.load()
     manifest = Manifest.load(config.shards)
     tokens, labels = shard_tokens(config.shards, config.view, config.limit)  # [N, T], [N]

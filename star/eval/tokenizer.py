@@ -138,3 +138,22 @@ def find_tokenizer(vq_ckpt: str, vq_config: str, checkpoint_file: Path, allow_ot
     is_recorded, check = compare_with_record(path, recorded, allow_other, checkpoint_file)
     config, config_from = _decoder_config(vq_config, path, recorded, is_recorded)
     return DecoderChoice(path, config, found, config_from, check)
+
+
+def check_shards_tokenizer(shards: str, checkpoint_file: Path, allow_other: bool) -> str:
+    """Shards made by a VQ other than the one the run recorded hold codes the model never learned: refused
+    (a warning with `allow_other`). Returns what was found."""
+    from star.data.manifest import Manifest
+
+    recorded = recorded_tokenizer(checkpoint_file)
+    if recorded is None or not recorded.sha256:
+        return "not recorded in the checkpoint (not checked)"
+    actual = Manifest.load(shards).tokenizer_sha256
+    if actual == recorded.sha256:
+        return "matches the checkpoint's tokenizer_sha256"
+    message = (f"--shards {shards} were tokenized by a VQ with sha256 {actual[:12]}, {checkpoint_file} was trained "
+               f"on tokens of sha256 {recorded.sha256[:12]}")
+    if not allow_other:
+        raise ValueError(message + ": tokenize them with the run's VQ, or pass --allow-other-tokenizer")
+    warnings.warn(message + "; scoring anyway (--allow-other-tokenizer)", stacklevel=3)
+    return f"differs from the checkpoint's ({recorded.sha256}); allowed"
