@@ -123,16 +123,22 @@ def test_a_checkpoint_without_a_record_asks_for_the_vq(fixtures_dir, tmp_path, c
     assert len(error.splitlines()) == 1 and "records no tokenizer file" in error and "pass --vq-ckpt" in error
 
 
-def test_nll_and_probe_refuse_shards_of_another_tokenizer(own_images, tiny_shards, tmp_path, capsys):
+def test_nll_and_probe_refuse_shards_of_another_tokenizer(own_images, tmp_path, capsys):
+    from star.data.synthetic import SyntheticLayout, write_synthetic_shards
+
     work, _ = own_images
-    run = str(work / "runs/my_star")
-    assert evaluate_main(["nll", "--ckpt", run, "--shards", str(tiny_shards), "--out", str(tmp_path / "n.json")]) == 2
+    run, other = str(work / "runs/my_star"), tmp_path / "other"  # the run's grid and classes, another tokenizer
+    write_synthetic_shards(other, SyntheticLayout(6, num_classes=3, grid=4, views=2, codebook_size=512))
+    assert evaluate_main(["nll", "--ckpt", run, "--shards", str(other), "--out", str(tmp_path / "n.json")]) == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and f"--shards {tiny_shards} were tokenized by a VQ" in error
+    assert len(error.splitlines()) == 1 and f"--shards {other} were tokenized by a VQ" in error
     assert "tokenize them with the run's VQ, or pass --allow-other-tokenizer" in error
-    assert evaluate_main(["probe", "--ckpt", run, "--shards", str(work / "shards/my_images"), "--eval-shards",
-                          str(tiny_shards), "--out", str(tmp_path / "p")]) == 2
-    assert f"--shards {tiny_shards} were tokenized by a VQ" in capsys.readouterr().err
+    assert evaluate_main(["probe", "--ckpt", run, "--shards", str(other), "--eval-shards", str(other), "--out",
+                          str(tmp_path / "p")]) == 2
+    assert f"--shards {other} were tokenized by a VQ" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="scoring anyway"):
+        assert evaluate_main(["nll", "--ckpt", run, "--shards", str(other), "--out", str(tmp_path / "n.json"),
+                              "--allow-other-tokenizer"]) == 0
     assert evaluate_main(["nll", "--ckpt", run, "--shards", str(work / "shards/my_images"), "--out",
                           str(tmp_path / "own.json")]) == 0  # the run's own shards
     assert json.loads((tmp_path / "own.json").read_text())["tokens_per_image"] == 16
