@@ -151,8 +151,6 @@ def test_sample_rejects_bad_settings_before_touching_the_output(tmp_path, capsys
 def test_sample_config_checks_library_callers_too():
     with pytest.raises(ValueError, match="--weights 'ema'"):
         SampleConfig(ckpt="run", out="o", vq_ckpt="vq.pt", weights="ema")
-    with pytest.raises(ValueError, match="--vq-ckpt is needed"):
-        SampleConfig(ckpt="run", out="o")
     with pytest.raises(ValueError, match="--precision 'fp16'"):
         SampleConfig(ckpt="run", out="o", tokens_only=True, precision="fp16")
     assert SampleConfig(ckpt="run", out="o", tokens_only=True, sampling={"cfg_scale": 2.0}).sampling.cfg_scale == 2.0

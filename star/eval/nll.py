@@ -74,6 +74,7 @@ def run_nll(config: NllConfig) -> dict:
     if labels.max() >= model.config.num_classes:
         raise ValueError(f"--shards {config.shards}: class id {labels.max()} but the model has "
                          f"{model.config.num_classes} classes")
+    config.generator.check_shards(config.shards)  # after the grid: a foreign grid is the plainer message
     record = {"images": len(tokens), "tokens_per_image": int(tokens.shape[1]), "image_size": manifest.image_size,
               "view": config.view, "shards": str(config.shards), "ckpt": config.generator.ckpt}
     null = np.full_like(labels, model.config.null_class)

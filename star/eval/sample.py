@@ -5,10 +5,9 @@ drawn with a generator seeded from (seed, b), so the samples do not depend on th
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,14 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from star.checkpoint import WEIGHT_CHOICES, load_generator, read_meta, resolve_checkpoint
+from star.checkpoint import WEIGHT_CHOICES, load_generator, resolve_checkpoint
 from star.cli import check, setting
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.class_names import parse_class_names, run_class_names
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
+from star.eval.tokenizer import DecoderChoice, find_tokenizer
 from star.gpt.generate import SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
-from star.io import check_output_file, sha256_file
+from star.io import check_output_file
 from star.runtime import autocast_dtype, pick_device, resolve_precision
 
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
@@ -46,10 +46,11 @@ class SampleConfig:
     out: str = setting(help="output folder: samples.npz, grid.png, settings.json")
     model: str = setting("", help="preset or JSON (needed for official LlamaGen checkpoints)")
     weights: str = setting("student", choices=WEIGHT_CHOICES, help="student, or the EMA teacher of an ST-AR run")
-    vq_ckpt: str = setting("", help="VQ checkpoint that decodes the tokens: a path, vq_ds16_c2i.pt or a URL (not "
-                                    "needed with --tokens-only)")
+    vq_ckpt: str = setting("", help="VQ checkpoint that decodes the tokens: a path, vq_ds16_c2i.pt or a URL "
+                                    "(default: the one the run recorded; not needed with --tokens-only)")
     download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
-    vq_config: str = setting("VQ-16", help="VQ preset or JSON")
+    vq_config: str = setting("", help="VQ preset or JSON (default: the run's record, else the JSON beside "
+                                      "--vq-ckpt, else VQ-16)")
     allow_other_tokenizer: bool = setting(False, help="sample with a VQ other than the one the checkpoint was "
                                                       "trained on (warn instead of refusing)")
     sampling: SamplingSettings = setting(default_factory=SamplingSettings)  # --cfg-scale, --top-k, --decode, ...
@@ -83,7 +84,6 @@ class SampleConfig:
         check(self.grid_per_class >= 0, f"--grid-per-class {self.grid_per_class}: must be >= 0 (0 = all)")
         check(self.grid_classes >= 0, f"--grid-classes {self.grid_classes}: must be >= 0 (0 = all)")
         check(self.image_size_eval >= 0, f"--image-size-eval {self.image_size_eval}: must be >= 0 (0 = keep)")
-        check(self.tokens_only or bool(self.vq_ckpt), "--vq-ckpt is needed to decode images (or pass --tokens-only)")
         check(all(c >= 0 for c in parse_int_list(self.classes, "--classes")), f"--classes {self.classes}: ids >= 0")
         if isinstance(self.class_names, (list, tuple)):  # a library caller's names in class-id order
             check(not any("," in str(name) for name in self.class_names),
@@ -104,50 +104,15 @@ def sample_labels(num_samples: int, num_classes: int, classes: str) -> torch.Ten
     return torch.arange(num_samples) % num_classes
 
 
-def recorded_tokenizer_sha256(checkpoint_file: Path) -> str | None:
-    """sha256 of the VQ checkpoint the generator's training shards were made with, as the trainer records it
-    (the checkpoint folder's meta.json, else the run folder's config.json); None where nothing is recorded
-    (an official LlamaGen .pt, a bare .safetensors)."""
-    folder = checkpoint_file.parent
-    if (folder / "meta.json").is_file():
-        return read_meta(folder).tokenizer_sha256
-    run_config = folder.parent.parent / "config.json"
-    if run_config.is_file():
-        try:
-            value = json.loads(run_config.read_text()).get("tokenizer_sha256")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return None
-        return value if isinstance(value, str) and value else None
-    return None
-
-
-def check_tokenizer(config: SampleConfig, checkpoint_file: Path) -> str:
-    """Refuse (or, with allow_other_tokenizer, warn about) a VQ other than the one the checkpoint was trained
-    with: its tokens would decode into other images. Returns what was found, for settings.json."""
-    recorded = recorded_tokenizer_sha256(checkpoint_file)
-    if recorded is None:
-        return "not recorded in the checkpoint (not checked)"
-    if not Path(config.vq_ckpt).is_file():
-        raise FileNotFoundError(f"--vq-ckpt {config.vq_ckpt} not found")
-    actual = sha256_file(config.vq_ckpt)
-    if actual == recorded:
-        return "matches the checkpoint's tokenizer_sha256"
-    message = (f"--vq-ckpt {config.vq_ckpt} (sha256 {actual[:12]}) is not the tokenizer {checkpoint_file} was trained "
-               f"with (sha256 {recorded[:12]})")
-    if not config.allow_other_tokenizer:
-        raise ValueError(message + ": give that VQ checkpoint, or --allow-other-tokenizer to sample anyway")
-    warnings.warn(message + "; sampling anyway (--allow-other-tokenizer)", stacklevel=2)
-    return f"differs from the checkpoint's ({recorded}); allowed"
-
-
-def load_decoder(config: SampleConfig, model_config: GPTConfig, device: torch.device):
+def load_decoder(choice: DecoderChoice, model_config: GPTConfig, device: torch.device):
     """The VQ that turns tokens into images; its codebook must cover every token the model can sample."""
-    from star.vq.model import VQConfig, load_vq
+    from star.vq.model import load_vq
 
-    vq = load_vq(config.vq_ckpt, VQConfig.resolve(config.vq_config)).to(device).eval()
+    vq = load_vq(choice.checkpoint, choice.config).to(device).eval()
     if vq.config.codebook_size < model_config.vocab_size:
-        raise ValueError(f"--vq-ckpt {config.vq_ckpt}: codebook of {vq.config.codebook_size} codes cannot decode the "
-                         f"model's vocabulary of {model_config.vocab_size} tokens; use the VQ the model was trained with")
+        raise ValueError(f"--vq-ckpt {choice.checkpoint}: codebook of {vq.config.codebook_size} codes cannot decode "
+                         f"the model's vocabulary of {model_config.vocab_size} tokens; use the VQ the model was trained "
+                         "with")
     return vq
 
 
@@ -196,20 +161,23 @@ def run_sampling(config: SampleConfig) -> dict:
     """
     started = time.time()
     config = replace(config, ckpt=fetch_file(config.ckpt, "--ckpt", config.download_dir, config.progress),
-                     vq_ckpt=config.vq_ckpt if config.tokens_only else
+                     vq_ckpt=config.vq_ckpt if config.tokens_only or not config.vq_ckpt else
                      fetch_file(config.vq_ckpt, "--vq-ckpt", config.download_dir, config.progress))
     state, device = sampling_device(config)
     checkpoint_file = resolve_checkpoint(config.ckpt, config.weights)
     if config.weights == "teacher" and checkpoint_file.name != "teacher.safetensors":
         raise ValueError(f"--weights teacher: {checkpoint_file} is not an ST-AR run's teacher.safetensors; "
                          "use --weights student, or give the run or checkpoint folder")
+    decoder = None if config.tokens_only else find_tokenizer(config.vq_ckpt, config.vq_config, checkpoint_file,
+                                                              config.allow_other_tokenizer)
+    if decoder is not None:  # the file found is the one the batches and settings.json name
+        config = dataclasses.replace(config, vq_ckpt=str(decoder.checkpoint))
     check_outputs(config, checkpoint_file)
-    tokenizer_check = None if config.tokens_only else check_tokenizer(config, checkpoint_file)
     model = load_generator(config.ckpt, config.model, config.weights).to(device)
     precision = resolve_precision(config.precision, device)
     if autocast_dtype(precision) is not None:
         model = model.to(autocast_dtype(precision))
-    vq = None if config.tokens_only else load_decoder(config, model.config, device)
+    vq = None if decoder is None else load_decoder(decoder, model.config, device)
     labels = sample_labels(config.num_samples, model.config.num_classes, config.classes)
     class_names, names_source = grid_class_names(config, checkpoint_file, model.config.num_classes)
     batches = [(b, labels[start : start + config.batch_size])
@@ -230,7 +198,11 @@ def run_sampling(config: SampleConfig) -> dict:
     if state.is_main_process:
         resolved = {"precision": precision, "decode": resolve_decode_mode(config.sampling.decode, device),
                     "device": str(device), "world_size": state.num_processes, "checkpoint_file": str(checkpoint_file),
-                    "tokenizer_check": tokenizer_check, "class_names": names_source}
+                    "tokenizer_check": None if decoder is None else decoder.check,
+                    "tokenizer": None if decoder is None else {"checkpoint": str(decoder.checkpoint),
+                                                               "found": decoder.found,
+                                                               "config_from": decoder.config_from},
+                    "class_names": names_source}
         summary.update(assemble(parts, len(batches), labels.numpy(), config, resolved, class_names))
         shutil.rmtree(parts, ignore_errors=True)
     state.wait_for_everyone()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from star.checkpoint import WEIGHT_CHOICES, load_generator
+from star.checkpoint import WEIGHT_CHOICES, load_generator, resolve_checkpoint
 from star.cli import check, setting
 from star.data.manifest import shard_tokens
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
@@ -168,6 +168,8 @@ class AnalysisModel:
     weights: str = setting("student", choices=WEIGHT_CHOICES, help="student, or the EMA teacher of an ST-AR run")
     device: str = setting("auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
     download_dir: str = setting("", help=DOWNLOAD_DIR_HELP)
+    allow_other_tokenizer: bool = setting(False, help="score shards tokenized by a VQ other than the one the run "
+                                                      "was trained with (warn instead of refusing)")
 
     def __post_init__(self) -> None:
         check(bool(self.ckpt), "--ckpt is required")
@@ -178,6 +180,14 @@ class AnalysisModel:
     def load(self) -> GPT:
         ckpt = fetch_file(self.ckpt, "--ckpt", self.download_dir)
         return load_generator(ckpt, self.model, self.weights).to(pick_device(self.device)).eval()
+
+    def check_shards(self, *shards: str) -> None:
+        """Refuse shards of another tokenizer than the run recorded (see star/eval/tokenizer.py)."""
+        from star.eval.tokenizer import check_shards_tokenizer
+
+        checkpoint_file = resolve_checkpoint(fetch_file(self.ckpt, "--ckpt", self.download_dir), self.weights)
+        for folder in shards:
+            check_shards_tokenizer(folder, checkpoint_file, self.allow_other_tokenizer)
 
 
 def check_positions(positions: list[int], block_size: int, flag: str = "--positions") -> None:
@@ -237,6 +247,7 @@ def _class_count_check(labels: np.ndarray, shards: str, limit: int) -> None:
 def run_probe(config: ProbeConfig) -> dict:
     """Train a linear probe per position on `shards`, score it on `eval_shards`; write probe.json + probe.png."""
     _same_classes(config.shards, config.eval_shards)
+    config.generator.check_shards(config.shards, config.eval_shards)
     model = config.generator.load()
     layer, positions = config.resolve(model)
     train_x, train_y = shard_tokens(config.shards, config.view, config.limit)
@@ -290,6 +301,7 @@ class AttentionConfig:
 
 def run_attention(config: AttentionConfig) -> dict:
     """Average attention maps of `samples` images; write attention.png + attention.json."""
+    config.generator.check_shards(config.shards)
     model = config.generator.load()
     layers, positions = config.resolve(model)
     tokens, labels = shard_tokens(config.shards, 0, config.samples)

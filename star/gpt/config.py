@@ -1,6 +1,6 @@
 """LlamaGen's GPT configuration (`ModelArgs`, same field names and defaults) and its named presets.
 
-`GPTConfig.resolve` is the one way to get a config: a preset name ('GPT-B' or 'B'), a JSON file, a dict or a
+`GPTConfig.resolve` is the one way to get a config: a size name ('GPT-B' or 'B', 'GPT-tiny'), a JSON file, a dict or a
 GPTConfig, plus overrides. JSON may hold the fields directly or under "config" (our checkpoints and the
 fixtures); that wrapper is unwrapped in one place (`_fields_of`). Sizes are checked on construction, so a
 config of 10^6 layers or a negative width is one line, not a 12 TB allocation.
@@ -25,6 +25,14 @@ GPT_PRESETS: dict[str, dict[str, int]] = {
     "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),
     "GPT-7B": dict(n_layer=32, n_head=32, dim=4096),
 }
+# Not LlamaGen's: a size a CPU trains in minutes (the study's and the demo's GPT: dim 128, 4 layers, FFN width
+# rounded to 64 so it stays 384 rather than 512).
+SMALL_PRESETS: dict[str, dict[str, int]] = {
+    "GPT-tiny": dict(n_layer=4, n_head=4, dim=128, multiple_of=64),
+}
+# Every size `--model` takes by name; vocabulary, grid and classes come from elsewhere (the defaults, or the data).
+MODEL_SIZES: dict[str, dict[str, int]] = {**GPT_PRESETS, **SMALL_PRESETS}
+_SIZE_BY_KEY = {name.upper(): name for name in MODEL_SIZES}
 
 # LlamaGen ModelArgs fields that have no meaning for this c2i model; accepted in config files and ignored.
 _IGNORED_LLAMAGEN_FIELDS = ("caption_dim", "max_batch_size", "max_seq_len")
@@ -36,11 +44,11 @@ def find_multiple(n: int, k: int) -> int:
 
 
 def preset_name(spec: str) -> Optional[str]:
-    """Canonical preset name for 'GPT-B', 'gpt-b', 'B', ...; None when `spec` is not a preset."""
+    """Canonical size name for 'GPT-B', 'gpt-b', 'B', 'tiny', ...; None when `spec` is not a size."""
     key = spec.strip().upper()
     if not key.startswith("GPT-"):
         key = "GPT-" + key
-    return key if key in GPT_PRESETS else None
+    return _SIZE_BY_KEY.get(key)
 
 
 @dataclass
@@ -148,12 +156,12 @@ class GPTConfig:
         else:
             name = preset_name(str(spec)) if isinstance(spec, str) else None
             if name is not None:
-                base, source = dict(GPT_PRESETS[name]), name
+                base, source = dict(MODEL_SIZES[name]), name
             else:
                 path = Path(spec)
                 if not path.is_file():
                     raise FileNotFoundError(
-                        f"GPT config {str(spec)!r} is neither a preset ({', '.join(GPT_PRESETS)}) nor an existing "
+                        f"GPT config {str(spec)!r} is neither a size ({', '.join(MODEL_SIZES)}) nor an existing "
                         "JSON file"
                     )
                 try:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from star.cli import check, setting
-from star.gpt.model import GPT_PRESETS
+from star.gpt.config import MODEL_SIZES
 from star.runtime import PRECISION_CHOICES
 from star.train.star_settings import StarSettings
 from star.train.token_cache import CACHE_SCOPES
@@ -15,6 +15,7 @@ from star.train.token_loader import VIEW_MATCH_CHOICES
 VERIFY_CHOICES = ("sizes", "full", "none")
 LOADER_CHOICES = ("map", "stream")  # map: memory-mapped token cache, exact resume; stream: WebDataset, resampled
 RESUME_AUTO = "auto"
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")  # Accelerate's trackers that --log-with offers
 
 
 def _fraction(value: float | None, flag: str, upper_open: bool = False) -> None:
@@ -32,7 +33,8 @@ class TrainConfig:
     shards: str = setting(help="token-shard folder written by tokenize/run.py")
     out: str = setting("", help="run folder: config.json, log.jsonl, checkpoints/ (refused if it holds a run, unless "
                                 "--resume); required unless --prepare-only")
-    model: str = setting("GPT-B", help=f"a preset ({', '.join(GPT_PRESETS)}) or a JSON file of LlamaGen ModelArgs")
+    model: str = setting("GPT-B", help=f"a size ({', '.join(MODEL_SIZES)}; vocabulary, token grid and classes from "
+                                       "the shards' manifest) or a JSON file of LlamaGen ModelArgs (used as written)")
     steps: int = setting(0, help="optimizer steps; 0: derive from --epochs")
     epochs: float = setting(0.0, help="passes over the shards (used when --steps is 0)")
     batch_size: int = setting(256, help="global batch, in images (each with --views-per-image views)")
@@ -83,7 +85,10 @@ class TrainConfig:
     dist_timeout: float = setting(30.0, help="minutes a collective may wait before the process group gives up")
     break_lock: bool = setting(False, help="take over --out's lock even if its holder may be alive (you know it is "
                                            "gone); a lock not refreshed for 3 minutes is taken over anyway")
-    tensorboard: bool = setting(False, help="also log to TensorBoard (log.jsonl is always written)")
+    log_with: str = setting("", help=f"also log to these trackers, a comma list of {', '.join(TRACKERS)} "
+                                     "(Accelerate's; files in --out, wandb offline unless WANDB_MODE is set); "
+                                     "log.jsonl is always written")
+    tensorboard: bool = setting(False, help="the same as --log-with tensorboard")
     precision: str = setting("auto", choices=PRECISION_CHOICES, help="auto: bf16 on CUDA, fp32 on CPU")
     progress: bool = setting(True, help="tqdm progress bar")
 
@@ -124,6 +129,9 @@ class TrainConfig:
               f"{', '.join(CACHE_SCOPES)}")
         check(self.cache_timeout > 0, f"--cache-timeout {self.cache_timeout}: must be > 0 minutes")
         check(self.dist_timeout > 0, f"--dist-timeout {self.dist_timeout}: must be > 0 minutes")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        check(not unknown, f"--log-with {self.log_with}: {', '.join(unknown)} is not one of "
+              f"{', '.join(TRACKERS)}")
         check(self.verify_shards in VERIFY_CHOICES, f"--verify-shards {self.verify_shards!r}: choose one of "
               f"{', '.join(VERIFY_CHOICES)}")
 
@@ -134,6 +142,12 @@ class TrainConfig:
             return tuple(sorted({int(part) for part in self.ckpt_at.split(",") if part.strip()}))
         except ValueError:
             raise ValueError(f"--ckpt-at {self.ckpt_at!r}: give a comma list of step numbers") from None
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers to log to: --log-with's, plus tensorboard for --tensorboard; each once, in order."""
+        names = [part.strip().lower() for part in self.log_with.split(",") if part.strip()]
+        return tuple(dict.fromkeys(names + (["tensorboard"] if self.tensorboard else [])))
 
     @property
     def uses_star(self) -> bool:

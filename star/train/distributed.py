@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
+import os
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
@@ -16,20 +19,19 @@ from star.runtime import pick_device, resolve_precision
 
 def make_accelerator(config):
     """(Accelerator, precision) for a TrainConfig: mixed precision from --precision, the process group's timeout
-    from --dist-timeout, deterministic kernels or TF32."""
-    import importlib.util
-
+    from --dist-timeout, the --log-with trackers, deterministic kernels or TF32."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if config.tensorboard and not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
-        raise ValueError("--tensorboard needs the tensorboard package: `.venv/bin/pip install tensorboard` "
-                         "(log.jsonl is always written)")
+    trackers = config.trackers
+    check_tracker_packages(trackers)
+    if trackers and config.out:
+        keep_trackers_local(Path(config.out))
     device = pick_device("auto")
     precision = resolve_precision(config.precision, device)
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=config.dist_timeout))
     accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="no" if precision == "fp32" else precision,
-                              kwargs_handlers=[timeout], log_with="tensorboard" if config.tensorboard else None,
+                              kwargs_handlers=[timeout], log_with=list(trackers) or None,
                               project_dir=config.out or None)
     # the trainer accumulates itself (loop.train_step): Accelerate must not divide the loss again, whatever the
     # launch config says
@@ -49,6 +51,28 @@ def lowest_failing_rank(accelerator, failed: bool) -> int | None:
     flags[accelerator.process_index] = float(failed)
     failing = accelerator.reduce(flags, reduction="sum").nonzero()
     return int(failing[0]) if len(failing) else None
+
+
+# the modules whose presence makes each tracker usable (Accelerate's own test; tensorboardX also serves tensorboard)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "aim": ("aim",)}
+
+
+def check_tracker_packages(trackers: tuple[str, ...]) -> None:
+    """One line naming the pip command for the first tracker whose package is not installed."""
+    for name in trackers:
+        if not any(importlib.util.find_spec(module) for module in TRACKER_MODULES[name]):
+            flag = "--tensorboard" if name == "tensorboard" else f"--log-with {name}"
+            raise ValueError(f"{flag} needs the {name} package: `.venv/bin/pip install {name}` (log.jsonl is always "
+                             "written)")
+
+
+def keep_trackers_local(out: Path) -> None:
+    """Trackers write into the run folder and need no network, unless the user's environment says otherwise:
+    wandb offline (`wandb sync` uploads later), mlflow's file store; tensorboard and aim are local already."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", str(out))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
 
 
 def raise_on_any_rank(accelerator, problem: str, fallback: str) -> None:

@@ -288,11 +288,12 @@ def write_run_record(run: TrainingRun) -> None:
         decay_before = resumed_teacher_decay(progress)  # read before config.json is replaced
         write_json_atomic(out / RUN_CONFIG, {**plan.to_json(), **progress.to_json()})
         trim_log(out / RUN_LOG, progress.start_step)
+        print(plan.model_source, flush=True)
         if plan.star is not None:
             print(teacher_decay_line(plan, decay_before), flush=True)
         for change in progress.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
-    if plan.settings.tensorboard:
+    if plan.settings.trackers:
         flat = {k: v for k, v in dataclasses.asdict(plan.settings).items() if isinstance(v, (int, float, str, bool))}
         run.accelerator.init_trackers("star", config={**flat, "lr": plan.lr, "total_steps": plan.total_steps})
 
@@ -371,7 +372,7 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
                                 f"invocation): checkpoint {run.last_good_checkpoint} written; continue with "
                                 "--resume auto", code, quiet=not accelerator.is_main_process)
     bar.close()
-    if config.tensorboard:
+    if config.trackers:
         accelerator.end_training()
     newest = checkpoint_dirs(run.out)
     return {"steps": step, "start_step": start_step, "trained_steps": step - start_step, "total_steps": total_steps,
@@ -526,7 +527,7 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-    if plan.settings.tensorboard:
+    if plan.settings.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     return record
 

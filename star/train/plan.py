@@ -12,7 +12,7 @@ from typing import Any
 from star.checkpoint import CheckpointMeta
 from star.cli import check
 from star.data.manifest import Manifest
-from star.gpt.model import GPTConfig
+from star.gpt.config import GPTConfig, preset_name
 from star.train.config import TrainConfig
 from star.train.star_settings import StarSettings, resolve_teacher_decay
 
@@ -32,9 +32,11 @@ class ResolvedTrainConfig:
     total_steps: int
     steps_per_epoch: int
     tokenizer_sha256: str
-    tokenizer_checkpoint: str
+    tokenizer_checkpoint: str  # the VQ the shards were made with, as an absolute path: evaluation decodes with it
+    tokenizer_config: dict  # its VQConfig fields (the manifest's), so evaluation needs no --vq-config
     data_digest: str  # the shards' Manifest.digest: resume checks the data is the data the run started on
     command: str
+    model_source: str = ""  # one line: the model's size and where its vocabulary, grid and classes came from
 
     @property
     def needs_teacher(self) -> bool:
@@ -63,9 +65,11 @@ class ResolvedTrainConfig:
             cpu_s=round(cpu_s, 2), data_digest=self.data_digest)
 
 
-def build_model_config(config: TrainConfig) -> GPTConfig:
+def build_model_config(config: TrainConfig, manifest: Manifest | None = None) -> GPTConfig:
     """The --model config with the dropout flags applied; a flag left unset keeps the JSON's (or preset's) value,
-    so a --model JSON's class_dropout_prob is honoured unless --class-dropout overrides it."""
+    so a --model JSON's class_dropout_prob is honoured unless --class-dropout overrides it. A size (GPT-B,
+    GPT-tiny, ...) takes its vocabulary, token grid and classes from `manifest` when one is given; a JSON is used
+    as written (and checked against the data by `check_data_against_model`)."""
     overrides: dict[str, float] = {}
     if config.class_dropout is not None:
         overrides["class_dropout_prob"] = config.class_dropout
@@ -74,7 +78,26 @@ def build_model_config(config: TrainConfig) -> GPTConfig:
     if config.dropout is not None:
         overrides["resid_dropout_p"] = config.dropout
         overrides["ffn_dropout_p"] = config.dropout
+    if manifest is not None and preset_name(config.model) is not None:
+        overrides.update(data_shapes(manifest, config.shards))
     return GPTConfig.resolve(config.model, **overrides)  # checks every size and rate
+
+
+def data_shapes(manifest: Manifest, shards: str) -> dict[str, int]:
+    """What a model size takes from the data: vocabulary (the tokenizer's codebook), block_size (the token grid,
+    square for 2D RoPE) and classes."""
+    h, w = manifest.grid
+    check(h == w, f"shards {shards}: token grid {h}x{w} is not square; 2D RoPE needs a square grid")
+    return {"vocab_size": manifest.codebook_size, "block_size": h * w, "num_classes": manifest.num_classes}
+
+
+def describe_model(config: TrainConfig, model: GPTConfig) -> str:
+    """One line saying where the model's shapes came from: the shards for a size, the file for a JSON."""
+    name = preset_name(config.model)
+    side = model.grid_size
+    origin = f"from {config.shards}" if name is not None else f"as written in {config.model}"
+    return (f"model {name or config.model}: dim {model.dim}, {model.n_layer} layers, vocab {model.vocab_size}, "
+            f"grid {side}x{side}, {model.num_classes} classes, {origin}")
 
 
 def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards: str) -> None:
@@ -107,7 +130,7 @@ def _resolve_star(config: TrainConfig, model: GPTConfig, total_steps: int) -> St
 
 def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> ResolvedTrainConfig:
     """Resolve once: model config, batch split, run length, lr, ST-AR settings. ValueError names the flag."""
-    model = build_model_config(config)
+    model = build_model_config(config, manifest)
     check_data_against_model(manifest, model, config.shards)
     batch_per_process, leftover = divmod(config.batch_size, world_size * config.grad_accum)
     check(batch_per_process > 0 and not leftover, f"--batch-size {config.batch_size} must be a multiple of processes "
@@ -123,4 +146,5 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
         lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
         world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,
-        tokenizer_checkpoint=manifest.tokenizer_checkpoint, command=" ".join(sys.argv))
+        tokenizer_checkpoint=manifest.tokenizer_checkpoint, tokenizer_config=manifest.tokenizer.get("config", {}),
+        command=" ".join(sys.argv), model_source=describe_model(config, model))
