@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
-from star.checkpoint import save_gpt
 from star.eval.sample import SampleConfig, run_sampling, sample_labels
 from star.eval.understanding import attention_maps, attention_statistics, linear_probe_accuracy
 from star.gpt.generate import SamplingSettings
 from star.gpt.model import GPT, GPTConfig
+from star.weights_io import save_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 

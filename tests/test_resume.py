@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from star.checkpoint import CheckpointMeta
 from star.train.distributed import optimizer_state_by_name
+from star.train.run_folder import CheckpointMeta
 from star.train.token_loader import EpochBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]

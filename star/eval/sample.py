@@ -16,17 +16,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from star.checkpoint import WEIGHT_CHOICES, load_generator, read_meta, resolve_checkpoint
 from star.cli import check, setting
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.class_names import parse_class_names, run_class_names
+from star.eval.generator import WEIGHT_CHOICES, ValueNames, load_generator, resolve_checkpoint
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
 from star.gpt.generate import SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
 from star.io import check_output_file, sha256_file
 from star.runtime import autocast_dtype, pick_device, resolve_precision
+from star.train.run_folder import read_meta
 
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
+CHECKPOINT_FLAGS = ValueNames(ckpt="--ckpt", model="--model", weights="--weights")  # how errors name them
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -199,13 +201,13 @@ def run_sampling(config: SampleConfig) -> dict:
                      vq_ckpt=config.vq_ckpt if config.tokens_only else
                      fetch_file(config.vq_ckpt, "--vq-ckpt", config.download_dir, config.progress))
     state, device = sampling_device(config)
-    checkpoint_file = resolve_checkpoint(config.ckpt, config.weights)
+    checkpoint_file = resolve_checkpoint(config.ckpt, config.weights, CHECKPOINT_FLAGS)
     if config.weights == "teacher" and checkpoint_file.name != "teacher.safetensors":
         raise ValueError(f"--weights teacher: {checkpoint_file} is not an ST-AR run's teacher.safetensors; "
                          "use --weights student, or give the run or checkpoint folder")
     check_outputs(config, checkpoint_file)
     tokenizer_check = None if config.tokens_only else check_tokenizer(config, checkpoint_file)
-    model = load_generator(config.ckpt, config.model, config.weights).to(device)
+    model = load_generator(config.ckpt, config.model, config.weights, CHECKPOINT_FLAGS).to(device)
     precision = resolve_precision(config.precision, device)
     if autocast_dtype(precision) is not None:
         model = model.to(autocast_dtype(precision))

@@ -17,7 +17,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from star.checkpoint import (
+from star.train.config import RESUME_AUTO
+from star.train.plan import ResolvedTrainConfig
+from star.train.run_folder import (
     CHECKPOINTS,
     TrainingState,
     checkpoint_dirs,
@@ -26,8 +28,6 @@ from star.checkpoint import (
     read_newest_intact,
     read_training_state,
 )
-from star.train.config import RESUME_AUTO
-from star.train.plan import ResolvedTrainConfig
 
 # Settings a resumed run may change: its optimizer's param groups are built with this run's values (recorded).
 RESUMABLE_CHANGES = ("lr", "weight_decay", "grad_clip")

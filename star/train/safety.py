@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from star.checkpoint import run_holds_a_run
 from star.lock import FolderLocked, folder_lock
 from star.train.distributed import raise_on_any_rank
+from star.train.run_folder import run_holds_a_run
 
 
 class NonFiniteLoss(RuntimeError):
