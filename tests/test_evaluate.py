@@ -43,6 +43,29 @@ def test_sampling_writes_adm_npz_grid_and_is_seeded(tmp_path, tiny_generator, sm
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["sampling"]["cfg_scale"] == 2.0
 
 
+def test_sampling_settings_are_flags_with_the_commands_help(capsys):
+    import argparse
+    import dataclasses
+
+    from star.cli import add_config_flags, parse_config
+    from star.eval.sample import SAMPLING_FLAGS
+
+    assert set(SAMPLING_FLAGS) == {f.name for f in dataclasses.fields(SamplingSettings)}  # every one has its help
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, SampleConfig)
+    help_text = " ".join(parser.format_help().split())
+    assert "--cfg-scale CFG_SCALE classifier-free guidance scale (1.0 = off) (default: 1.0)" in help_text
+    assert "--compile, --no-compile torch.compile the decode step" in help_text
+    required = ["--ckpt", "c", "--out", "o", "--tokens-only"]
+    config = parse_config(SampleConfig, required + ["--cfg-scale", "2", "--compile", "--decode", "static",
+                                                    "--cfg-schedule", "linear"])
+    assert config.sampling == SamplingSettings(cfg_scale=2.0, compile_decode=True, decode="static",
+                                               cfg_schedule="linear")
+    with pytest.raises(SystemExit):
+        parse_config(SampleConfig, required + ["--decode", "fast"])
+    assert "--decode: invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_official_checkpoint_tokens_only_matches_greedy_fixture(tmp_path, fixtures_dir):
     from safetensors.torch import load_file
 
