@@ -6,7 +6,7 @@ the dataclass (`__post_init__`), so the library, the demo, the study and the com
     @dataclass
     class SampleConfig:
         ckpt: str = setting(help="run folder or checkpoint")           # no default given: a required flag
-        cfg_scale: float = setting(1.0, help="classifier-free guidance scale")
+        num_samples: int = setting(50, help="images to sample")
         weights: str = setting("student", choices=WEIGHT_CHOICES)
         progress: bool = setting(True, help="tqdm progress bars")       # --progress / --no-progress
 
