@@ -21,6 +21,7 @@ from star.train.config import RESUME_AUTO
 from star.train.plan import ResolvedTrainConfig
 from star.train.run_folder import (
     CHECKPOINTS,
+    META_NAME,
     TrainingState,
     checkpoint_dirs,
     checkpoint_step,
@@ -88,8 +89,8 @@ def read_resume_state(plan: ResolvedTrainConfig) -> tuple[TrainingState | None, 
                              f"({'; '.join(skipped)}); resume from a copy, or start a new --out")
         return state, folder, skipped
     folder = Path(config.resume)
-    if not (folder / "meta.json").is_file():
-        raise FileNotFoundError(f"--resume {folder}: not a complete checkpoint folder (no meta.json)")
+    if not (folder / META_NAME).is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a complete checkpoint folder (no {META_NAME})")
     _refuse_rewriting_history(folder, Path(config.out))
     return read_training_state(folder, plan.needs_teacher, plan.needs_projector), folder, []
 

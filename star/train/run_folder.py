@@ -66,6 +66,11 @@ class NonFiniteWeights(RuntimeError):
     """Weights about to be saved hold NaN/inf: the checkpoint is refused so no poisoned state reaches disk."""
 
 
+def checkpoint_folder(run: str | Path, step: int) -> Path:
+    """Where a run's checkpoint of `step` is (complete once its meta.json is there)."""
+    return Path(run) / CHECKPOINTS / f"step-{step:07d}"
+
+
 def checkpoint_step(folder: Path) -> int:
     """The step of a `step-NNNNNNN` checkpoint folder."""
     return int(folder.name.split("-")[1])
@@ -168,9 +173,8 @@ def save_training_state(run: str | Path, step: int, state: TrainingState, keep: 
     if bad:
         raise NonFiniteWeights(f"refusing to write the step-{step} checkpoint: {len(bad)} tensors hold NaN/inf "
                                f"(e.g. {bad[0]})")
-    root = Path(run) / CHECKPOINTS
-    final = root / f"step-{step:07d}"
-    staging = root / f".step-{step:07d}.tmp"
+    final = checkpoint_folder(run, step)
+    staging = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     meta = dataclasses.replace(state.meta, checkpoint_id=uuid.uuid4().hex)
     try:
