@@ -6,14 +6,16 @@ the dataclass (`__post_init__`), so the library, the demo, the study and the com
     @dataclass
     class SampleConfig:
         ckpt: str = setting(help="run folder or checkpoint")           # no default given: a required flag
-        cfg_scale: float = setting(1.0, help="classifier-free guidance scale")
+        num_samples: int = setting(50, help="images to sample")
         weights: str = setting("student", choices=WEIGHT_CHOICES)
         progress: bool = setting(True, help="tqdm progress bars")       # --progress / --no-progress
 
     config = parse_config(SampleConfig, argv, description=__doc__)     # exit 2 with one line on a bad value
 
 Nested dataclass fields (e.g. the ST-AR settings inside the trainer's) are flattened into the same flag
-namespace; names must not collide. Why our own ~150 lines and not `tyro` or `simple_parsing`: both are good,
+namespace; names must not collide. A library's settings dataclass that does not import this module (the
+sampling settings of star/gpt) is nested with `setting(nested={field: flag_spec(help=...)})`: the command
+that owns the flags gives their help. Why our own ~150 lines and not `tyro` or `simple_parsing`: both are good,
 but each adds a dependency (and tyro its own help formatting and nested-prefix naming) for what the standard
 library's argparse already does once it is fed from `dataclasses.fields`; this keeps LlamaGen's flag names
 (`--cfg-scale`, `--no-star`) exactly and the error format of every other command.
@@ -32,16 +34,28 @@ T = TypeVar("T")
 _MISSING = dataclasses.MISSING
 
 
-def setting(default: Any = _MISSING, *, help: str = "", choices: Sequence[Any] | None = None,
-            flag: str | None = None, metavar: str | None = None, cli: bool = True,
-            default_factory: Any = _MISSING) -> Any:
-    """A dataclass field that is also a command-line flag.
+def flag_spec(*, help: str = "", choices: Sequence[Any] | None = None, flag: str | None = None,
+              metavar: str | None = None, cli: bool = True) -> dict[str, Any]:
+    """How a setting appears on the command line (the metadata `setting` stores in its field).
 
     flag: the flag's name without dashes when it is not the field's name with '-' for '_' (booleans get
     `--NAME` / `--no-NAME`). cli=False keeps a field out of the command line (library-only settings).
     """
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag,
-                "metavar": metavar, "cli": cli}
+    return {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag,
+            "metavar": metavar, "cli": cli}
+
+
+def setting(default: Any = _MISSING, *, help: str = "", choices: Sequence[Any] | None = None,
+            flag: str | None = None, metavar: str | None = None, cli: bool = True,
+            default_factory: Any = _MISSING, nested: dict[str, dict[str, Any]] | None = None) -> Any:
+    """A dataclass field that is also a command-line flag (see `flag_spec` for the flag's options).
+
+    nested: for a field holding a settings dataclass that declares plain fields (a library dataclass that does
+    not import this module), each inner field's `flag_spec` by name; its fields become flags either way.
+    """
+    metadata = flag_spec(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli)
+    if nested:
+        metadata["nested"] = nested
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -71,34 +85,37 @@ def _none_or(convert):
     return parse
 
 
-def _cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any, list[str]]]:
-    """(field, type, path of attribute names) for every command-line setting of cls, nested ones flattened."""
+def _cli_fields(cls: type, specs: dict[str, dict[str, Any]] | None = None
+                ) -> list[tuple[dataclasses.Field, Any, list[str], dict[str, Any]]]:
+    """(field, type, path of attribute names, flag spec) for every command-line setting of cls, nested ones
+    flattened; `specs` (a nesting field's `nested`) give the flag specs of fields declared without one."""
     found = []
     hints = _resolved_hints(cls)
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
+        spec = {**f.metadata, **(specs or {}).get(f.name, {})}
         if dataclasses.is_dataclass(annotation):
-            found += [(inner, t, [f.name] + path) for inner, t, path in _cli_fields(annotation)]
-        elif f.metadata.get("cli", True):
-            found.append((f, annotation, [f.name]))
+            found += [(inner, t, [f.name] + path, inner_spec)
+                      for inner, t, path, inner_spec in _cli_fields(annotation, spec.get("nested"))]
+        elif spec.get("cli", True):
+            found.append((f, annotation, [f.name], spec))
     return found
 
 
-def flag_name(f: dataclasses.Field) -> str:
-    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+def flag_name(f: dataclasses.Field, spec: dict[str, Any]) -> str:
+    return "--" + (spec.get("flag") or f.name).replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, exclude: Sequence[str] = ()) -> None:
     """Add one flag per setting of dataclass `cls` (and of its nested settings dataclasses)."""
     seen: dict[str, str] = {}
-    for f, annotation, path in _cli_fields(cls):
+    for f, annotation, path, meta in _cli_fields(cls):
         if f.name in exclude:
             continue
-        name = flag_name(f)
+        name = flag_name(f, meta)
         if name in seen:
             raise TypeError(f"{cls.__name__}: flag {name} declared twice ({seen[name]} and {'.'.join(path)})")
         seen[name] = ".".join(path)
-        meta = f.metadata
         kwargs: dict[str, Any] = {"dest": "__".join(path), "help": meta.get("help") or None}
         has_default = f.default is not _MISSING or f.default_factory is not _MISSING
         default = f.default if f.default is not _MISSING else (

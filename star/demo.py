@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         print(format_report(metrics))
 
         banner(f"6/6 linear probe per step, layer {GPT_CONFIG['n_layer'] // 2} ({label})")
-        from star.checkpoint import load_generator
+        from star.eval.generator import load_generator
 
         model = load_generator(str(run_dir))
         steps = [8, 16, 24, 32, 40, 48, 56, 64]  # step t = sequence position t - 1

@@ -99,9 +99,9 @@ def test_preview_never_replaces_a_file_it_did_not_write(tiny_shards, tmp_path, s
 
 
 def test_save_tokens_never_replaces_the_checkpoint_or_a_foreign_file(tmp_path):
-    from star.checkpoint import save_gpt
     from star.eval.sample import SampleConfig, run_sampling
     from star.gpt.model import GPT, GPTConfig
+    from star.weights_io import save_gpt
 
     save_gpt(GPT(GPTConfig.resolve(TINY_GPT)), tmp_path / "gpt")
     weights = tmp_path / "gpt" / "model.safetensors"
@@ -297,14 +297,14 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_on(tmp_path, small_vq):
 def test_disk_full_while_checkpointing_is_one_line_whichever_library_notices(tmp_path, monkeypatch, error):
     from test_checkpoint import tiny_state
 
-    from star import checkpoint as ckpt
+    from star.train import run_folder
 
     def full_disk(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # the disk fills while a file is written
-    with pytest.raises(ckpt.CheckpointWriteError, match="no space left on device") as caught:
-        ckpt.save_training_state(tmp_path, 2, tiny_state(2), keep=1)
+    with pytest.raises(run_folder.CheckpointWriteError, match="no space left on device") as caught:
+        run_folder.save_training_state(tmp_path, 2, tiny_state(2), keep=1)
     assert "\n" not in str(caught.value)
     assert not list((tmp_path / "checkpoints").glob(".step-*"))
 

@@ -201,11 +201,11 @@ def test_probe_limit_draws_a_class_balanced_random_subset(tmp_path):
 
 
 def test_sampling_resumes_from_its_finished_batches(tmp_path, small_vq, monkeypatch):
-    from star.checkpoint import save_gpt
     from star.eval import sample
     from star.eval.sample import SampleConfig, run_sampling
     from star.gpt.generate import SamplingSettings
     from star.gpt.model import GPT, GPTConfig
+    from star.weights_io import save_gpt
 
     save_gpt(GPT(GPTConfig.resolve({**TINY_GPT, "num_classes": 3})), tmp_path / "gpt")
     settings = dict(ckpt=str(tmp_path / "gpt"), vq_ckpt=str(small_vq[0]), vq_config=str(small_vq[1]),

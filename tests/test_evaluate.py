@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import CPU_ENV, TWO_CPU_PROCESSES  # noqa: E402
 
-from star.checkpoint import save_gpt
 from star.eval.sample import SampleConfig, run_sampling, sample_labels
 from star.eval.understanding import attention_maps, attention_statistics, linear_probe_accuracy
 from star.gpt.generate import SamplingSettings
 from star.gpt.model import GPT, GPTConfig
+from star.weights_io import save_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,29 @@ def test_sampling_writes_adm_npz_grid_and_is_seeded(tmp_path, tiny_generator, sm
     assert not np.array_equal(a["arr_0"], c["arr_0"])
     assert (tmp_path / "a" / "grid.png").is_file()
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["sampling"]["cfg_scale"] == 2.0
+
+
+def test_sampling_settings_are_flags_with_the_commands_help(capsys):
+    import argparse
+    import dataclasses
+
+    from star.cli import add_config_flags, parse_config
+    from star.eval.sample import SAMPLING_FLAGS
+
+    assert set(SAMPLING_FLAGS) == {f.name for f in dataclasses.fields(SamplingSettings)}  # every one has its help
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, SampleConfig)
+    help_text = " ".join(parser.format_help().split())
+    assert "--cfg-scale CFG_SCALE classifier-free guidance scale (1.0 = off) (default: 1.0)" in help_text
+    assert "--compile, --no-compile torch.compile the decode step" in help_text
+    required = ["--ckpt", "c", "--out", "o", "--tokens-only"]
+    config = parse_config(SampleConfig, required + ["--cfg-scale", "2", "--compile", "--decode", "static",
+                                                    "--cfg-schedule", "linear"])
+    assert config.sampling == SamplingSettings(cfg_scale=2.0, compile_decode=True, decode="static",
+                                               cfg_schedule="linear")
+    with pytest.raises(SystemExit):
+        parse_config(SampleConfig, required + ["--decode", "fast"])
+    assert "--decode: invalid choice: 'fast'" in capsys.readouterr().err
 
 
 def test_official_checkpoint_tokens_only_matches_greedy_fixture(tmp_path, fixtures_dir):

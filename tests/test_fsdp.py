@@ -104,7 +104,7 @@ def _launch(tiny_shards, tiny_gpt_json, out: Path, steps: int, resume: str = "",
 def test_star_trains_under_fsdp_with_a_sharded_teacher(tiny_shards, tiny_gpt_json, tmp_path):
     from safetensors.torch import load_file
 
-    from star.checkpoint import load_generator
+    from star.eval.generator import load_generator
     from star.gpt.model import GPT
 
     out = tmp_path / "run"

@@ -11,12 +11,12 @@ from conftest import FIXTURES  # noqa: E402
 from reference import causal_bias, next_token_loss
 from safetensors.torch import load_file
 
-from star.checkpoint import load_gpt, save_gpt
 from star.gpt.config import GPT_PRESETS, GPTConfig
 from star.gpt.model import GPT, count_parameters
 from star.gpt.rotary import apply_rotary
 from star.train.objectives import drop_class_labels
 from star.weights import load_llamagen_gpt, load_llamagen_state_dict
+from star.weights_io import load_gpt, save_gpt
 
 CKPT = FIXTURES / "gpt_small.pt"
 CONFIG_JSON = FIXTURES / "gpt_small.json"

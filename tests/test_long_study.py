@@ -26,7 +26,7 @@ def trained_run(tiny_shards, tmp_path_factory):
 
 
 def test_nll_is_the_eval_mode_next_token_cross_entropy(trained_run, tiny_shards, tmp_path):
-    from star.checkpoint import load_generator
+    from star.eval.generator import load_generator
 
     result = run_nll(NllConfig(AnalysisModel(str(trained_run)), shards=str(tiny_shards), out=str(tmp_path / "n.json")))
     model = load_generator(str(trained_run)).eval()

@@ -288,12 +288,17 @@ def test_samples_npz_and_folder_give_the_same_images_and_statistics(tmp_path, ti
     npz_path = tmp_path / "samples.npz"
     np.savez_compressed(npz_path, arr_0=images)
     folder = write_folder(tmp_path / "images" / "nested", images).parent
-    np.testing.assert_array_equal(references.load_samples(npz_path), images)
     # Large sample files are streamed a chunk at a time, out of the (here compressed) zip member.
     stream = references.npz_stream(npz_path, chunk=3)
     assert len(stream) == 7 and [len(chunk) for chunk in stream] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(list(stream)), images)
-    np.testing.assert_array_equal(references.load_samples(folder), images)
+    # What scoring reads: the npz in chunks, the folder image by image (in sorted relative-path order); both
+    # streams can be read again.
+    from_npz, from_folder = references.image_source(npz_path), references.image_source(folder)
+    assert len(from_npz) == len(from_folder) == 7
+    for _ in range(2):
+        np.testing.assert_array_equal(np.concatenate(list(from_npz)), images)
+        np.testing.assert_array_equal(np.stack(list(from_folder)), images)
 
     model = inception.InceptionFeatures(tiny_weights[1])
     from_npz = references.load_reference(npz_path, model=model)
@@ -302,13 +307,16 @@ def test_samples_npz_and_folder_give_the_same_images_and_statistics(tmp_path, ti
     np.testing.assert_allclose(from_npz.mu, from_folder.mu, rtol=1e-6, atol=1e-6)
     assert from_folder.num_images == 7
 
+    # A folder's images may differ in size (each is resized to 299 on the way in).
     Image.fromarray(random_images(1, size=30)[0]).save(folder / "odd_size.jpg")
-    mixed = references.load_samples(folder)
-    assert isinstance(mixed, list) and len(mixed) == 8
+    mixed = list(references.image_source(folder))
+    assert len(mixed) == 8 and mixed[-1].shape == (30, 30, 3)
 
+    np.savez(tmp_path / "wrong.npz", images=images)
     with pytest.raises(ValueError, match="expected 'arr_0'"):
-        np.savez(tmp_path / "wrong.npz", images=images)
-        references.load_samples(tmp_path / "wrong.npz")
+        references.image_source(tmp_path / "wrong.npz")
+    with pytest.raises(ValueError, match="expected an .npz .* or a folder of images"):
+        references.image_source(tmp_path / "samples.txt")
 
 
 def test_reference_statistics_are_cached_and_recomputed_when_files_change(tmp_path, tiny_weights):

@@ -100,7 +100,7 @@ def test_a_moved_tokenizer_is_one_line_naming_the_flag(own_images, tmp_path, cap
 
 
 def test_a_run_recorded_without_the_vq_config_reads_it_from_its_manifest(own_images, tmp_path):
-    from star.checkpoint import resolve_checkpoint
+    from star.eval.generator import resolve_checkpoint
     from star.eval.tokenizer import find_tokenizer
     from star.vq.model import VQConfig
 

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from star import plots
-from star.checkpoint import save_gpt
 from star.data.manifest import Manifest
 from star.eval.class_names import parse_class_names, row_label, run_class_names
 from star.eval.curves import PlotConfig, read_run_log
@@ -19,6 +18,7 @@ from star.eval.sample_store import GridLayout, grid_from_batches
 from star.eval.understanding import attention_panels, save_attention_png
 from star.gpt.model import GPT, GPTConfig
 from star.io import is_star_png
+from star.weights_io import save_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = np.array([[200, 0, 0], [0, 200, 0], [0, 0, 200]], np.uint8)

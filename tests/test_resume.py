@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from star.checkpoint import CheckpointMeta
 from star.train.distributed import optimizer_state_by_name
+from star.train.run_folder import CheckpointMeta
 from star.train.token_loader import EpochBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,10 +117,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return next((cycle for cycle in map(visit, sorted(graph)) if cycle), None)
 
 
-def test_star_has_no_import_cycle():
+def star_import_graph() -> dict[str, set[str]]:
     files = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
              for path in (REPO / "star").rglob("*.py")}
-    graph = {module: _star_imports(path, module, set(files)) for module, path in files.items()}
+    return {module: _star_imports(path, module, set(files)) for module, path in files.items()}
+
+
+def test_star_has_no_import_cycle():
+    graph = star_import_graph()
     assert "star.train.plan" in graph["star.train.loop"]  # the walk sees imports
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # and the search finds cycles
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
@@ -297,3 +301,26 @@ def test_an_index_keyed_optimizer_pt_still_resumes_exactly(tiny_shards, tiny_gpt
 
 if __name__ == "__main__":  # one process of a launch (see `launch`)
     _worker(sys.argv[1])
+
+
+# Layers that must not reach up: the model and generation know no command line, no trainer and no evaluation;
+# our weight format knows no run folder; the run folder knows no evaluation and no command line.
+LOWER_LAYERS = {
+    "star.gpt": ("star.cli", "star.train", "star.eval", "star.data", "star.study"),
+    "star.weights_io": ("star.cli", "star.train", "star.eval"),
+    "star.weights": ("star.cli", "star.train", "star.eval"),
+    "star.train.run_folder": ("star.cli", "star.eval"),
+}
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_lower_layers_do_not_import_upwards():
+    graph = star_import_graph()
+    assert "star.weights_io" in graph["star.train.run_folder"]  # the walk sees the layers' imports
+    for layer, above in LOWER_LAYERS.items():
+        reaching_up = sorted(f"{module} -> {target}" for module, targets in graph.items() if _within(module, layer)
+                             for target in targets if any(_within(target, upper) for upper in above))
+        assert not reaching_up, reaching_up

@@ -72,13 +72,13 @@ def test_checkpoints_are_complete_and_pruned(tiny_shards, tiny_gpt_json, tmp_pat
                                                    "optimizer.pt", "config.json", "meta.json"}
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["step"] == 6 and len(meta["tokenizer_sha256"]) == 64
-    from star.checkpoint import load_gpt
+    from star.weights_io import load_gpt
 
     model = load_gpt(folder)  # our own checkpoint loads for sampling
     assert model.config.block_size == 64
     from safetensors.torch import load_file
 
-    from star.checkpoint import load_generator
+    from star.eval.generator import load_generator
 
     teacher = load_generator(str(tmp_path / "run"), weights="teacher")  # the newest checkpoint's EMA teacher
     stored = load_file(folder / "teacher.safetensors")

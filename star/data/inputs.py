@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from star.data.listing import hidden, list_image_folder
+from star.data.shards import MANIFEST_NAME, PLAN_NAME
 from star.images import IMAGE_EXTENSIONS
 
 # Members of an input tar tried as the image and as the class id, in this order.
@@ -111,8 +112,8 @@ def plan_inputs(data: str, shard_size: int, order: str = "shuffled", seed: int =
 
 def _refuse_token_shards(root: Path, data: str) -> None:
     """A token-shard folder given as --data would be listed as a class called `cache` and 0 images."""
-    if (root / "manifest.json").is_file() or (root / "plan.json").is_file():
-        raise ValueError(f"--data {data} is a token-shard folder (it holds manifest.json or plan.json), not images: "
+    if (root / MANIFEST_NAME).is_file() or (root / PLAN_NAME).is_file():
+        raise ValueError(f"--data {data} is a token-shard folder (it holds {MANIFEST_NAME} or {PLAN_NAME}), not images: "
                          "give the image folder (class/*.jpg) or WebDataset tars of images")
 
 

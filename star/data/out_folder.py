@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from star.data.shards import MANIFEST_NAME, PLAN_NAME, SHARD_PATTERN
+from star.data.shards import MANIFEST_NAME, PLAN_NAME, names_a_shard_folder
 
 RUN_FOLDER_MARKERS = ("config.json", "log.jsonl", "checkpoints")
 
@@ -26,7 +26,7 @@ def refuse_foreign_folder(out: Path) -> None:
     if not out.is_dir():
         return
     names = sorted(entry.name for entry in os.scandir(out) if not entry.name.startswith("."))
-    if not names or PLAN_NAME in names or MANIFEST_NAME in names or any(SHARD_PATTERN.match(n) for n in names):
+    if not names or names_a_shard_folder(names):
         return
     if any(marker in names for marker in RUN_FOLDER_MARKERS):
         raise ValueError(f"--out {out} is a training run folder, not a shard folder; choose a new folder for the shards")

@@ -35,6 +35,11 @@ PLAN_NAME = "plan.json"
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.(tar|json)$")
 
 
+def names_a_shard_folder(names: Iterable[str]) -> bool:
+    """Whether a folder holding entries with these names is a token-shard folder (a plan, a manifest or a shard)."""
+    return any(name in (MANIFEST_NAME, PLAN_NAME) or SHARD_PATTERN.match(name) for name in names)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 

@@ -50,7 +50,7 @@ class _ImageStream:
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """Images under `folder`, recursively (png/jpg/jpeg/webp, any case), in sorted relative-path order."""
+    """Images under `folder`, recursively (star/images.py's extensions, any case), in sorted relative-path order."""
     folder = Path(folder)
     files = sorted(
         (path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()),
@@ -129,29 +129,9 @@ def _check_image_array(array: np.ndarray, source, shape=None) -> None:
         raise ValueError(f"{source}: 'arr_0' must be uint8 [N, H, W, 3] (the ADM format), got {array.dtype} {shape}")
 
 
-def load_samples(path: str | os.PathLike) -> np.ndarray | list[np.ndarray]:
-    """All images of a samples .npz (`arr_0`, uint8 [N, H, W, 3]) or an image folder, in memory.
-
-    A folder whose images differ in size gives a list of [H, W, 3] arrays (each is resized to 299 anyway).
-    """
-    path = Path(path)
-    if path.is_dir():
-        images = list(_readable_images(list_image_files(path)))
-        if len({image.shape for image in images}) == 1:
-            return np.stack(images)  # [N, H, W, 3]
-        return images
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            if "arr_0" not in data.files:
-                raise ValueError(f"{path} has no 'arr_0' array (it holds {data.files}); expected 'arr_0': uint8 "
-                                 "images [N, H, W, 3] (the ADM samples format)")
-            array = data["arr_0"]
-        _check_image_array(array, path)
-        return array
-    raise ValueError(f"{path}: expected a samples .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images")
-
-
 def image_source(path: Path) -> _ImageStream:
+    """The images to score or to compute reference features from: a samples .npz streamed a chunk at a time, or
+    a folder's images one by one in sorted relative-path order (unreadable ones skipped with a warning)."""
     if path.is_dir():
         return _folder_stream(path)
     if path.suffix == ".npz":
@@ -208,7 +188,7 @@ def _fingerprint(path: Path, weights_path: Path, precision: str = "fp32") -> str
         "weights": [weights_path.name, weights_stat.st_size],
         "pipeline": FEATURE_PIPELINE_VERSION,
     }
-    if precision != "fp32":  # fp32 keys stay as they were, so existing caches stay valid
+    if precision != "fp32":  # fp32, the reference precision, is the key without a precision entry
         key["precision"] = precision
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
 

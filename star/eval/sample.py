@@ -15,18 +15,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from star.checkpoint import WEIGHT_CHOICES, load_generator, resolve_checkpoint
-from star.cli import check, setting
+from star.cli import check, flag_spec, setting
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.class_names import parse_class_names, run_class_names
+from star.eval.generator import WEIGHT_CHOICES, ValueNames, load_generator, resolve_checkpoint
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
 from star.eval.tokenizer import DecoderChoice, find_tokenizer
-from star.gpt.generate import SamplingSettings, generate, resolve_decode_mode
+from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
 from star.io import check_output_file
 from star.runtime import autocast_dtype, pick_device, resolve_precision
 
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
+CHECKPOINT_FLAGS = ValueNames(ckpt="--ckpt", model="--model", weights="--weights")  # how errors name them
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -35,6 +36,19 @@ def parse_int_list(text: str, what: str) -> list[int]:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise ValueError(f"{what} {text!r}: expected a comma-separated list of integers") from None
+
+
+SAMPLING_FLAGS = {  # SamplingSettings (star/gpt) as flags of this command
+    "cfg_scale": flag_spec(help="classifier-free guidance scale (1.0 = off)"),
+    "cfg_schedule": flag_spec(choices=CFG_SCHEDULES, help="guidance over the steps"),
+    "cfg_interval": flag_spec(help="LlamaGen's cfg-interval: CFG off after this decode step (-1 = never)"),
+    "temperature": flag_spec(help="sampling temperature (>= 0)"),
+    "top_k": flag_spec(help="keep the k most likely tokens (0 = all)"),
+    "top_p": flag_spec(help="nucleus filter (1.0 = off)"),
+    "decode": flag_spec(choices=DECODE_MODES, help="static (whole cache, fixed shapes: CUDA graphs) or dynamic "
+                                                   "(filled slots only) decoding; auto: static on CUDA"),
+    "compile_decode": flag_spec(flag="compile", help="torch.compile the decode step"),
+}
 
 
 @dataclass
@@ -53,7 +67,7 @@ class SampleConfig:
                                       "--vq-ckpt, else VQ-16)")
     allow_other_tokenizer: bool = setting(False, help="sample with a VQ other than the one the checkpoint was "
                                                       "trained on (warn instead of refusing)")
-    sampling: SamplingSettings = setting(default_factory=SamplingSettings)  # --cfg-scale, --top-k, --decode, ...
+    sampling: SamplingSettings = setting(default_factory=SamplingSettings, nested=SAMPLING_FLAGS)
     num_samples: int = setting(50, help="images to sample")
     classes: str = setting("", help="comma list of class ids to cycle (empty: balanced over all classes)")
     batch_size: int = setting(32, help="images per batch (CFG doubles the model's batch)")
@@ -164,7 +178,7 @@ def run_sampling(config: SampleConfig) -> dict:
                      vq_ckpt=config.vq_ckpt if config.tokens_only or not config.vq_ckpt else
                      fetch_file(config.vq_ckpt, "--vq-ckpt", config.download_dir, config.progress))
     state, device = sampling_device(config)
-    checkpoint_file = resolve_checkpoint(config.ckpt, config.weights)
+    checkpoint_file = resolve_checkpoint(config.ckpt, config.weights, CHECKPOINT_FLAGS)
     if config.weights == "teacher" and checkpoint_file.name != "teacher.safetensors":
         raise ValueError(f"--weights teacher: {checkpoint_file} is not an ST-AR run's teacher.safetensors; "
                          "use --weights student, or give the run or checkpoint folder")
@@ -173,7 +187,7 @@ def run_sampling(config: SampleConfig) -> dict:
     if decoder is not None:  # the file found is the one the batches and settings.json name
         config = dataclasses.replace(config, vq_ckpt=str(decoder.checkpoint))
     check_outputs(config, checkpoint_file)
-    model = load_generator(config.ckpt, config.model, config.weights).to(device)
+    model = load_generator(config.ckpt, config.model, config.weights, CHECKPOINT_FLAGS).to(device)
     precision = resolve_precision(config.precision, device)
     if autocast_dtype(precision) is not None:
         model = model.to(autocast_dtype(precision))

@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from star.checkpoint import RUN_CONFIG, read_meta
 from star.io import sha256_file
+from star.train.run_folder import RUN_CONFIG, read_meta
 
 
 @dataclass(frozen=True)

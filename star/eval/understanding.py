@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from star.checkpoint import WEIGHT_CHOICES, load_generator, resolve_checkpoint
 from star.cli import check, setting
 from star.data.manifest import shard_tokens
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
-from star.eval.sample import parse_int_list
+from star.eval.generator import WEIGHT_CHOICES, load_generator, resolve_checkpoint
+from star.eval.sample import CHECKPOINT_FLAGS, parse_int_list
 from star.gpt.model import GPT
 from star.io import write_json_atomic
 from star.plots import plot_attention_maps, plot_probe_curves
@@ -179,13 +179,14 @@ class AnalysisModel:
 
     def load(self) -> GPT:
         ckpt = fetch_file(self.ckpt, "--ckpt", self.download_dir)
-        return load_generator(ckpt, self.model, self.weights).to(pick_device(self.device)).eval()
+        return load_generator(ckpt, self.model, self.weights, CHECKPOINT_FLAGS).to(pick_device(self.device)).eval()
 
     def check_shards(self, *shards: str) -> None:
         """Refuse shards of another tokenizer than the run recorded (see star/eval/tokenizer.py)."""
         from star.eval.tokenizer import check_shards_tokenizer
 
-        checkpoint_file = resolve_checkpoint(fetch_file(self.ckpt, "--ckpt", self.download_dir), self.weights)
+        checkpoint_file = resolve_checkpoint(fetch_file(self.ckpt, "--ckpt", self.download_dir), self.weights,
+                                             CHECKPOINT_FLAGS)
         for folder in shards:
             check_shards_tokenizer(folder, checkpoint_file, self.allow_other_tokenizer)
 

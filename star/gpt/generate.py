@@ -21,7 +21,6 @@ from typing import Callable, Optional
 
 import torch
 
-from star.cli import setting
 from star.gpt.model import GPT
 
 
@@ -84,18 +83,18 @@ CFG_SCHEDULES = ("constant", "linear")
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How tokens are drawn (LlamaGen's **sampling_kwargs), the CFG scale and schedule, and the decode mode: the
-    flags of `evaluate/run.py sample` (declared here once) and what `generate` takes. Checked on creation."""
+    """How tokens are drawn (LlamaGen's **sampling_kwargs), the CFG scale and schedule, and the decode mode: what
+    `generate` takes, declared once. Its fields are flags of `evaluate/run.py sample`, whose help the command
+    gives (star/eval/sample.py). Checked on creation."""
 
-    cfg_scale: float = setting(1.0, help="classifier-free guidance scale (1.0 = off)")
-    cfg_schedule: str = setting("constant", choices=CFG_SCHEDULES, help="guidance over the steps")
-    cfg_interval: int = setting(-1, help="LlamaGen's cfg-interval: CFG off after this decode step (-1 = never)")
-    temperature: float = setting(1.0, help="sampling temperature (>= 0)")
-    top_k: int = setting(0, help="keep the k most likely tokens (0 = all)")
-    top_p: float = setting(1.0, help="nucleus filter (1.0 = off)")
-    decode: str = setting("auto", choices=DECODE_MODES, help="static (whole cache, fixed shapes: CUDA graphs) or "
-                                                            "dynamic (filled slots only) decoding; auto: static on CUDA")
-    compile_decode: bool = setting(False, flag="compile", help="torch.compile the decode step")
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1.0 = off)
+    cfg_schedule: str = "constant"  # one of CFG_SCHEDULES: the guidance over the steps
+    cfg_interval: int = -1  # LlamaGen's cfg-interval: CFG off after this decode step (-1 = never)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = all tokens
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    decode: str = "auto"  # one of DECODE_MODES
+    compile_decode: bool = False  # torch.compile the decode step
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.cfg_scale):

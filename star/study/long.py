@@ -24,6 +24,8 @@ from star.study import commands
 from star.study.arms import Arm
 from star.study.pipeline import stage_ceiling, stage_tokenize, stage_vq, vq_files, write_model_json
 from star.study.stages import StageFailed, StudyPlan, run_stage, stage_times, timed_inline, write_plan_record
+from star.train.run_folder import RUN_LOG
+from star.train.run_folder import checkpoint_folder as run_checkpoint_folder
 
 _print_lock = threading.Lock()
 
@@ -87,11 +89,11 @@ def train_run(plan: StudyPlan, arm: Arm, seed: int) -> dict:
     train_dir = run_dir(plan, arm, seed) / "train"
     return run_stage(plan, f"train_{arm.key}_seed{seed}", commands.train_argv(
         plan.out / "shards" / "train", train_dir, plan.model_json, steps, plan.batch_size, plan.lr, seed, flags),
-        [train_dir / "log.jsonl"])
+        [train_dir / RUN_LOG])
 
 
 def checkpoint_folder(plan: StudyPlan, arm: Arm, seed: int, step: int) -> Path:
-    return run_dir(plan, arm, seed) / "train" / "checkpoints" / f"step-{step:07d}"
+    return run_checkpoint_folder(run_dir(plan, arm, seed) / "train", step)
 
 
 def nll_at(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
@@ -133,7 +135,7 @@ def score_checkpoint(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
 
 
 def read_log(plan: StudyPlan, arm: Arm, seed: int) -> list[dict]:
-    log = run_dir(plan, arm, seed) / "train" / "log.jsonl"
+    log = run_dir(plan, arm, seed) / "train" / RUN_LOG
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 

@@ -22,6 +22,7 @@ from star.study.stages import (
     timed_inline,
     write_plan_record,
 )
+from star.train.run_folder import RUN_LOG
 
 VQ_CONFIG = {"codebook_size": 512, "codebook_embed_dim": 8, "encoder_ch_mult": [1, 2, 2], "decoder_ch_mult": [1, 2, 2],
              "z_channels": 64, "ch": 32, "num_res_blocks": 1}
@@ -118,7 +119,7 @@ def run_folder(plan: StudyPlan, arm: Arm, seed: int) -> Path:
 
 def train_seconds(run: Path) -> float | None:
     """The training loop's own clock (the last log record's `time`): startup and evaluation excluded."""
-    log = run / "train" / "log.jsonl"
+    log = run / "train" / RUN_LOG
     if not log.is_file():
         return None
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -173,7 +174,7 @@ def run_arm_seed(plan: StudyPlan, arm: Arm, seed: int, arms_by_key: dict[str, Ar
     train_dir = folder / "train"
     train = run_stage(plan, f"train_{name}", commands.train_argv(
         plan.out / "shards" / "train", train_dir, plan.model_json, steps, plan.batch_size, plan.lr, seed,
-        arm_train_flags(plan, arm, steps)), [train_dir / "log.jsonl"])
+        arm_train_flags(plan, arm, steps)), [train_dir / RUN_LOG])
     evaluations = {}
     for cfg in (1.0, plan.cfg_scale):
         tag = f"cfg{cfg:g}"
@@ -194,7 +195,7 @@ def run_arm_seed(plan: StudyPlan, arm: Arm, seed: int, arms_by_key: dict[str, Ar
               [probe_dir / "probe.json"])
     nll = folder / "nll.json"
     run_stage(plan, f"nll_{name}", commands.nll_argv(train_dir, plan.out / "shards" / "test", nll), [nll])
-    log = [json.loads(line) for line in (train_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    log = [json.loads(line) for line in (train_dir / RUN_LOG).read_text().splitlines() if line.strip()]
     loop_seconds = float(log[-1]["time"])
     result = {"arm": arm.key, "label": arm.label, "seed": seed, "steps": steps, "equal_compute": compute,
               "train_wall_s": train["seconds"], "train_loop_s": loop_seconds,

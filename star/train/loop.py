@@ -27,15 +27,6 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from star.checkpoint import (
-    CHECKPOINTS,
-    RUN_CONFIG,
-    RUN_LOG,
-    TrainingState,
-    checkpoint_dirs,
-    read_meta,
-    save_training_state,
-)
 from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import atomic_path, write_json_atomic
@@ -69,6 +60,15 @@ from star.train.objectives import (
 )
 from star.train.plan import ResolvedTrainConfig, resolve_config
 from star.train.resume import ResumePoint, RunProgress, read_resume
+from star.train.run_folder import (
+    CHECKPOINTS,
+    RUN_CONFIG,
+    RUN_LOG,
+    TrainingState,
+    checkpoint_dirs,
+    read_meta,
+    save_training_state,
+)
 from star.train.safety import (
     NonFiniteGradient,
     NonFiniteGuard,

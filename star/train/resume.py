@@ -17,8 +17,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from star.checkpoint import (
+from star.train.config import RESUME_AUTO
+from star.train.plan import ResolvedTrainConfig
+from star.train.run_folder import (
     CHECKPOINTS,
+    META_NAME,
     TrainingState,
     checkpoint_dirs,
     checkpoint_step,
@@ -26,8 +29,6 @@ from star.checkpoint import (
     read_newest_intact,
     read_training_state,
 )
-from star.train.config import RESUME_AUTO
-from star.train.plan import ResolvedTrainConfig
 
 # Settings a resumed run may change: its optimizer's param groups are built with this run's values (recorded).
 RESUMABLE_CHANGES = ("lr", "weight_decay", "grad_clip")
@@ -88,8 +89,8 @@ def read_resume_state(plan: ResolvedTrainConfig) -> tuple[TrainingState | None, 
                              f"({'; '.join(skipped)}); resume from a copy, or start a new --out")
         return state, folder, skipped
     folder = Path(config.resume)
-    if not (folder / "meta.json").is_file():
-        raise FileNotFoundError(f"--resume {folder}: not a complete checkpoint folder (no meta.json)")
+    if not (folder / META_NAME).is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a complete checkpoint folder (no {META_NAME})")
     _refuse_rewriting_history(folder, Path(config.out))
     return read_training_state(folder, plan.needs_teacher, plan.needs_projector), folder, []
 

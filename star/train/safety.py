@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from star.checkpoint import run_holds_a_run
+from star.data.shards import names_a_shard_folder
+from star.images import IMAGE_EXTENSIONS
 from star.lock import FolderLocked, folder_lock
 from star.train.distributed import raise_on_any_rank
+from star.train.run_folder import CHECKPOINTS, run_holds_a_run
 
 
 class NonFiniteLoss(RuntimeError):
@@ -118,10 +120,6 @@ class SignalStop:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-SHARD_FOLDER_MARKERS = ("manifest.json", "plan.json")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
 def _foreign_output(out: Path) -> str | None:
     """Why `out` is not a run folder of ours (it is a file, a shard folder or an image folder), or None."""
     if out.exists() and not out.is_dir():
@@ -129,11 +127,11 @@ def _foreign_output(out: Path) -> str | None:
     if not out.is_dir():
         return None
     names = [entry.name for entry in os.scandir(out)]
-    if any(name in SHARD_FOLDER_MARKERS or (name.startswith("shard-") and name.endswith(".tar")) for name in names):
+    if names_a_shard_folder(names):
         return f"--out {out} is a token-shard folder: the run's files would mix with the shards; choose a new --out"
     for entry in os.scandir(out):
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name != "checkpoints":
-            if any(Path(child).suffix.lower() in IMAGE_SUFFIXES for child in os.listdir(entry.path)[:50]):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name != CHECKPOINTS:
+            if any(Path(child).suffix.lower() in IMAGE_EXTENSIONS for child in os.listdir(entry.path)[:50]):
                 return f"--out {out} holds image class folders ({entry.name}/): choose a new --out for the run"
     return None
 

@@ -1,5 +1,6 @@
-"""Our weights on disk: a model's safetensors + config, and the trainer's run folders and checkpoints (official
-LlamaGen `.pt` files and strict loading are star/weights.py).
+"""The training run folder: its layout, the checkpoints in it (written through a staging folder, pruned, read back
+whole or skipped when damaged) and `CheckpointMeta`, what each checkpoint records. The model files inside a
+checkpoint are our weight format (star/weights_io.py).
 
 A run folder (`train/run.py --out RUN`):
 
@@ -34,20 +35,18 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from star.gpt.model import GPT, GPTConfig
+from star.gpt.model import GPTConfig
 from star.io import atomic_path, write_json_atomic
-from star.weights import load_llamagen_gpt, load_state_dict_strict
+from star.weights_io import CONFIG_NAME, WEIGHTS_NAME, file_checkpoint_id, load_tensors, save_gpt_state, save_tensors
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.json"
 RUN_LOG = "log.jsonl"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+RUN_FILES = (RUN_CONFIG, RUN_LOG, CHECKPOINTS)  # what marks a folder as holding (part of) a run
 TEACHER_NAME = "teacher.safetensors"
 PROJECTOR_NAME = "projector.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 META_NAME = "meta.json"
-SAVE_FORMAT = "star-gpt"
 _STEP_DIR = re.compile(r"step-(\d{7,})")
 
 
@@ -67,121 +66,9 @@ class NonFiniteWeights(RuntimeError):
     """Weights about to be saved hold NaN/inf: the checkpoint is refused so no poisoned state reaches disk."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Our safetensors: weights + config side by side
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _save_paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights, config) paths: `x.safetensors` + `x.json`, or a folder with model.safetensors + config.json."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return path, path.with_suffix(".json")
-    if path.suffix == ".json":
-        return path.with_suffix(".safetensors"), path
-    return path / WEIGHTS_NAME, path / CONFIG_NAME
-
-
-def save_gpt(model: GPT, path: str | Path) -> Path:
-    """Save weights as safetensors plus the config as JSON (a folder, or `name.safetensors` + `name.json`).
-
-    Returns the weights path. Both files are written atomically.
-    """
-    return save_gpt_state(model.config, model.state_dict(), path)
-
-
-def save_gpt_state(config: GPTConfig, state_dict: Mapping[str, torch.Tensor], path: str | Path,
-                   checkpoint_id: str | None = None) -> Path:
-    """`save_gpt` for a state dict gathered elsewhere (e.g. a full state dict from FSDP shards)."""
-    weights_path, config_path = _save_paths(path)
-    _save_tensors(state_dict, weights_path, checkpoint_id)
-    write_json_atomic(config_path, {"format": SAVE_FORMAT, "format_version": 1, "config": config.to_dict()})
-    return weights_path
-
-
-def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path, checkpoint_id: str | None = None) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    metadata = {"format": "pt", "star_format": SAVE_FORMAT, **({"checkpoint_id": checkpoint_id} if checkpoint_id
-                                                                 else {})}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
-
-
-def _file_checkpoint_id(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("checkpoint_id")
-
-
-def load_gpt(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Load a model written by `save_gpt` (folder, .safetensors or .json path). Strict; returns eval mode."""
-    weights_path, config_path = _save_paths(path)
-    for needed in (weights_path, config_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"load_gpt: {needed} not found (expected the pair written by save_gpt)")
-    model = GPT(GPTConfig.resolve(config_path))
-    load_state_dict_strict(model, _load_tensors(weights_path), source=str(weights_path))
-    return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Weights for sampling: a run folder, a checkpoint folder, our safetensors or an official .pt
-# ---------------------------------------------------------------------------------------------------------
-
-WEIGHT_CHOICES = ("student", "teacher")
-
-
-def resolve_checkpoint(ckpt: str, weights: str = "student") -> Path:
-    """The weights file for a run folder (its newest checkpoint), a checkpoint folder, or a file."""
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
-    path = Path(ckpt)
-    if (path / CHECKPOINTS).is_dir():
-        found = checkpoint_dirs(path)
-        if not found:
-            raise FileNotFoundError(f"--ckpt {ckpt}: the run folder has no complete checkpoint yet")
-        path = found[-1]
-    if path.is_dir():
-        name = TEACHER_NAME if weights == "teacher" else WEIGHTS_NAME
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"--ckpt {path}: no {name} (use --weights student, or another checkpoint)")
-        return path / name
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt} not found")
-    if weights == "teacher":
-        raise ValueError(f"--weights teacher needs a run or checkpoint folder (with {TEACHER_NAME}), not the file {ckpt}")
-    return path
-
-
-def load_generator(ckpt: str, model_spec: str = "", weights: str = "student") -> GPT:
-    """A GPT for sampling (eval mode, CPU): our run/checkpoint folders (student or EMA teacher), our
-    safetensors, or an official LlamaGen .pt (then `model_spec` gives the architecture)."""
-    path = resolve_checkpoint(ckpt, weights)
-    if path.suffix == ".safetensors":
-        if path.name == TEACHER_NAME:  # the EMA teacher: same architecture as the student beside it
-            model = GPT(GPTConfig.resolve(path.parent / CONFIG_NAME))
-            load_state_dict_strict(model, _load_tensors(path), str(path))
-            return model.eval()
-        in_checkpoint_folder = (path.parent / CONFIG_NAME).is_file() and path.name == WEIGHTS_NAME
-        return load_gpt(path.parent if in_checkpoint_folder else path)
-    if not model_spec:
-        raise ValueError(f"--ckpt {ckpt} is an official LlamaGen checkpoint: give --model (e.g. GPT-B, or a JSON "
-                         "with block_size 256 for *_256.pt, 576 for *_384.pt)")
-    return load_llamagen_gpt(path, GPTConfig.resolve(model_spec))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training state in a run folder
-# ---------------------------------------------------------------------------------------------------------
+def checkpoint_folder(run: str | Path, step: int) -> Path:
+    """Where a run's checkpoint of `step` is (complete once its meta.json is there)."""
+    return Path(run) / CHECKPOINTS / f"step-{step:07d}"
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -199,13 +86,13 @@ def checkpoint_dirs(run: str | Path) -> list[Path]:
 def run_holds_a_run(run: str | Path) -> bool:
     """Whether a folder already holds (part of) a training run: a config, a log or checkpoints."""
     run = Path(run)
-    return any((run / name).exists() for name in (RUN_CONFIG, RUN_LOG, CHECKPOINTS))
+    return any((run / name).exists() for name in RUN_FILES)
 
 
 @dataclass
 class CheckpointMeta:
-    """meta.json: what a checkpoint is, and what continuing it exactly depends on. Fields an older checkpoint
-    lacks read as None (and are then not compared).
+    """meta.json: what a checkpoint is, and what continuing it exactly depends on. A field a meta.json lacks
+    reads as None (and is then not compared).
 
     The data position is a function of (seed, global batch, step), so the launch (processes, accumulation) is
     recorded for information only: a run continues on another launch at the same global batch."""
@@ -232,8 +119,8 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, record: dict) -> "CheckpointMeta":
-        """Reads every meta.json the trainer has written: `views` is views_per_image; a meta.json without
-        global_batch has it as world_size x batch_per_process x grad_accum where all three are recorded."""
+        """A meta.json's record: `views` is read as views_per_image; a missing global_batch is world_size x
+        batch_per_process x grad_accum where all three are recorded; unknown keys are ignored."""
         record = dict(record)
         if "views" in record and "views_per_image" not in record:
             record["views_per_image"] = record.pop("views")
@@ -286,18 +173,17 @@ def save_training_state(run: str | Path, step: int, state: TrainingState, keep: 
     if bad:
         raise NonFiniteWeights(f"refusing to write the step-{step} checkpoint: {len(bad)} tensors hold NaN/inf "
                                f"(e.g. {bad[0]})")
-    root = Path(run) / CHECKPOINTS
-    final = root / f"step-{step:07d}"
-    staging = root / f".step-{step:07d}.tmp"
+    final = checkpoint_folder(run, step)
+    staging = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     meta = dataclasses.replace(state.meta, checkpoint_id=uuid.uuid4().hex)
     try:
         staging.mkdir(parents=True)
         save_gpt_state(state.model_config, state.student, staging, meta.checkpoint_id)  # model + config.json
         if state.teacher is not None:
-            _save_tensors(state.teacher, staging / TEACHER_NAME, meta.checkpoint_id)
+            save_tensors(state.teacher, staging / TEACHER_NAME, meta.checkpoint_id)
         if state.projector is not None:
-            _save_tensors(state.projector, staging / PROJECTOR_NAME, meta.checkpoint_id)
+            save_tensors(state.projector, staging / PROJECTOR_NAME, meta.checkpoint_id)
         if state.optimizer is not None:
             with atomic_path(staging / OPTIMIZER_NAME) as tmp:
                 torch.save(state.optimizer, tmp)
@@ -363,9 +249,9 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
     need_projector = need_projector and (path / PROJECTOR_NAME).is_file()
     readers = {
         CONFIG_NAME: GPTConfig.resolve,
-        WEIGHTS_NAME: _load_tensors,
-        TEACHER_NAME: _load_tensors if need_teacher else None,
-        PROJECTOR_NAME: _load_tensors if need_projector else None,
+        WEIGHTS_NAME: load_tensors,
+        TEACHER_NAME: load_tensors if need_teacher else None,
+        PROJECTOR_NAME: load_tensors if need_projector else None,
         OPTIMIZER_NAME: (lambda file: torch.load(file, map_location="cpu", weights_only=True)) if need_optimizer else None,
     }
     read: dict[str, Any] = {}
@@ -373,7 +259,7 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
         try:
             read[name] = reader(path / name) if reader is not None else None
             if name.endswith(".safetensors") and reader is not None and meta.checkpoint_id:
-                found = _file_checkpoint_id(path / name)
+                found = file_checkpoint_id(path / name)
                 if found != meta.checkpoint_id:
                     raise ForeignFile(f"{path / name} belongs to another checkpoint (id {found}, this one's is "
                                       f"{meta.checkpoint_id}): it was copied or swapped in; restore the checkpoint's "
