@@ -3,6 +3,7 @@ tokenizer found by evaluation, and the --log-with trackers."""
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,29 +28,51 @@ def command(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
+# What each command of the README's block gets appended for tiny data (argparse: a later flag wins).
+TINY_OVERRIDES = {
+    "train_vq": ["--image-size", "32", "--steps", "4", "--batch-size", "4", "--no-progress"],
+    "tokenize": ["--image-size", "32", "--num-workers", "0", "--no-progress"],
+    "train": ["--steps", "2", "--batch-size", "8", "--num-workers", "0", "--no-progress"],
+    "sample": ["--num-samples", "6", "--batch-size", "6", "--no-progress"],
+    "fid": ["--cache-dir", "cache"],
+    "plot": [],
+}
+
+
+def readme_own_images_commands() -> list[list[str]]:
+    """The bash block under the README's "Train ST-AR on your own images", one argv per command."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Train ST-AR on your own images"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):section.index("```\n", section.index("```bash"))]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("  #")[0]) for line in lines if line.strip()]
+
+
+def command_name(argv: list[str]) -> str:
+    """train_vq, tokenize, train, or evaluate's subcommand."""
+    script = Path(argv[1])
+    if script.name == "run.py":
+        return argv[2] if script.parent.name == "evaluate" else script.parent.name
+    return script.stem
+
+
 @pytest.fixture(scope="module")
 def own_images(tmp_path_factory):
-    """The README's own-images commands, in a fresh folder, on the built-in photos (3 classes, 32 px, a 4x4 token
-    grid): a tokenizer, token shards, GPT-tiny, samples with the run's own tokenizer, FID against val/."""
+    """The README's own-images commands, exactly as written plus TINY_OVERRIDES, in a fresh folder on the built-in
+    photos (3 classes, 32 px, a 4x4 token grid): a tokenizer, token shards, GPT-tiny, samples with the run's own
+    tokenizer, FID against val/, the training curves."""
     from star.data.builtin import build_builtin_dataset
 
     work = tmp_path_factory.mktemp("own")
     build_builtin_dataset(work / "my_images", train_per_class=8, val_per_class=2, image_size=40,
                           classes=("astronaut", "coffee", "rocket"))
     outputs = {}
-    outputs["vq"] = command(str(REPO / "tokenize/train_vq.py"), "--data", "my_images/train", "--out", "runs/my_vq",
-                            "--image-size", "32", "--steps", "4", "--batch-size", "4", "--no-progress", cwd=work)
-    outputs["tokenize"] = command(str(REPO / "tokenize/run.py"), "--data", "my_images/train", "--out",
-                                  "shards/my_images", "--vq-ckpt", "runs/my_vq/vq.pt", "--vq-config",
-                                  "runs/my_vq/vq.json", "--image-size", "32", "--num-workers", "0", "--no-progress",
-                                  cwd=work)
-    outputs["train"] = command(str(REPO / "train/run.py"), "--shards", "shards/my_images", "--model", "GPT-tiny",
-                               "--out", "runs/my_star", "--steps", "2", "--batch-size", "8", "--num-workers", "0",
-                               "--no-progress", cwd=work)
-    outputs["sample"] = command(str(REPO / "evaluate/run.py"), "sample", "--ckpt", "runs/my_star", "--num-samples",
-                                "6", "--batch-size", "6", "--out", "samples/my_star", "--no-progress", cwd=work)
-    outputs["fid"] = command(str(REPO / "evaluate/run.py"), "fid", "--samples", "samples/my_star/samples.npz",
-                             "--ref", "my_images/val", "--cache-dir", "cache", cwd=work)
+    for argv in readme_own_images_commands():
+        assert argv[0] == ".venv/bin/python", f"the README's block runs the project's venv: {argv}"
+        name = command_name(argv)
+        assert name in TINY_OVERRIDES, f"a README command this test does not know: {argv}"
+        outputs[name] = command(str(REPO / argv[1]), *argv[2:], *TINY_OVERRIDES[name], cwd=work)
+    assert set(outputs) == set(TINY_OVERRIDES), "the README's block lost one of the pipeline's commands"
     return work, outputs
 
 
@@ -69,6 +92,7 @@ def test_own_images_from_a_tokenizer_to_fid(own_images):
     assert resolved["tokenizer_check"].startswith("matches")
     metrics = json.loads((work / "samples/my_star/metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    assert (work / "runs/my_star/curves.png").stat().st_size > 0  # `plot` drew the run's log
 
 
 def evaluate_main(argv: list[str]) -> int:
