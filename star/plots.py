@@ -100,8 +100,7 @@ def plot_attention_maps(maps: dict[int, dict[int, np.ndarray]], class_mass: dict
     norm = LogNorm(vmin=max(float(seen.min()) if len(seen) else top / 1e3, top / 1e4), vmax=top)
     figure, axes = plt.subplots(len(layers), len(positions), figsize=(2.6 * len(positions) + 1, 2.5 * len(layers)),
                                 squeeze=False, constrained_layout=True)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")  # cells at or after the query: not visible to it
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: cells at or after the query, not visible
     image = None
     for row, layer in enumerate(layers):
         for column, position in enumerate(positions):
