@@ -123,10 +123,9 @@ def load_demo_subset(path: str | Path = DEMO_SUBSET) -> dict[str, np.ndarray]:
     return subset
 
 
-def folder_name(label: int, class_name: str) -> str:
-    """'07_sneaker': the label first, so ImageFolder's sorted class ids equal the labels."""
-    slug = "".join(c if c.isalnum() else "_" for c in class_name.lower())
-    return f"{label:02d}_{slug}"
+def folder_slug(class_name: str) -> str:
+    """'T-shirt/top' -> 't_shirt_top' (convert_split puts the label first: '00_t_shirt_top')."""
+    return "".join(c if c.isalnum() else "_" for c in class_name.lower())
 
 
 def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -145,7 +144,7 @@ def write_demo_image_folder(root: str | Path, subset_path: str | Path = DEMO_SUB
 
     subset = load_demo_subset(subset_path)
     names = [str(name) for name in subset["class_names"]]
-    folders = [folder_name(label, name) for label, name in enumerate(names)]
+    folders = [folder_slug(name) for name in names]
     root = Path(root)
     splits = {}
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
