@@ -1,7 +1,7 @@
 """`make demo`: ST-AR and its LlamaGen baseline on a Fashion-MNIST subset shipped with the repository, on a CPU,
 in a few minutes.
 
-data (star/demo_data: 400 training and 100 held-out images per class) -> the committed VQ tokenizer (no training)
+data (star/demo_data: 400 training and 100 held-out images per class, of which the demo trains on 200) -> the committed VQ tokenizer (no training)
 -> ten-crop token shards -> a small GPT trained with ST-AR and the same GPT without it -> CFG samples (a row per
 class) -> FID and KID against the held-out images, with the tokenizer's reconstructions as the ceiling and real
 against real as the floor -> a linear probe per step -> runs/demo/summary.md. Each stage is the library code
@@ -33,6 +33,7 @@ GPT_SIZES = {  # "tiny" is for tests: seconds per stage
 GPT_COMMON = {"block_size": 64, "multiple_of": 64, "token_dropout_p": 0.1, "resid_dropout_p": 0.1,
               "ffn_dropout_p": 0.1}
 PROBE_STEPS = [1, 8, 16, 24, 32, 40, 48, 56, 64]  # step t = sequence position t - 1
+CEILING = "VQ reconstructions (ceiling)"
 RERUN = "`make demo` (or the same python -m star.demo command)"
 
 
@@ -45,7 +46,7 @@ class DemoConfig:
     subset: str = setting(str(DEMO_SUBSET), help="the Fashion-MNIST subset .npz (star/data/builtin.py's format)")
     vq_ckpt: str = setting(str(DEMO_VQ), help="VQ checkpoint trained on the subset (committed beside it)")
     vq_config: str = setting(str(DEMO_VQ_CONFIG), help="its VQ config JSON")
-    train_per_class: int = setting(0, help="training images per class (0: all of the subset's)")
+    train_per_class: int = setting(200, help="training images per class, ten crops each (0: all 400 of the subset's)")
     val_per_class: int = setting(0, help="held-out images per class (0: all of the subset's)")
     gpt: str = setting("small", choices=tuple(GPT_SIZES), help="GPT size: small (dim 128, 4 layers) or tiny (tests)")
     steps: int = setting(300, help="training steps of each GPT")
@@ -102,7 +103,8 @@ class Demo:
         """Refuse a run folder made from other data or another tokenizer (its shards and runs would not match)."""
         config = self.config
         inputs = {"subset_sha256": sha256_file(config.subset), "vq_sha256": sha256_file(config.vq_ckpt),
-                  "train_per_class": config.train_per_class, "val_per_class": config.val_per_class, "gpt": config.gpt}
+                  "train_per_class": config.train_per_class, "val_per_class": config.val_per_class, "gpt": config.gpt,
+                  "precision": self.precision}  # bf16 and fp32 encoders give slightly different tokens
         record = self.root / "demo_inputs.json"
         if record.is_file() and json.loads(record.read_text()) != inputs:
             raise ValueError(f"{self.root} holds a demo made from other inputs (see {record}): run `make clean-demo` "
@@ -226,6 +228,10 @@ class Demo:
                                       self.precision)
         return self._scorer
 
+    def ceiling_row(self) -> dict:
+        return {"metrics": self.timed("score ceiling", self.scorer().score, self.timed("decode ceiling",
+                                                                                        self.stage_ceiling))}
+
     def evaluate(self, run: Path) -> dict:
         """Sample, score and probe one trained run: its row of the table."""
         samples = self.timed(f"sample {run.name}", self.stage_sample, run)
@@ -337,18 +343,21 @@ def run_demo(config: DemoConfig) -> int:
     started = time.time()
     demo = Demo(config)
     demo.check_inputs()
-    banner("1/4 data: the Fashion-MNIST subset committed in star/demo_data/")
+    banner("1/3 data: the Fashion-MNIST subset committed in star/demo_data/")
     demo.timed("data", demo.stage_data)
-    banner(f"2/4 tokenize with the committed VQ ({config.vq_ckpt}): ten crops per training image, the centre crop "
+    banner(f"2/3 tokenize with the committed VQ ({config.vq_ckpt}): ten crops per training image, the centre crop "
            "per held-out image")
     demo.timed("tokenize", demo.stage_tokenize)
-    banner(f"3/4 train the {GPT_SIZES[config.gpt]['n_layer']}-layer GPTs ({', '.join(demo.runs())}), then sample "
-           f"{config.samples_per_class} per class with CFG {config.cfg_scale} and score each")
-    rows = demo.timed("train and score", train_and_score, demo)
-    banner("4/4 the tokenizer's ceiling and the real-vs-real control")
-    rows["VQ reconstructions (ceiling)"] = {"metrics": demo.timed("score ceiling", demo.scorer().score,
-                                                                  demo.stage_ceiling())}
+    banner(f"3/3 train the {GPT_SIZES[config.gpt]['n_layer']}-layer GPTs ({', '.join(demo.runs())}), then sample "
+           f"{config.samples_per_class} per class with CFG {config.cfg_scale} and score each, and the tokenizer's ceiling")
+    scored = demo.timed("train and score", train_and_score, demo)
+    rows = {label: scored[label] for label in [*demo.runs(), CEILING]}  # the table's order
     rows["real vs real (control)"] = {"metrics": demo.scorer().control()}
+    if config.probe:
+        from star.plots import plot_probe_curves
+
+        curves = {label: row["probe"] for label, row in rows.items() if row.get("probe")}
+        plot_probe_curves(curves, demo.root / "probe.png", chance=1 / len(demo.class_names))
     summary = render_summary(demo, rows, time.time() - started)
     with atomic_path(demo.root / "summary.md") as tmp:
         Path(tmp).write_text(summary + "\n")
@@ -358,14 +367,14 @@ def run_demo(config: DemoConfig) -> int:
 
 def train_and_score(demo: Demo) -> dict:
     """ST-AR (the longer run) trains in a process of its own while this one trains, samples and scores the
-    baseline: the two cores work side by side. Rows in the table's order (baseline first)."""
+    baseline and scores the tokenizer's ceiling: the two cores work side by side. Returns rows by label."""
     runs = demo.runs()
     star_label = next(label for label, (_, star) in runs.items() if star)
     star_run = runs[star_label][0]
     others = {label: run for label, (run, star) in runs.items() if not star}
     if not others:
         demo.timed(f"train {star_run.name}", demo.stage_train, star_run, True)
-        return {star_label: demo.evaluate(star_run)}
+        return {star_label: demo.evaluate(star_run), CEILING: demo.ceiling_row()}
     demo.prepare_token_cache()
     beside = demo.start_training_beside(star_run, True)
     threads = torch.get_num_threads()
@@ -375,6 +384,7 @@ def train_and_score(demo: Demo) -> dict:
         for label, run in others.items():
             demo.timed(f"train {run.name}", demo.stage_train, run, False)
             rows[label] = demo.evaluate(run)
+        rows[CEILING] = demo.ceiling_row()
         demo.timed(f"wait for {star_run.name}", wait_for, beside)
     finally:
         stop(beside)
@@ -450,6 +460,8 @@ def render_summary(demo: Demo, rows: dict, seconds: float) -> str:
     for label, row in rows.items():
         if row.get("grid"):
             lines.append(f"- samples of {label}: {row['grid']} (run {row['run']})")
+    if config.probe:
+        lines.append(f"- probe accuracy by step, both models: {demo.root / 'probe.png'}")
     lines.append(f"- time: {seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in demo.timings.items()) + ")")
     return "\n".join(lines)
 
