@@ -73,6 +73,7 @@ def tiny_demo(tmp_path_factory):
 def test_tiny_demo_runs_end_to_end(tiny_demo):
     root, _ = tiny_demo
     summary = (root / "runs" / "summary.md").read_text()
+    assert (root / "runs" / "probe.png").is_file()
     assert "T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot" in summary
     for row in ("| LlamaGen (baseline) |", "| ST-AR |", "| VQ reconstructions (ceiling) |", "| real vs real (control) |"):
         assert row in summary
