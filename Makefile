@@ -5,15 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Stage settings (override on the command line: make tokenize DATA=... VQ_CKPT=...)
-DATA ?= data/builtin/train
-SHARDS ?= shards/builtin
-VQ_CKPT ?= runs/demo/vq/vq.pt
-VQ_CONFIG ?= runs/demo/vq/vq.json
+DATA ?= data/demo-fashion-mnist/train
+SHARDS ?= shards/demo-fashion-mnist
+VQ_CKPT ?= star/demo_data/vq.pt
+VQ_CONFIG ?= star/demo_data/vq.json
 IMAGE_SIZE ?= 32
 VIEW_POLICY ?= tencrop
 VQ_OUT ?= runs/vq
 SAMPLES ?= runs/demo/samples/gpt_star/samples.npz
-REF ?= data/builtin/val
+REF ?= data/demo-fashion-mnist/val
 MODEL ?= runs/demo/gpt_config.json
 RUN ?= runs/train
 TRAIN_ARGS ?= --steps 200 --batch-size 16 --lr 1e-3
@@ -42,8 +42,12 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest tests
 
+# The demo: ST-AR and LlamaGen on the Fashion-MNIST subset and tokenizer committed in star/demo_data/.
+# DEMO_ARGS: e.g. --steps 600 --samples-per-class 100 (python -m star.demo --help lists them)
+DEMO_ARGS ?=
+
 demo: setup
-	$(PY) -m star.demo
+	$(PY) -m star.demo $(DEMO_ARGS)
 
 vq: setup
 	$(PY) tokenize/train_vq.py --data $(DATA) --out $(VQ_OUT)
@@ -66,4 +70,4 @@ bench: setup
 	$(PY) bench/run.py --compile
 
 clean-demo:
-	rm -rf runs/demo data/builtin shards/builtin
+	rm -rf runs/demo data/demo-fashion-mnist shards/demo-fashion-mnist
