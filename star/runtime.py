@@ -56,10 +56,16 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def indexed_seed(seed: int, index: int) -> int:
+    """The seed of item `index` of a run seeded by `seed` (an epoch's data order, a sampling batch): every seed the
+    project mixes goes through here, so two runs with different seeds share no item's seed by accident."""
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one micro-batch's dropout on one rank (dropout masks are drawn per process, over its own rows):
     a function of (seed, micro-batch count, rank), so resume is exact."""
-    return (seed * 1_000_003 + step * 4099 + rank) % (2**63 - 1)
+    return indexed_seed(seed, step * 4099 + rank)
 
 
 def batch_draw_seed(seed: int, step: int) -> int:

@@ -24,7 +24,7 @@ from star.eval.tokenizer import DecoderChoice, find_tokenizer
 from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate, resolve_decode_mode
 from star.gpt.model import GPTConfig
 from star.io import check_output_file
-from star.runtime import autocast_dtype, pick_device, resolve_precision
+from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
 
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_FLAGS = ValueNames(ckpt="--ckpt", model="--model", weights="--weights")  # how errors name them
@@ -202,7 +202,7 @@ def run_sampling(config: SampleConfig) -> dict:
             if not part_is_done(parts, b, len(batch_labels))]
     bar = tqdm(mine, desc="sample", unit="batch", disable=not (config.progress and state.is_main_process))
     for batch_index, batch_labels in bar:
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + batch_index)
+        generator = torch.Generator(device=device).manual_seed(indexed_seed(config.seed, batch_index))
         tokens = generate(model, batch_labels.to(device), config.sampling, generator)  # [b, T]
         images = tokens_to_uint8(vq, tokens, model.config.grid_size, config.image_size_eval) if vq is not None else None
         write_part(parts, batch_index, tokens.cpu().numpy(), images)

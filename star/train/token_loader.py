@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from star.data.manifest import Manifest
 from star.data.shards import decode_sample
-from star.runtime import key_seed
+from star.runtime import indexed_seed, key_seed
 
 VIEW_MATCH_CHOICES = ("index", "geometry")  # index: the paper's same-raster-index pairs; geometry: same source point
 
@@ -204,7 +204,7 @@ class EpochBatchSampler(Sampler):
         micro_span = self.global_batch // self.micro_batches  # images of one micro-batch over all ranks
         while True:
             epoch, within = divmod(step, self.steps_per_epoch)
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(indexed_seed(self.seed, epoch))
             order = torch.randperm(self.num_samples, generator=generator)
             for position in range(within, self.steps_per_epoch):
                 batch = order[position * self.global_batch : (position + 1) * self.global_batch]
