@@ -1,7 +1,8 @@
 """Command-line flags generated from a stage's settings dataclass: each setting is declared once.
 
-A setting is a dataclass field. Its default, type, help text and choices become the flag; validation lives in
-the dataclass (`__post_init__`), so the library, the demo, the study and the commands all get the same checks.
+A setting is a dataclass field declared with star/settings.py's `setting`. Its default, type, help text and
+choices become the flag; validation lives in the dataclass (`__post_init__`, with `check`), so the library, the
+demo, the study and the commands all get the same checks.
 
     @dataclass
     class SampleConfig:
@@ -30,35 +31,10 @@ import types
 import typing
 from typing import Any, Sequence, TypeVar
 
+from star.settings import check, flag_spec, setting  # noqa: F401  (what a command's settings are declared with)
+
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
-
-
-def flag_spec(*, help: str = "", choices: Sequence[Any] | None = None, flag: str | None = None,
-              metavar: str | None = None, cli: bool = True) -> dict[str, Any]:
-    """How a setting appears on the command line (the metadata `setting` stores in its field).
-
-    flag: the flag's name without dashes when it is not the field's name with '-' for '_' (booleans get
-    `--NAME` / `--no-NAME`). cli=False keeps a field out of the command line (library-only settings).
-    """
-    return {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag,
-            "metavar": metavar, "cli": cli}
-
-
-def setting(default: Any = _MISSING, *, help: str = "", choices: Sequence[Any] | None = None,
-            flag: str | None = None, metavar: str | None = None, cli: bool = True,
-            default_factory: Any = _MISSING, nested: dict[str, dict[str, Any]] | None = None) -> Any:
-    """A dataclass field that is also a command-line flag (see `flag_spec` for the flag's options).
-
-    nested: for a field holding a settings dataclass that declares plain fields (a library dataclass that does
-    not import this module), each inner field's `flag_spec` by name; its fields become flags either way.
-    """
-    metadata = flag_spec(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli)
-    if nested:
-        metadata["nested"] = nested
-    if default_factory is not _MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _resolved_hints(cls: type) -> dict[str, Any]:
@@ -199,12 +175,6 @@ def build_or_exit(parser: argparse.ArgumentParser, cls: type[T], namespace: argp
         return config_from_namespace(cls, namespace, **overrides)
     except ValueError as error:
         parser.error(str(error))  # prints usage + "error: ...", exits 2
-
-
-def check(condition: bool, message: str) -> None:
-    """A settings check: raise ValueError(message) unless condition holds (NaN fails every comparison)."""
-    if not condition:
-        raise ValueError(message)
 
 
 # Errors a user can cause (a bad path, a bad value, a folder in use): a command prints them as one line, exit 2.

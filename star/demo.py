@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from star.cli import check, parse_config, setting
+from star.cli import parse_config
 from star.data.builtin import DEMO_DATA, DEMO_SUBSET
 from star.io import atomic_path, sha256_file, write_json_atomic
+from star.settings import check, setting
 
 DEMO_VQ = DEMO_DATA / "vq.pt"
 DEMO_VQ_CONFIG = DEMO_DATA / "vq.json"

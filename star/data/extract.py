@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from star.cli import check, setting
 from star.data.inputs import SHARD_ORDERS, InputPlan, class_member, image_member, open_rgb_image, plan_inputs
 from star.data.manifest import Manifest, RejectedInput, ShardEntry, ViewsRecord
 from star.data.out_folder import check_output_folder, refuse_foreign_folder, refuse_out_inside_data
@@ -52,6 +51,7 @@ from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.io import sha256_file, write_json_atomic
 from star.lock import folder_lock
 from star.runtime import autocast_dtype, pick_device, resolve_precision
+from star.settings import check, setting
 
 TOKENIZE_PRECISIONS = ("auto", "fp32", "bf16")
 MAX_IMAGE_SIZE = 1024  # LlamaGen's VQs are used at 256-512 px; past this a view is mostly memory

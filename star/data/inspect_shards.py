@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from star.cli import check, setting
 from star.data.manifest import Manifest
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.io import check_output_file, is_star_png
+from star.settings import check, setting
 
 
 @dataclass

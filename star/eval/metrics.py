@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from star.cli import check, setting
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.inception import (
     INCEPTION_FILE_NAME,
@@ -38,6 +37,7 @@ from star.eval.scores import (
 )
 from star.io import check_output_file, is_json_with, write_json_atomic
 from star.runtime import DEVICE_CHOICES, pick_device
+from star.settings import check, setting
 
 
 @dataclass

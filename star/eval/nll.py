@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from star.cli import check, setting
 from star.data.manifest import Manifest, shard_tokens
 from star.eval.understanding import AnalysisModel
 from star.gpt.model import GPT
 from star.io import check_output_file, is_json_with, write_json_atomic
+from star.settings import check, setting
 
 
 @dataclass

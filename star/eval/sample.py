@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from star.cli import check, flag_spec, setting
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.class_names import parse_class_names, run_class_names
 from star.eval.generator import WEIGHT_CHOICES, ValueNames, load_generator, resolve_checkpoint
@@ -25,6 +24,7 @@ from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, gen
 from star.gpt.model import GPTConfig
 from star.io import check_output_file
 from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
+from star.settings import check, flag_spec, setting
 
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_FLAGS = ValueNames(ckpt="--ckpt", model="--model", weights="--weights")  # how errors name them

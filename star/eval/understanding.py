@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from star.cli import check, setting
 from star.data.manifest import shard_tokens
 from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.eval.generator import WEIGHT_CHOICES, load_generator, resolve_checkpoint
@@ -25,6 +24,7 @@ from star.gpt.model import GPT
 from star.io import write_json_atomic
 from star.plots import plot_attention_maps, plot_probe_curves
 from star.runtime import DEVICE_CHOICES, pick_device
+from star.settings import check, setting
 
 
 @torch.inference_mode()

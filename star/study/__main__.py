@@ -16,8 +16,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from star.cli import check, parse_config, setting
+from star.cli import parse_config
 from star.runtime import cpu_description
+from star.settings import check, setting
 from star.study.arms import ARM_KEYS, ARMS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
 from star.study.long_arms import LONG_ARMS

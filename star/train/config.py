@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from star.cli import check, setting
 from star.gpt.config import MODEL_SIZES
 from star.runtime import PRECISION_CHOICES
+from star.settings import check, setting
 from star.train.star_settings import StarSettings
 from star.train.token_cache import CACHE_SCOPES
 from star.train.token_loader import VIEW_MATCH_CHOICES

@@ -9,9 +9,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from star.cli import check
 from star.data.manifest import Manifest
 from star.gpt.config import GPTConfig, preset_name
+from star.settings import check
 from star.train.config import TrainConfig
 from star.train.run_folder import CheckpointMeta
 from star.train.star_settings import StarSettings, resolve_teacher_decay

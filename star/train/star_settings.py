@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from star.cli import check, setting
+from star.settings import check, setting
 
 AUTO = "auto"
 PAPER_TEACHER_DECAY = 0.9999

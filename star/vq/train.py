@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from star.cli import check, setting
 from star.images import IMAGE_EXTENSIONS
 from star.io import write_json_atomic
 from star.lock import folder_lock
 from star.runtime import autocast_dtype, pick_device, resolve_precision
+from star.settings import check, setting
 from star.vq.model import VQConfig, VQModel, save_vq_checkpoint
 
 # Restarted codes need time to be fitted by the decoder: stop re-seeding for the last part of training.
