@@ -310,6 +310,8 @@ LOWER_LAYERS = {
     "star.weights_io": ("star.cli", "star.train", "star.eval"),
     "star.weights": ("star.cli", "star.train", "star.eval"),
     "star.train.run_folder": ("star.cli", "star.eval"),
+    "star.train.plan": ("star.cli", "star.eval", "star.study"),
+    "star.settings": ("star.cli", "star.train", "star.eval", "star.data", "star.gpt", "star.study"),
 }
 
 
