@@ -178,9 +178,9 @@ class Demo:
         """Built once here, so that the two runs training side by side find it ready."""
         from dataclasses import replace
 
-        from star.train.loop import train
+        from star.train.loop import prepare_token_cache
 
-        train(replace(self.train_config(self.root / "unused", True), prepare_only=True))
+        prepare_token_cache(replace(self.train_config(self.root / "unused", True), prepare_only=True))
 
     def start_training_beside(self, run: Path, star: bool):
         """Train `run` in a process of its own on one core while this process goes on (None if trained)."""

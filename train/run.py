@@ -13,13 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from star.cli import parse_config, run_command  # noqa: E402
 from star.lock import FolderLocked  # noqa: E402
-from star.train.loop import NonFiniteLoss, StopRequested, TrainConfig, train  # noqa: E402
+from star.train.loop import NonFiniteLoss, StopRequested, TrainConfig, prepare_token_cache, train  # noqa: E402
 from star.train.run_folder import CheckpointWriteError, NonFiniteWeights  # noqa: E402
 
 
 def main(argv=None) -> int:
     config = parse_config(TrainConfig, argv, __doc__)  # a bad value exits 2 with one line
     try:
+        if config.prepare_only:
+            return run_command(prepare_token_cache, config, summarise_prepared)
         return run_command(train, config, summarise,
                            user_errors=(FolderLocked, NonFiniteLoss, NonFiniteWeights, CheckpointWriteError))
     except StopRequested as stop:  # SIGTERM / SIGINT: a checkpoint was written at the step boundary
@@ -28,11 +30,15 @@ def main(argv=None) -> int:
         return stop.exit_code
 
 
+def summarise_prepared(prepared: dict) -> str:
+    if prepared["rank"] != 0:
+        return ""
+    return f"shards checked ({prepared['shards']} shards, {prepared['samples']} samples); token cache: {prepared['cache']}"
+
+
 def summarise(summary: dict) -> str:
     if summary.get("rank", 0) != 0:
         return ""
-    if "cache" in summary:  # --prepare-only
-        return f"shards checked ({summary['shards']} shards, {summary['samples']} samples); token cache: {summary['cache']}"
     done, start = summary["steps"], summary.get("start_step", 0)
     steps = f"steps {start + 1}-{done}" if summary["trained_steps"] else "no step left to train"
     resumed = f", resumed from step {start}" if summary.get("resumed_from") else ""

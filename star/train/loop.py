@@ -81,7 +81,7 @@ from star.train.token_cache import CacheFailed, build_unless_building, builds_ca
 from star.train.token_loader import first_global_row, make_loader
 from star.weights import load_llamagen_state_dict, load_state_dict_strict
 
-__all__ = ["TrainConfig", "train", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
+__all__ = ["TrainConfig", "train", "prepare_token_cache", "prepare_data", "NonFiniteLoss", "NonFiniteGradient", "StopRequested"]
 
 LOGGED = (*LOSS_TERMS, "loss")  # the step means train_step returns and log() averages, in this order
 GUARDED = (*LOGGED, "grad_norm")  # what the non-finite guard watches, per optimizer step
@@ -89,14 +89,10 @@ GUARDED = (*LOGGED, "grad_norm")  # what the non-finite guard watches, per optim
 
 def train(config: TrainConfig) -> dict:
     """Train one run (see TrainConfig); returns {"steps" (the run's step reached), "start_step", "trained_steps"
-    (by this invocation), "total_steps", "out", "last_checkpoint", "seconds", "rank", ...}.
-    With --prepare-only: check the shards, build the token cache, and return without training."""
-    accelerator, precision = make_accelerator(config)
-    warning = one_process_warning(accelerator.num_processes, os.environ)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    (by this invocation), "total_steps", "out", "last_checkpoint", "seconds", "rank", "teacher_decay"}."""
     if config.prepare_only:
-        return prepare_data(accelerator, config, Manifest.load(config.shards))
+        raise ValueError("--prepare-only builds the token cache without training: call prepare_token_cache")
+    accelerator, precision = launch(config)
     with contextlib.ExitStack() as held:
         claim_run_folder(accelerator, config, held)
         with agreed(accelerator, f"--shards {config.shards}"):  # every process refuses together, one line
@@ -112,8 +108,25 @@ def train(config: TrainConfig) -> dict:
         return train_loop(run, held.enter_context(SignalStop()))
 
 
+def prepare_token_cache(config: TrainConfig) -> dict:
+    """--prepare-only: check the shards and build the token cache before a launch, without training; returns
+    {"cache", "samples", "shards", "rank"}."""
+    accelerator, _ = launch(config)
+    return {**prepare_data(accelerator, config, Manifest.load(config.shards)), "rank": accelerator.process_index}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Set-up
+
+
+def launch(config: TrainConfig):
+    """(Accelerator, precision) of this launch, with a one-line warning when it asked for several processes and
+    started one."""
+    accelerator, precision = make_accelerator(config)
+    warning = one_process_warning(accelerator.num_processes, os.environ)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return accelerator, precision
 
 
 def prepare_data(accelerator, config: TrainConfig, manifest: Manifest) -> dict:
