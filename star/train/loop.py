@@ -401,6 +401,8 @@ def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.T
     """One optimizer step, in the order it happens: read the step's --grad-accum micro-batches; draw the step's
     random choices for its whole global batch; the teacher's targets and the InfoNCE negatives; forward and backward
     each micro-batch (the gradients add up); clip; step, or skip a non-finite step on the device; the teacher's EMA.
+    The step's lr (--warmup-steps), self-guided weights (--star-warmup-steps) and whether it is self-guided at all
+    (--star-every) are functions of `step` (star/train/schedule.py).
     Returns (the step's mean of each LOGGED term [len(LOGGED)], the gradient norm before clipping), both on the
     device: nothing here waits for the host."""
     plan = run.plan
