@@ -108,3 +108,24 @@ def test_bad_recipe_flags_are_refused_with_the_flag_named(tiny_shards, tiny_gpt_
     for flag, value in (("warmup_steps", -1), ("star_warmup_steps", -2), ("star_every", 0)):
         with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} {value}"):
             run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, **{flag: value})
+
+
+def test_star_every_trains_on_two_processes(tiny_shards, tiny_gpt_json, tmp_path):
+    """DDP needs every trainable parameter in every step's graph: the next-token steps of --star-every keep the
+    projector in it (times 0)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import CPU_ENV, TWO_CPU_PROCESSES
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(repo)}
+    command = [sys.executable, *TWO_CPU_PROCESSES, str(repo / "train" / "run.py"), "--shards", str(tiny_shards),
+               "--model", str(tiny_gpt_json), "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "8",
+               "--num-workers", "0", "--log-every", "1", "--ckpt-every", "3", "--projector-hidden", "64",
+               "--no-progress", "--star-every", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["loss_mim"] > 0 for r in read_log(tmp_path / "run")] == [True, False, True]
