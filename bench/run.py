@@ -8,6 +8,9 @@ shared with other jobs); everything goes to bench/results/latest.json with the h
   foreach AdamW as on CPU) vs our trainer's plain step vs our ST-AR step on 4 images x 2 views;
   `--compile` compiles our model (LlamaGen's baseline stays eager; a compiled baseline is reported beside it);
 - train_steps_bf16: the same three steps, all under bf16 autocast (both train in bf16 on GPUs; AMX on this CPU);
+- recipe_steps: ST-AR's steps at the trainer's unit, 8 images (dim 384 x 6 layers): the plain step vs the paper's
+  two views vs one view with L_MIM and L_step (`--views-per-image 1 --no-view`, the cheaper step; target <= 1.4x)
+  vs one view with `--star-every 2` (bench/step_bench.py `bench_recipe_steps`; the ratios printed);
 - profile: the torch.profiler table of one ST-AR step (printed);
 - sample: our generate vs LlamaGen's algorithm (whole-cache attention with its mask, batched CFG) at batch 8
   and 64, same weights; with `--compile`, sample_compiled: both decoders compiled, at batch 8;
@@ -184,10 +187,24 @@ def _print_summary(name: str, result: dict) -> None:
     print(f"{name}: {json.dumps(rounded(result))}", flush=True)
 
 
+def recipe_line(result: dict) -> str:
+    """The cheaper ST-AR step's cost against the plain one, at the same --batch-size."""
+    return (f"ST-AR step / plain step at {result['images']} images: two views {result['two_views_over_plain']:.2f}x, "
+            f"one view (--views-per-image 1 --no-view) {result['one_view_over_plain']:.2f}x, one view with "
+            f"--star-every 2 {result['one_view_every_2_over_plain']:.2f}x; chosen: {result['chosen']} "
+            f"{result['chosen_over_plain']:.2f}x ({result['target']})")
+
+
 def planned_benches(args, thread_counts: list[int], work: Path) -> list[tuple]:
     """(result key, name for --only, torch threads, function): the step and sampling comparisons at each thread
     count (the first is the headline; the others are keyed NAME_Nthreads), the rest once on every core."""
-    from step_bench import bench_sampling, bench_sampling_compiled, bench_train_steps, profile_star_step
+    from step_bench import (
+        bench_recipe_steps,
+        bench_sampling,
+        bench_sampling_compiled,
+        bench_train_steps,
+        profile_star_step,
+    )
 
     every_core = os.cpu_count() or 1
     benches = [("profile", "profile", thread_counts[0], profile_star_step)]
@@ -197,6 +214,7 @@ def planned_benches(args, thread_counts: list[int], work: Path) -> list[tuple]:
         if index == 0:
             benches.append(("train_steps_bf16", "train_steps_bf16", threads,
                             lambda: bench_train_steps(args.rounds, False, bf16=True)))
+            benches.append(("recipe_steps", "recipe_steps", threads, lambda: bench_recipe_steps(args.rounds)))
         if args.compile and index == 0:
             benches.append(("train_steps_compiled", "train_steps_compiled", threads,
                             lambda: bench_train_steps(args.rounds, True)))
@@ -221,7 +239,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time training steps and sampling compiled "
                         "(torch.compile), ours and LlamaGen's")
     parser.add_argument("--only", default="", help="comma-separated subset: train_steps,train_steps_bf16,"
-                        "train_steps_compiled,profile,sample,sample_compiled,tokenize,loader,train_loop,study_step,"
+                        "train_steps_compiled,recipe_steps,profile,sample,sample_compiled,tokenize,loader,train_loop,study_step,"
                         "scale")
     parser.add_argument("--threads", default="1,all", help="torch thread counts for the step and sampling "
                         "comparisons, comma-separated ('all' = every core); the first is the headline, each other "
@@ -247,6 +265,8 @@ def main() -> int:
                 bench_loader(Path(tmp))  # writes the shards train_loop reads
             results[key] = fn()
             _print_summary(f"{key} ({threads} threads)", results[key])
+            if name == "recipe_steps":
+                print(recipe_line(results[key]), flush=True)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     if args.merge and (out / "latest.json").is_file():

@@ -102,11 +102,12 @@ class StepContenders:
         self.ref_optimizer.step()
         self.ref_optimizer.zero_grad(set_to_none=True)
 
-    def _our_step(self, module, star: bool, batch) -> None:
+    def _our_step(self, module, star: bool, batch, settings=None) -> None:
         from star.train.objectives import batch_losses, update_teacher
 
         generator = torch.Generator(device=self.device).manual_seed(0)
-        terms = batch_losses(batch, module, self.teacher, self.settings if star else None, self.config, generator)
+        settings = (settings or self.settings) if star else None
+        terms = batch_losses(batch, module, self.teacher, settings, self.config, generator)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # the trainer's on-device skip, as in loop.py
@@ -120,6 +121,67 @@ class StepContenders:
 
     def star_step(self) -> None:
         self._our_step(self.star_module, True, self.star_batch)
+
+
+class RecipeContenders(StepContenders):
+    """ST-AR's steps at the trainer's unit, the image: --batch-size counts images, and ST-AR sees each in M views.
+
+    plain: 8 images, one view each (the baseline's step). two_views: the paper's ST-AR, 8 images x 2 views (twice
+    the sequences). one_view: 8 images x 1 view with L_MIM and L_step (`--views-per-image 1 --no-view`): the same
+    sequences as plain, plus the teacher's pass, the masked attention and the projector. one_view_every_2: that,
+    with the teacher pass and self-guided terms on every other step only (`--star-every 2`); the other steps are
+    next-token steps on the same view (the EMA updates every step)."""
+
+    def __init__(self, spec: dict, images: int = 8, device="cpu"):
+        super().__init__(spec, images=images // 2, device=device)  # plain_batch: `images` sequences, one view each
+        from star.train.star_settings import StarSettings
+
+        self.two_view_batch = _token_batch(self.config, images, 2, self.device)
+        self.one_view_settings = StarSettings(contrastive_layer=self.config.n_layer // 2, use_view=False)
+        self.steps_taken = 0
+
+    def two_views_step(self) -> None:
+        self._our_step(self.star_module, True, self.two_view_batch)
+
+    def one_view_step(self) -> None:
+        self._our_step(self.star_module, True, self.plain_batch, self.one_view_settings)
+
+    def next_token_step_of_star(self, batch, settings) -> None:
+        """A --star-every step without the self-guided terms: no teacher pass, no mask; the EMA still updates."""
+        from star.train.objectives import draw_step, micro_batch_losses, update_teacher
+
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], self.config, settings, generator, self.device)
+        micro_batch_losses(batch, self.star_module, settings, self.config, draws)["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.star_module.parameters(), 1.0)
+        self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_teacher(self.teacher, self.student_core, 0.9999)
+
+    def one_view_every_2_step(self) -> None:
+        """Two optimizer steps (one self-guided, one next-token): the timing is halved by the caller."""
+        self.one_view_step()
+        self.next_token_step_of_star(self.plain_batch, self.one_view_settings)
+
+
+RECIPE_TARGET = 1.4  # issue 24: a cheaper ST-AR step costs at most 1.4x the plain step
+
+
+def bench_recipe_steps(rounds: int, spec: dict = STEP_SIZES["d384-L6"], images: int = 8) -> dict:
+    """Each ST-AR recipe's step against the plain step at the same --batch-size (images), interleaved in one
+    process; ratios on `ratio_clock` (CPU time at one thread). The every-2 contender takes two steps per call."""
+    contenders = RecipeContenders(spec, images=images)
+    steps = {"plain": contenders.plain_step, "two_views": contenders.two_views_step,
+             "one_view": contenders.one_view_step, "one_view_every_2": contenders.one_view_every_2_step}
+    timed = interleaved(steps, rounds)
+    clock = ratio_clock()
+    per_step = {name: timed[name][clock] / (2 if name.endswith("every_2") else 1) for name in steps}
+    ratios = {f"{name}_over_plain": per_step[name] / per_step["plain"] for name in steps if name != "plain"}
+    return {**spec, "vocab": VOCAB, "images": images, "tokens": BLOCK, "timings": timed,
+            "threads": torch.get_num_threads(), "ratio_clock": clock, "seconds_per_step": per_step, **ratios,
+            "chosen": "one_view", "chosen_over_plain": ratios["one_view_over_plain"],
+            "target": f"chosen_over_plain <= {RECIPE_TARGET}"}
 
 
 def under_autocast(step: Callable[[], None], dtype: torch.dtype) -> Callable[[], None]:

@@ -63,3 +63,23 @@ def test_bf16_step_benchmark_runs_every_contender_under_autocast(monkeypatch):
                                           bf16=True)["tiny"]
     assert linear_dtypes == {torch.bfloat16}  # every projection of all three steps ran in bf16
     assert result["precision"] == "bf16 autocast"
+
+
+def test_recipe_step_benchmark_compares_steps_at_equal_images():
+    """`make bench`'s recipe_steps row: the plain step on N images, ST-AR on N images x 2 views (twice the
+    sequences), the cheaper one-view step on the plain step's own sequences; every ratio is against the plain
+    step of the same run (a tiny size here)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import step_bench
+
+    contenders = step_bench.RecipeContenders({"dim": 32, "n_layer": 2, "n_head": 2}, images=4)
+    assert contenders.plain_batch.tokens.shape[:2] == (4, 1) and contenders.two_view_batch.tokens.shape[:2] == (4, 2)
+    assert not contenders.one_view_settings.use_view and contenders.one_view_settings.use_step
+    teacher_before = [p.clone() for p in contenders.teacher.parameters()]
+    contenders.one_view_every_2_step()  # two optimizer steps, both updating the EMA teacher
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, contenders.teacher.parameters()))
+    result = step_bench.bench_recipe_steps(1, {"dim": 32, "n_layer": 2, "n_head": 2}, images=4)
+    assert set(result["seconds_per_step"]) == {"plain", "two_views", "one_view", "one_view_every_2"}
+    plain = result["seconds_per_step"]["plain"]
+    assert result["one_view_over_plain"] == result["seconds_per_step"]["one_view"] / plain
+    assert result["chosen"] == "one_view" and result["chosen_over_plain"] == result["one_view_over_plain"]

@@ -65,7 +65,16 @@ class TrainConfig:
     allow_batch_change: bool = setting(False, help="--resume with another --batch-size: the step, weights and "
                                        "AdamW state carry over, but the data order becomes the new batch's (images "
                                        "of the current epoch are then seen twice or skipped)")
-    init_from: str = setting("", help="start from these weights (LlamaGen .pt or our checkpoint) to fine-tune")
+    init_from: str = setting("", help="start from these weights (LlamaGen .pt or our checkpoint) to fine-tune; the "
+                                      "run's steps count from 0")
+    init_optimizer: bool = setting(True, help="--init-from one of our checkpoints: carry its AdamW moments over to the "
+                                              "student (the projector starts fresh); official .pt files have none")
+    warmup_steps: int = setting(0, help="linear lr warmup from 0 to --lr over this many steps (0: constant lr, "
+                                        "LlamaGen's)")
+    star_warmup_steps: int = setting(0, help="ramp ST-AR's weights alpha and beta linearly from 0 to their values "
+                                             "over this many steps (0: full weight from step 0)")
+    star_every: int = setting(1, help="ST-AR's self-guided terms and teacher pass on every K-th step only; the other "
+                                      "steps are next-token steps on the same views (the EMA updates every step)")
     deterministic: bool = setting(False, help="deterministic kernels (slower)")
     compile: bool = setting(False, help="torch.compile the student")
     num_workers: int = setting(4, help="DataLoader worker processes")
@@ -109,6 +118,9 @@ class TrainConfig:
         _fraction(self.token_dropout, "--token-dropout", upper_open=True)
         _fraction(self.dropout, "--dropout", upper_open=True)
         check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
+        check(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0 (0: constant lr)")
+        check(self.star_warmup_steps >= 0, f"--star-warmup-steps {self.star_warmup_steps}: must be >= 0 (0: none)")
+        check(self.star_every >= 1, f"--star-every {self.star_every}: must be >= 1 (1: every step)")
         check(self.views_per_image >= 1, f"--views-per-image {self.views_per_image}: must be >= 1")
         check(not (self.star and self.star_settings.use_view) or self.views_per_image >= 2,
               f"--views-per-image {self.views_per_image}: ST-AR's L_view contrasts views of one image, so it needs "

@@ -216,14 +216,16 @@ def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
+def load_optimizer_state(wrapped: nn.Module, optimizer, state: dict, strict: bool = True) -> None:
     """Load a whole optimizer state keyed by parameter name into the prepared optimizer of any engine and world
     size (under FSDP2 each rank keeps its own rows of every tensor). The param groups keep this run's lr and
-    weight decay (a resumed run may change them)."""
+    weight decay (a resumed run may change them). strict=False: parameters the state lacks start fresh (a
+    fine-tune's new projector)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)
     settings = [{name: group[name] for name in ("lr", "weight_decay")} for group in inner.param_groups]
-    set_optimizer_state_dict(wrapped, inner, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(wrapped, inner, state, options=StateDictOptions(full_state_dict=True,
+                                                                                  strict=strict))
     for group, kept in zip(inner.param_groups, settings):
         group.update(kept)

@@ -45,6 +45,7 @@ from star.train.distributed import (
     raise_on_any_rank,
     shard_teacher_like,
 )
+from star.train.fine_tune import init_cpu_seconds, init_optimizer_state
 from star.train.objectives import (
     LOSS_TERMS,
     Projector,
@@ -77,6 +78,7 @@ from star.train.safety import (
     StopRequested,
     claim_run_folder,
 )
+from star.train.schedule import is_self_guided, lr_at, star_weight_scale
 from star.train.token_cache import CacheFailed, build_unless_building, builds_cache, wait_for_token_cache
 from star.train.token_loader import first_global_row, make_loader
 from star.weights import load_llamagen_state_dict, load_state_dict_strict
@@ -171,6 +173,7 @@ class RunModules:
     projector: Projector | None
     optimizer: torch.optim.Optimizer
     optimizer_state: dict | None = None  # a resumed AdamW state keyed by parameter name, loaded once prepared
+    optimizer_source: str = ""  # the flag and folder it came from (--resume X or --init-from X), for error lines
 
 
 def build_modules(plan: ResolvedTrainConfig, resumed: TrainingState | None = None) -> RunModules:
@@ -194,13 +197,18 @@ def build_modules(plan: ResolvedTrainConfig, resumed: TrainingState | None = Non
     groups = parameter_groups(list(trainable.values()), plan.settings.weight_decay)
     # fused AdamW runs on CPU too (~5x the foreach step) and can skip a non-finite step on the device
     optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(plan.settings.betas), fused=True)
-    optimizer_state = None
-    if resumed is not None and resumed.optimizer is not None:
-        name_of = {id(p): f"{prefix}.{name}" for prefix, module in trainable.items()
-                   for name, p in module.named_parameters()}  # StudentWithProjector's parameter names
-        names = [[name_of[id(p)] for p in group["params"]] for group in groups]
-        optimizer_state = optimizer_state_by_name(resumed.optimizer, names)  # older checkpoints: keyed by index
-    return RunModules(student, teacher, projector, optimizer, optimizer_state)
+    name_of = {id(p): f"{prefix}.{name}" for prefix, module in trainable.items()
+               for name, p in module.named_parameters()}  # StudentWithProjector's parameter names
+    names = [[name_of[id(p)] for p in group["params"]] for group in groups]
+    if resumed is not None:
+        state = None if resumed.optimizer is None else optimizer_state_by_name(resumed.optimizer, names)  # older: index
+        return RunModules(student, teacher, projector, optimizer, state, f"--resume {plan.settings.resume}")
+    if not plan.settings.init_from:
+        return RunModules(student, teacher, projector, optimizer)
+    state, line = init_optimizer_state(plan.settings.init_from, plan.settings.init_optimizer,
+                                       optimizer.state_dict()["param_groups"], names)
+    print(line, flush=True)
+    return RunModules(student, teacher, projector, optimizer, state, f"--init-from {plan.settings.init_from}")
 
 
 def init_weights_from(model: GPT, path: str, tokenizer_sha256: str) -> None:
@@ -234,6 +242,7 @@ class TrainingRun:
     uses_scaler: bool = False  # fp16: GradScaler skips overflowing steps itself (an inf norm is routine there)
     cpu_started: float = 0.0  # process CPU time when this invocation's loop began
     progress: RunProgress = RunProgress()  # where this invocation started (a resumed step, or 0)
+    init_cpu_s: float | None = 0.0  # training CPU seconds of the --init-from checkpoint (None: unknown, official)
 
     def __post_init__(self) -> None:
         self.guard = NonFiniteGuard(GUARDED, self.accelerator.device)
@@ -268,7 +277,12 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
     trained = _compiled(modules.student, accelerator) if compile_ else modules.student
     model, optimizer = accelerator.prepare(StudentWithProjector(trained, modules.projector), modules.optimizer)
     if modules.optimizer_state is not None:
-        load_resumed_optimizer_state(model, optimizer, modules.optimizer_state, resumed.progress.resumed_from)
+        load_carried_optimizer_state(model, optimizer, modules.optimizer_state, modules.optimizer_source)
+        if modules.optimizer_source.startswith("--init-from") and modules.projector is not None:
+            # loading initialised every parameter's state (a step at lr 0); the new projector starts truly fresh
+            inner = getattr(optimizer, "optimizer", optimizer)
+            for parameter in accelerator.unwrap_model(model).projector.parameters():
+                inner.state.pop(parameter, None)
     student = accelerator.unwrap_model(model).student
     student = getattr(student, "_orig_mod", student)  # the module itself, also when compiled
     teacher_forward = modules.teacher
@@ -281,25 +295,28 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
     progress = resumed.progress
     return TrainingRun(plan, accelerator, model, student, modules.teacher, teacher_forward, optimizer,
                        make_loader(plan, accelerator, cache, progress.start_step), Path(plan.settings.out),
-                       last_good_checkpoint=progress.resumed_from, progress=progress)
+                       last_good_checkpoint=progress.resumed_from, progress=progress,
+                       init_cpu_s=init_cpu_seconds(plan.settings.init_from, progress.resumed_from))
 
 
-def load_resumed_optimizer_state(model: nn.Module, optimizer, state: dict, folder: str | None) -> None:
-    """Load the resumed AdamW state into the prepared optimizer; one line naming the checkpoint when it does not
-    fit this run's parameters (before any step)."""
+def load_carried_optimizer_state(model: nn.Module, optimizer, state: dict, source: str) -> None:
+    """Load a resumed (or --init-from) AdamW state into the prepared optimizer; one line naming the checkpoint when
+    it does not fit this run's parameters (before any step)."""
     try:
-        load_optimizer_state(model, optimizer, state)
+        load_optimizer_state(model, optimizer, state, strict=not source.startswith("--init-from"))
     except (KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"--resume {folder}: its optimizer.pt does not fit this run's parameters "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); resume "
-                         "from another checkpoint or start a new --out") from error
+        way_out = ("pass --no-init-optimizer" if source.startswith("--init-from") else
+                   "resume from another checkpoint or start a new --out")
+        raise ValueError(f"{source}: its optimizer.pt does not fit this run's parameters "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         f"{way_out}") from error
 
 
 def write_run_record(run: TrainingRun) -> None:
     plan, out, progress = run.plan, run.out, run.progress
     if run.accelerator.is_main_process:
         decay_before = resumed_teacher_decay(progress)  # read before config.json is replaced
-        write_json_atomic(out / RUN_CONFIG, {**plan.to_json(), **progress.to_json()})
+        write_json_atomic(out / RUN_CONFIG, {**plan.to_json(), **progress.to_json(), "init_cpu_s": run.init_cpu_s})
         trim_log(out / RUN_LOG, progress.start_step)
         print(plan.model_source, flush=True)
         if plan.star is not None:
@@ -398,14 +415,19 @@ def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.T
     """One optimizer step, in the order it happens: read the step's --grad-accum micro-batches; draw the step's
     random choices for its whole global batch; the teacher's targets and the InfoNCE negatives; forward and backward
     each micro-batch (the gradients add up); clip; step, or skip a non-finite step on the device; the teacher's EMA.
+    The step's lr (--warmup-steps), self-guided weights (--star-warmup-steps) and whether it is self-guided at all
+    (--star-every) are functions of `step` (star/train/schedule.py).
     Returns (the step's mean of each LOGGED term [len(LOGGED)], the gradient norm before clipping), both on the
     device: nothing here waits for the host."""
     plan = run.plan
     batches = [next(data).to(run.accelerator.device) for _ in range(plan.settings.grad_accum)]
     draws = step_draws(run, step)
-    teacher_side = teacher_side_of_step(run, batches, draws)
+    self_guided = plan.star is not None and is_self_guided(step, plan.settings.star_every)
+    teacher_side = teacher_side_of_step(run, batches, draws) if self_guided else [(None, None)] * len(batches)
     sums = accumulate_gradients(run, batches, draws, teacher_side, step)
     grad_norm = clip_gradients(run)
+    for group in run.optimizer.param_groups:  # --warmup-steps: a function of the step, so resume repeats it
+        group["lr"] = lr_at(plan.lr, step, plan.settings.warmup_steps)
     step_unless_non_finite(run, grad_norm)
     watched_norm = grad_norm.new_zeros(()) if run.uses_scaler else grad_norm  # fp16 overflow is the scaler's job
     run.guard.record(torch.cat([sums, watched_norm.reshape(1)]), step + 1)
@@ -457,6 +479,7 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
     plan, accelerator = run.plan, run.accelerator
     count = len(batches)
     sums = torch.zeros(len(LOGGED), device=accelerator.device)
+    weight_scale = star_weight_scale(step, plan.settings.star_warmup_steps)
     for micro, batch in enumerate(batches):
         # dropout masks are drawn per process over its own rows: seeded by the micro-batch and the process
         torch.manual_seed(step_seed(plan.settings.seed, step * count + micro, accelerator.process_index))
@@ -464,7 +487,7 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
         with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
             with accelerator.autocast():
                 terms = micro_batch_losses(batch, run.model, plan.star, plan.model, micro_rows(run, micro, draws),
-                                           *teacher_side[micro])
+                                           *teacher_side[micro], weight_scale=weight_scale)
             accelerator.backward(terms["loss"] / count)
         sums += torch.stack([terms[name].detach().float() for name in LOGGED]) / count
     return sums
@@ -536,7 +559,13 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
                    "images_per_s": round(images_per_second, 2),
                    "tokens_per_s": round(images_per_second * plan.model.block_size * plan.views_per_image, 1),
                    "memory_gb": round(peak_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2),
-                   "cpu_s": round(cpu_seconds(run), 2)})
+                   "cpu_s": round(cpu_seconds(run), 2),
+                   "total_cpu_s": round((run.init_cpu_s or 0.0) + cpu_seconds(run), 2)})  # + the --init-from's
+    if plan.star is not None:  # the weights in effect at this step (--star-warmup-steps; 0 on --star-every's others)
+        on = is_self_guided(step - 1, plan.settings.star_every)
+        scale = star_weight_scale(step - 1, plan.settings.star_warmup_steps) if on else 0.0
+        record.update({"mim_weight": round(scale * plan.star.mim_weight, 6),
+                       "contrastive_weight": round(scale * plan.star.contrastive_weight, 6)})
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")

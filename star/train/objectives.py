@@ -34,9 +34,11 @@ from star.train.token_loader import first_global_row
 LOSS_TERMS = ("loss_ar", "loss_mim", "loss_step", "loss_view")
 
 
-def total_loss(settings: StarSettings, terms: dict) -> torch.Tensor:
+def total_loss(settings: StarSettings, terms: dict, weight_scale: float = 1.0) -> torch.Tensor:
+    """weight_scale: the factor on alpha and beta at this step (--star-warmup-steps ramps it from 0 to 1)."""
     contrastive = (terms["loss_step"] + terms["loss_view"]) / 2
-    return terms["loss_ar"] + settings.mim_weight * terms["loss_mim"] + settings.contrastive_weight * contrastive
+    alpha, beta = weight_scale * settings.mim_weight, weight_scale * settings.contrastive_weight
+    return terms["loss_ar"] + alpha * terms["loss_mim"] + beta * contrastive
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,12 +350,15 @@ def star_losses(settings: StarSettings, student: Features, teacher: TeacherTarge
 
 
 def micro_batch_losses(batch, student, settings: StarSettings | None, model_config, draws: StepDraws,
-                       teacher: TeacherTargets | None = None, pool: NegativePool | None = None) -> dict:
+                       teacher: TeacherTargets | None = None, pool: NegativePool | None = None,
+                       weight_scale: float = 1.0) -> dict:
     """Every loss term of one micro-batch, and their total under "loss".
 
     batch: a TokenBatch (tokens [B, M, T], labels [B], view_match, indices); student: the StudentWithProjector the
     optimizer trains (wrapped by DDP/FSDP); settings None: plain LlamaGen; draws: the micro-batch's rows of the
-    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only).
+    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only). Settings without teacher targets:
+    a next-token step of an ST-AR run (--star-every), unmasked, the self-guided terms 0 (the projector still runs
+    at the drawn positions, times 0, so DDP sees every parameter used). weight_scale: the factor on alpha, beta.
     """
     tokens = batch.tokens  # [B, M, T]
     B, M, T = tokens.shape
@@ -361,23 +366,24 @@ def micro_batch_losses(batch, student, settings: StarSettings | None, model_conf
     S = cls + T - 1
     flat_tokens = tokens.reshape(B * M, T)
     flat_labels = conditioning_labels(batch.labels, draws, model_config.null_class).repeat_interleave(M)  # [B M]
-    star = settings is not None
+    self_guided = settings is not None and teacher is not None
     mask, positions, layer = None, None, None
-    if draws.mask_scores is not None:
+    if self_guided and draws.mask_scores is not None:
         mask = mask_from_scores(draws.mask_scores.reshape(B * M, -1), S, settings.mask_ratio, cls)  # bool, once
-    if draws.positions is not None:
+    if settings is not None and draws.positions is not None:
         positions, layer = draws.positions.reshape(B * M, -1), settings.contrastive_layer  # [B M, K]
     # targets: the chunked head computes the next-token loss without materialising [N, S, V] logits
     output, projected = student(flat_tokens[:, :-1], flat_labels, attn_mask=mask, layer=layer, positions=positions,
-                                return_final_hidden=star, targets=flat_tokens)
+                                return_final_hidden=self_guided, targets=flat_tokens)
     terms = {"loss_ar": output.loss}
-    if not star:
+    if not self_guided:
         zero = terms["loss_ar"].new_zeros(())
-        return {**terms, "loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": terms["loss_ar"]}
+        loss = terms["loss_ar"] if projected is None else terms["loss_ar"] + 0.0 * projected.sum()
+        return {**terms, "loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": loss}
     student_features = Features(output.final_hidden.reshape(B, M, S, -1), projected=None if projected is None else
                                 projected.reshape(B, M, -1, projected.shape[-1]))
     terms.update(star_losses(settings, student_features, teacher, pool))
-    terms["loss"] = total_loss(settings, terms)
+    terms["loss"] = total_loss(settings, terms, weight_scale)
     return terms
 
 
