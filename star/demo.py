@@ -42,7 +42,7 @@ def stage_vq(steps: int) -> tuple[Path, Path, dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "vq_config_in.json").write_text(json.dumps({"config": VQ_CONFIG}, indent=2))
     result = train_vq(VQTrainConfig(data_root=str(DATA / "train"), out_dir=str(out), vq_config=str(out / "vq_config_in.json"),
-                                    image_size=IMAGE_SIZE, steps=steps, batch_size=16))
+                                    image_size=IMAGE_SIZE, steps=steps, batch_size=16, resume="auto"))
     return ckpt, config, result
 
 
