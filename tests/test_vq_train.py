@@ -221,3 +221,13 @@ def test_a_signal_stops_the_command_with_one_line_and_a_checkpoint(tiny_setup, t
                         "same command plus --resume auto")
     assert read_vq_checkpoint(checkpoint).step == step
     assert not (out / ".lock").exists()
+
+
+def test_the_study_vq_stage_resumes_and_its_flags_parse(tmp_path):
+    from star.cli import parse_config
+    from star.study import commands
+
+    argv = commands.vq_train_argv(tmp_path / "images", tmp_path / "vq", tmp_path / "vq.json", 600, 32)
+    assert argv[1].endswith("tokenize/train_vq.py")
+    config = parse_config(VQTrainConfig, argv[2:])  # every flag the study passes is one of the trainer's
+    assert (config.resume, config.steps, config.batch_size, config.image_size) == ("auto", 600, 32, 32)
