@@ -223,6 +223,16 @@ def test_a_signal_stops_the_command_with_one_line_and_a_checkpoint(tiny_setup, t
     assert not (out / ".lock").exists()
 
 
+def test_resume_never_replaces_a_vq_it_cannot_continue(tiny_setup, tmp_path):
+    data, vq_json = tiny_setup
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "vq.pt").write_bytes(b"a tokenizer trained without checkpoints")
+    with pytest.raises(ValueError, match="holds a vq.pt but no checkpoint to continue from"):
+        train_vq(_config(data, vq_json, out, resume="auto"))
+    assert (out / "vq.pt").read_bytes() == b"a tokenizer trained without checkpoints"
+
+
 def test_the_study_vq_stage_resumes_and_its_flags_parse(tmp_path):
     from star.cli import parse_config
     from star.study import commands

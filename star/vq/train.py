@@ -541,6 +541,9 @@ def resume_from_checkpoint(run: VQTraining, config: VQTrainConfig, settings: dic
     """--resume auto: load the newest intact checkpoint of --out into `run` after checking it continues this run
     exactly; returns its folder (None: no checkpoint yet, a fresh start)."""
     checkpoint = read_newest_vq_checkpoint(config.out_dir)
+    if checkpoint is None and (Path(config.out_dir) / "vq.pt").exists():
+        raise ValueError(f"--resume auto: --out {config.out_dir} holds a vq.pt but no checkpoint to continue from; "
+                         "choose a new --out")
     if checkpoint is None:
         return None
     folder = Path(config.out_dir) / CHECKPOINTS / f"step-{checkpoint.step:07d}"
