@@ -148,7 +148,8 @@ class VQTrainConfig:
 
     def resume_settings(self, vq_config: VQConfig, data_digest: str) -> dict[str, Any]:
         """What continuing a checkpoint exactly depends on (recorded in it, compared on --resume). The rest (the
-        length, learning rate, loss weights, --disc-start, restarts) may change on resume."""
+        length, learning rate, loss weights, --disc-start, restarts) may change on resume, and so may turning the
+        discriminator on (a fresh one starts) or off (--disc-weight 0)."""
         return {"vq_config": vq_config.to_dict(), "data": data_digest, "seed": self.seed,
                 "batch_size": self.batch_size, "image_size": self.image_size,
                 "min_crop_fraction": self.min_crop_fraction, "holdout_fraction": self.holdout_fraction,
@@ -348,7 +349,7 @@ class VQTraining:
     def load_checkpoint(self, checkpoint: VQCheckpoint) -> None:
         self.model.load_state_dict(checkpoint.vq)
         self.optimizer.load_state_dict(checkpoint.trainer["optimizer"])
-        if self.discriminator is not None:
+        if self.discriminator is not None and checkpoint.discriminator is not None:  # else a fresh one starts
             self.discriminator.load_state_dict(checkpoint.discriminator)
             self.disc_optimizer.load_state_dict(checkpoint.trainer["disc_optimizer"])
         self.code_counts.copy_(checkpoint.trainer["code_counts"])
@@ -547,7 +548,10 @@ def resume_from_checkpoint(run: VQTraining, config: VQTrainConfig, settings: dic
     if checkpoint is None:
         return None
     folder = Path(config.out_dir) / CHECKPOINTS / f"step-{checkpoint.step:07d}"
-    differences = settings_differences(checkpoint.settings, settings)
+    saved = dict(checkpoint.settings)
+    if saved.get("discriminator") is None or settings["discriminator"] is None:  # turning the GAN on or off is a
+        saved["discriminator"] = settings["discriminator"]  # change a resume may make (a new discriminator starts)
+    differences = settings_differences(saved, settings)
     if differences:
         raise ValueError(f"--resume auto: {folder} cannot be continued exactly by this run:\n  "
                          + "\n  ".join(differences) + "\nResume with the checkpoint's settings and data, or start "
