@@ -70,7 +70,7 @@ def test_patch_discriminator_logit_grid_and_the_depth_check():
               if isinstance(m, torch.nn.Conv2d)]
     assert widths == [8, 16, 32, 64, 64, 1]  # doubling, capped at 8x, then one logit channel
     with pytest.raises(ValueError, match=r"--disc-layers 3 leaves no logits for 16 px crops"):
-        VQTrainConfig(data_root="x", image_size=16, disc_layers=3)
+        VQTrainConfig(data_root="x", image_size=16, disc_layers=3, disc_weight=0.5)
     assert VQTrainConfig(data_root="x", image_size=16, disc_layers=3, disc_weight=0.0).disc_weight == 0.0
 
 
@@ -202,7 +202,7 @@ def test_a_signal_stops_the_command_with_one_line_and_a_checkpoint(tiny_setup, t
     out = tmp_path / "run"
     command = [sys.executable, str(REPO / "tokenize/train_vq.py"), "--data", str(data), "--out", str(out), "--config",
                str(vq_json), "--image-size", "16", "--batch-size", "2", "--steps", "100000", "--device", "cpu",
-               "--no-progress", "--disc-channels", "8", "--disc-layers", "2", "--ckpt-every", "100000"]
+               "--no-progress", "--disc-weight", "0.5", "--disc-channels", "8", "--disc-layers", "2", "--ckpt-every", "100000"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     try:
@@ -219,7 +219,7 @@ def test_a_signal_stops_the_command_with_one_line_and_a_checkpoint(tiny_setup, t
     checkpoint = out / "checkpoints" / f"step-{step:07d}"
     assert lines[0] == (f"stopped at step {step} by {name}: checkpoint written to {checkpoint}; continue with the "
                         "same command plus --resume auto")
-    assert read_vq_checkpoint(checkpoint).step == step
+    assert read_vq_checkpoint(checkpoint).step == step and read_vq_checkpoint(checkpoint).discriminator is not None
     assert not (out / ".lock").exists()
 
 

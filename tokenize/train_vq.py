@@ -1,8 +1,8 @@
-"""Train a small VQ tokenizer (LlamaGen's architecture; L2 + codebook losses + a PatchGAN term) on an ImageFolder.
+"""Train a small VQ tokenizer (LlamaGen's architecture; L2 + codebook losses, optional PatchGAN) on an ImageFolder.
 
     python tokenize/train_vq.py --data IMAGES --out runs/vq --config VQ-tiny --image-size 64 --steps 1000
     python tokenize/train_vq.py ... --resume auto      # continue from the newest checkpoint in --out
-    python tokenize/train_vq.py ... --disc-weight 0    # no discriminator: reconstruction + codebook losses only
+    python tokenize/train_vq.py ... --disc-weight 0.5 --disc-start 20000   # LlamaGen's PatchGAN term (off by default)
 
 Writes OUT/vq.pt ({"model": state_dict}, LlamaGen's format), OUT/vq.json (pass it as --vq-config to
 tokenize/run.py), OUT/metrics.json (held-out PSNR, codebook usage), OUT/train_config.json and
