@@ -233,14 +233,16 @@ def test_resume_never_replaces_a_vq_it_cannot_continue(tiny_setup, tmp_path):
     assert (out / "vq.pt").read_bytes() == b"a tokenizer trained without checkpoints"
 
 
-def test_resume_may_turn_the_gan_on_but_not_change_the_discriminator(tiny_setup, tmp_path):
+def test_resume_may_turn_the_gan_on_and_change_the_lr_but_not_the_discriminator(tiny_setup, tmp_path):
     data, vq_json = tiny_setup
     out = tmp_path / "run"
     plain = train_vq(_config(data, vq_json, out, steps=2, disc_weight=0.0))
     assert plain["gan"] is None and plain["train_gan_weight_last50"] is None
-    with_gan = train_vq(_config(data, vq_json, out, steps=3, disc_start=2, resume="auto"))
+    with_gan = train_vq(_config(data, vq_json, out, steps=3, disc_start=2, resume="auto", lr=1e-4))
     assert with_gan["resumed_from"].endswith("step-0000002") and with_gan["train_gan_weight_last50"] > 0
-    assert read_vq_checkpoint(out / "checkpoints" / "step-0000003").discriminator is not None
+    resumed = read_vq_checkpoint(out / "checkpoints" / "step-0000003")
+    assert resumed.discriminator is not None
+    assert [g["lr"] for g in resumed.trainer["optimizer"]["param_groups"]] == [1e-4]  # the resumed run's --lr
     with pytest.raises(ValueError, match=r"discriminator: checkpoint \[8, 2\], now \[16, 2\]"):
         train_vq(_config(data, vq_json, out, steps=4, disc_channels=16, resume="auto"))
 

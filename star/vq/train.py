@@ -359,6 +359,12 @@ class VQTraining:
         self.restarted_total = int(checkpoint.trainer["restarted_total"])
         self.step = checkpoint.step
 
+    def set_learning_rate(self, lr: float) -> None:
+        """The saved param groups hold the checkpoint's learning rate: a resumed run uses its own --lr."""
+        for optimizer in (self.optimizer, self.disc_optimizer):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = lr
+
 
 def build_training(config: VQTrainConfig, vq_config: VQConfig, device: torch.device) -> VQTraining:
     """A fresh, seeded tokenizer (and discriminator) with their optimizers: Adam for the VQ (LlamaGen: no weight
@@ -564,6 +570,7 @@ def resume_from_checkpoint(run: VQTraining, config: VQTrainConfig, settings: dic
         raise ValueError(f"--out {config.out_dir} already finished its {config.steps} steps (vq.pt); pass a larger "
                          "--steps to train it longer, or choose a new --out")
     run.load_checkpoint(checkpoint)
+    run.set_learning_rate(config.lr)
     return str(folder)
 
 
