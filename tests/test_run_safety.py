@@ -118,20 +118,20 @@ def test_existing_run_folder_is_refused_without_resume(tiny_shards, tiny_gpt_jso
 
 @pytest.mark.parametrize("extension", IMAGE_EXTENSIONS)
 def test_out_is_refused_for_shards_and_for_every_image_extension(tmp_path, extension):
-    from star.train.safety import _foreign_output
+    from star.train.safety import foreign_output
 
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "shard-000000.tar").write_bytes(b"")
-    assert "is a token-shard folder" in _foreign_output(shards)
+    assert "is a token-shard folder" in foreign_output(shards)
     images = tmp_path / "images"
     (images / "cat").mkdir(parents=True)
     (images / "cat" / f"photo{extension.upper()}").write_bytes(b"")
-    assert "holds image class folders (cat/)" in _foreign_output(images)
+    assert "holds image class folders (cat/)" in foreign_output(images)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "grid.png").write_bytes(b"")  # a picture beside the checkpoints: still a run folder
-    assert _foreign_output(run) is None
+    assert foreign_output(run) is None
 
 
 def test_second_trainer_on_a_folder_is_refused_and_a_stale_lock_is_taken_over(tiny_shards, tiny_gpt_json, tmp_path):

@@ -17,7 +17,7 @@ def script(relative: str) -> list[str]:
 def vq_train_argv(data: Path, out: Path, config_json: Path, steps: int, batch_size: int) -> list[str]:
     return script("tokenize/train_vq.py") + ["--data", str(data), "--out", str(out), "--config", str(config_json),
                                               "--image-size", "32", "--steps", str(steps), "--batch-size",
-                                              str(batch_size), "--no-progress"]
+                                              str(batch_size), "--resume", "auto", "--no-progress"]
 
 
 def tokenize_argv(data: Path, out: Path, vq_ckpt: Path, vq_config: Path, views: str) -> list[str]:

@@ -120,7 +120,7 @@ class SignalStop:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def _foreign_output(out: Path) -> str | None:
+def foreign_output(out: Path) -> str | None:
     """Why `out` is not a run folder of ours (it is a file, a shard folder or an image folder), or None."""
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder; choose a folder for the run"
@@ -143,7 +143,7 @@ def claim_run_folder(accelerator, config, stack: contextlib.ExitStack) -> None:
     problem = ""
     if accelerator.is_main_process:
         out = Path(config.out)
-        problem = _foreign_output(out) or ""
+        problem = foreign_output(out) or ""
         if not problem:
             try:
                 stack.enter_context(folder_lock(out, f"train/run.py --out {out}", break_lock=config.break_lock))

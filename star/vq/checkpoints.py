@@ -1,0 +1,146 @@
+"""The VQ trainer's checkpoints: what `tokenize/train_vq.py --resume auto` continues from.
+
+    OUT/checkpoints/step-NNNNNNN/        a complete checkpoint (written as .step-NNNNNNN.tmp/, then renamed)
+        vq.safetensors                   the tokenizer (LlamaGen's state-dict names)
+        discriminator.safetensors        the PatchGAN discriminator, when the run has one
+        optimizer.pt                     both optimizers' states, the dead-code counts and generator, recent
+                                         losses (tensors, numbers and lists: torch.load(weights_only=True) reads it)
+        meta.json                        step, the settings exact continuation depends on, the checkpoint's id
+                                         (carried by each safetensors file); written last
+
+Folders are found and ordered by star.train.run_folder.checkpoint_dirs (by step number, meta.json present), as the
+GPT trainer's are.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from star.io import atomic_path, write_json_atomic
+from star.train.run_folder import (
+    CHECKPOINTS,
+    META_NAME,
+    CheckpointWriteError,
+    CorruptCheckpoint,
+    checkpoint_dirs,
+)
+
+VQ_WEIGHTS = "vq.safetensors"
+DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"
+OPTIMIZER_STATE = "optimizer.pt"
+VQ_CHECKPOINT_FILES = (VQ_WEIGHTS, DISCRIMINATOR_WEIGHTS, OPTIMIZER_STATE, META_NAME)
+
+
+@dataclass
+class VQCheckpoint:
+    """One checkpoint in memory (CPU tensors). `trainer` holds the optimizers' states and the loop's own state."""
+
+    step: int
+    settings: dict[str, Any]  # what exact continuation depends on (VQTrainConfig.resume_settings)
+    vq: dict[str, torch.Tensor]
+    discriminator: dict[str, torch.Tensor] | None
+    trainer: dict[str, Any]
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path, checkpoint_id: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "checkpoint_id": checkpoint_id})
+
+
+def _load_tensors(path: Path, checkpoint_id: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        found = (handle.metadata() or {}).get("checkpoint_id")
+        if found != checkpoint_id:
+            raise ValueError(f"{path} belongs to another checkpoint (id {found}, meta.json says {checkpoint_id}): "
+                             "restore the checkpoint's own file, or remove this checkpoint folder")
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def save_vq_checkpoint_folder(out: str | Path, checkpoint: VQCheckpoint, keep: int) -> Path:
+    """Write `OUT/checkpoints/step-NNNNNNN/` through a staging folder, then keep the newest `keep` (0: all).
+
+    A failed write (disk full, ...) removes the staging folder and raises CheckpointWriteError with one line."""
+    root = Path(out) / CHECKPOINTS
+    final = root / f"step-{checkpoint.step:07d}"
+    staging = root / f".step-{checkpoint.step:07d}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    checkpoint_id = uuid.uuid4().hex
+    try:
+        staging.mkdir(parents=True)
+        _save_tensors(checkpoint.vq, staging / VQ_WEIGHTS, checkpoint_id)
+        if checkpoint.discriminator is not None:
+            _save_tensors(checkpoint.discriminator, staging / DISCRIMINATOR_WEIGHTS, checkpoint_id)
+        with atomic_path(staging / OPTIMIZER_STATE) as tmp:
+            torch.save(checkpoint.trainer, tmp)
+        write_json_atomic(staging / META_NAME, {"step": checkpoint.step, "checkpoint_id": checkpoint_id,
+                                                "settings": checkpoint.settings})  # last: marks it complete
+    except Exception as error:  # OSError, and torch's / safetensors' own errors for a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointWriteError(getattr(error, "errno", None), f"could not write checkpoint {final}: {error}; "
+                                   "earlier checkpoints are intact. Free space and resume with --resume auto") from error
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        _remove_checkpoint(old)
+    return final
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Remove the files this trainer wrote, and the folder when nothing else is in it (a person's notes stay)."""
+    for name in VQ_CHECKPOINT_FILES:
+        (folder / name).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def read_vq_checkpoint(folder: str | Path) -> VQCheckpoint:
+    """Read one checkpoint folder; CorruptCheckpoint names the damaged file."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / META_NAME).read_text())
+        checkpoint_id = meta["checkpoint_id"]
+        vq = _load_tensors(folder / VQ_WEIGHTS, checkpoint_id)
+        discriminator_path = folder / DISCRIMINATOR_WEIGHTS
+        discriminator = _load_tensors(discriminator_path, checkpoint_id) if discriminator_path.is_file() else None
+        trainer = torch.load(folder / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    except Exception as error:  # json, safetensors and pickle raise many types for damaged files
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptCheckpoint(f"{folder}: {first_line}") from error
+    return VQCheckpoint(step=int(meta["step"]), settings=meta["settings"], vq=vq, discriminator=discriminator,
+                        trainer=trainer)
+
+
+def read_newest_vq_checkpoint(out: str | Path) -> VQCheckpoint | None:
+    """The newest checkpoint of `out` that reads back whole (damaged ones are skipped with a warning); None when
+    there is none. ValueError when checkpoints exist but every one is damaged."""
+    found = checkpoint_dirs(out)
+    skipped = []
+    for folder in reversed(found):
+        try:
+            return read_vq_checkpoint(folder)
+        except CorruptCheckpoint as error:
+            skipped.append(str(error))
+            warnings.warn(f"--resume auto: skipping damaged checkpoint {error}", stacklevel=2)
+    if skipped:
+        raise ValueError(f"--resume auto: every checkpoint in {Path(out) / CHECKPOINTS} is damaged "
+                         f"({'; '.join(skipped)}); resume from a copy, or start a new --out")
+    return None
+
+
+def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'name: checkpoint X, now Y' for every setting exact continuation depends on that differs."""
+    return [f"{name}: checkpoint {saved.get(name)!r}, now {now.get(name)!r}"
+            for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+
