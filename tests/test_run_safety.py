@@ -171,9 +171,9 @@ def test_finite_loss_with_infinite_gradient_stops_before_the_update(tiny_shards,
 
     real, calls = loop.micro_batch_losses, {"n": 0}
 
-    def poisoned(batch, *args):
+    def poisoned(batch, *args, **kwargs):
         calls["n"] += 1
-        terms = real(batch, *args)
+        terms = real(batch, *args, **kwargs)
         if calls["n"] == 3:  # a finite loss whose backward is infinite
             terms["loss"] = terms["loss"] + InfiniteGradient.apply(terms["loss_ar"].reshape(1))
         return terms
