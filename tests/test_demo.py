@@ -81,8 +81,11 @@ def test_tiny_demo_runs_end_to_end(tiny_demo):
         metrics = json.loads((root / "runs" / "samples" / run / "metrics.json").read_text())
         assert metrics["num_samples"] == 30 and metrics["num_reference"] == 60
         assert np.isfinite([metrics["fid"], metrics["kid"]]).all()
+        settings = json.loads((root / "runs" / "samples" / run / "settings.json").read_text())
+        assert settings["resolved"]["class_names"] == "--class-names"  # the grid's rows carry the demo's names
+        assert "Ankle boot" in json.dumps(settings)
         grid = Image.open(root / "runs" / "samples" / run / "grid.png")
-        assert grid.height == 10 * (32 + 2)  # a row per class
+        assert grid.height > 10 * 32  # a named row per class (32-px samples are drawn enlarged) under a title
         probe = json.loads((root / "runs" / run / "probe.json").read_text())
         assert [row["step"] for row in probe] == demo.PROBE_STEPS
 

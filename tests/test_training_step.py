@@ -72,7 +72,8 @@ def tiny_run(tmp_path, monkeypatch):
         settings = dataclasses.replace(config.star_settings, contrastive_layer=1) if star else None
         plan = ResolvedTrainConfig(settings=config, model=model, star=settings, views_per_image=config.views_per_image,
                                    lr=1e-3, precision=precision, world_size=1, batch_per_process=2, total_steps=2,
-                                   steps_per_epoch=1, tokenizer_sha256="", tokenizer_checkpoint="", data_digest="",
+                                   steps_per_epoch=1, tokenizer_sha256="", tokenizer_checkpoint="", tokenizer_config={},
+                                   data_digest="",
                                    command="")
         AcceleratorState._reset_state()  # a singleton: earlier tests may have set another precision
         accelerator, _ = make_accelerator(config)
