@@ -430,7 +430,7 @@ def render_summary(demo: Demo, rows: dict, seconds: float) -> str:
              f"order: {', '.join(demo.class_names)}.",
              f"GPT {config.gpt} ({demo.gpt_config['dim']} wide, {demo.gpt_config['n_layer']} layers), {config.steps} "
              f"steps of {config.batch_size} images, lr {config.lr}; samples with CFG {config.cfg_scale}.", "",
-             "| model | FID | KID x 1000 (± sd over subsets) | precision | recall | probe acc., last step | final L_AR |",
+             "| model | FID | KID x 1000 (± sd over subsets) | precision | recall | probe acc., last position | final L_AR |",
              "|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
         m = row["metrics"]
@@ -446,13 +446,13 @@ def render_summary(demo: Demo, rows: dict, seconds: float) -> str:
                   "against the control's); KID is not. Precision / recall: k=3 nearest-neighbour manifolds.", ""]
     for label, row in rows.items():
         if row.get("probe"):
-            lines.append(f"- probe accuracy by step, {label} (chance {1 / len(demo.class_names):.2f}): "
+            lines.append(f"- probe accuracy by sequence position, {label} (chance {1 / len(demo.class_names):.2f}): "
                          + ", ".join(f"{r['step']}: {r['accuracy']:.2f}" for r in row["probe"]))
     for label, row in rows.items():
         if row.get("grid"):
             lines.append(f"- samples of {label}: {row['grid']} (run {row['run']})")
     if config.probe:
-        lines.append(f"- probe accuracy by step, both models: {demo.root / 'probe.png'}")
+        lines.append(f"- probe accuracy by sequence position, both models: {demo.root / 'probe.png'}")
     lines.append(f"- time: {seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in demo.timings.items()) + ")")
     return "\n".join(lines)
 
