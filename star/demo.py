@@ -1,10 +1,10 @@
 """`make demo`: ST-AR and its LlamaGen baseline on a Fashion-MNIST subset shipped with the repository, on a CPU,
 in a few minutes.
 
-data (star/demo_data: 400 training and 100 held-out images per class, of which the demo trains on 200) -> the committed VQ tokenizer (no training)
--> ten-crop token shards -> a small GPT trained with ST-AR and the same GPT without it -> CFG samples (a row per
+data (star/demo_data: 400 training and 100 held-out images per class; by default the demo uses 80 and 40) -> the
+committed VQ tokenizer (no training) -> ten-crop token shards -> a small GPT trained with ST-AR and the same GPT without it -> CFG samples (a row per
 class) -> FID and KID against the held-out images, with the tokenizer's reconstructions as the ceiling and real
-against real as the floor -> a linear probe per step -> runs/demo/summary.md. Each stage is the library code
+against real as the floor -> a linear probe per sequence position -> runs/demo/summary.md. Each stage is the library code
 the stage commands call; each is skipped or resumed when its outputs are there, so an interrupted `make demo`
 continues where it stopped.
 """
