@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from star.vq.discriminator import (
     hinge_discriminator_loss,
 )
 from star.vq.model import VQConfig
-from star.vq.train import VQTrainConfig, build_training, train_step, train_vq
+from star.vq.train import VQTrainConfig, build_training, learning_rate_at, train_step, train_vq
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VQ = {"codebook_size": 32, "codebook_embed_dim": 4, "encoder_ch_mult": [1, 2], "decoder_ch_mult": [1, 2],
@@ -255,3 +256,35 @@ def test_the_study_vq_stage_resumes_and_its_flags_parse(tmp_path):
     assert argv[1].endswith("tokenize/train_vq.py")
     config = parse_config(VQTrainConfig, argv[2:])  # every flag the study passes is one of the trainer's
     assert (config.resume, config.steps, config.batch_size, config.image_size) == ("auto", 600, 32, 32)
+
+
+def test_learning_rate_schedule_warms_up_then_follows_the_cosine(tiny_setup, tmp_path):
+    data, vq_json = tiny_setup
+    cosine = _config(data, vq_json, tmp_path / "a", steps=12, lr=1e-3, lr_schedule="cosine", lr_warmup_steps=2,
+                     min_lr_fraction=0.1)
+    rates = [learning_rate_at(step, cosine) for step in range(1, 13)]
+    assert rates[:2] == pytest.approx([5e-4, 1e-3])  # warmup: step / 2 of --lr
+    assert rates[-1] == pytest.approx(1e-4)  # the floor at --steps
+    assert learning_rate_at(7, cosine) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half way through the 10 cosine steps
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))  # strictly falling after the warmup
+    constant = _config(data, vq_json, tmp_path / "b", lr=1e-3)
+    assert {learning_rate_at(step, constant) for step in (1, 3, 6)} == {1e-3}
+    with pytest.raises(ValueError, match="--min-lr-fraction must be in"):
+        _config(data, vq_json, tmp_path / "c", min_lr_fraction=1.5)
+
+
+def test_a_cosine_run_resumed_mid_schedule_matches_an_uninterrupted_one(tiny_setup, tmp_path):
+    data, vq_json = tiny_setup
+    flags = dict(lr_schedule="cosine", lr_warmup_steps=2, min_lr_fraction=0.1)
+    train_vq(_config(data, vq_json, tmp_path / "straight", **flags))
+    out = tmp_path / "stopped"
+    with pytest.raises(StopRequested):
+        train_vq(_config(data, vq_json, out, **flags), stop=StopAfter(3))
+    train_vq(_config(data, vq_json, out, resume="auto", **flags))
+    final, reference = (read_vq_checkpoint(o / "checkpoints" / "step-0000006") for o in (out, tmp_path / "straight"))
+    assert all(torch.equal(final.vq[k], reference.vq[k]) for k in reference.vq)
+    last_rate = learning_rate_at(6, _config(data, vq_json, out, **flags))
+    assert [g["lr"] for g in final.trainer["optimizer"]["param_groups"]] == [last_rate]
+    assert last_rate == pytest.approx(3e-4)
+    assert learning_rate_at(4, _config(data, vq_json, out, **flags)) == pytest.approx(
+        3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi / 2)))  # the first resumed step, half way down

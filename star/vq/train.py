@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ EARLY_RESTART_STEPS = (1, 5, 10, 20)
 
 VQ_TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_AUTO = "auto"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -82,6 +84,11 @@ class VQTrainConfig:
     steps: int = setting(1000, help="optimizer steps")
     lr: float = setting(2e-3, help="Adam learning rate (tuned for the tiny CPU configs; LlamaGen's full-size recipe "
                                    "uses 1e-4)")
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES,
+                               help="constant (LlamaGen's) or cosine: from --lr down to --min-lr-fraction x --lr at "
+                                    "--steps, after --lr-warmup-steps of linear warmup; both optimizers follow it")
+    min_lr_fraction: float = setting(0.0, help="cosine: the learning rate at the last step, as a fraction of --lr")
+    lr_warmup_steps: int = setting(0, help="linear warmup from 0 to --lr over this many steps (0 = none)")
     adam_beta1: float = setting(0.9, help="Adam beta1 (LlamaGen's VQ training: (0.9, 0.95), no weight decay)")
     adam_beta2: float = setting(0.95, help="Adam beta2")
     grad_clip: float = setting(1.0, help="gradient-norm clip (0 = off)")
@@ -126,7 +133,8 @@ class VQTrainConfig:
         for name in ("grad_clip", "l1_weight", "codebook_weight", "disc_weight"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        for name in ("dead_code_restart_every", "num_workers", "disc_start", "keep_checkpoints"):
+        check(0.0 <= self.min_lr_fraction <= 1.0, f"--min-lr-fraction must be in [0, 1], got {self.min_lr_fraction}")
+        for name in ("dead_code_restart_every", "num_workers", "disc_start", "keep_checkpoints", "lr_warmup_steps"):
             check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         check(0.0 <= self.holdout_fraction < 1.0, f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
         check(0.0 < self.min_crop_fraction <= 1.0, f"--min-crop-fraction must be in (0, 1], got {self.min_crop_fraction}")
@@ -149,7 +157,7 @@ class VQTrainConfig:
 
     def resume_settings(self, vq_config: VQConfig, data_digest: str) -> dict[str, Any]:
         """What continuing a checkpoint exactly depends on (recorded in it, compared on --resume). The rest (the
-        length, learning rate, loss weights, --disc-start, restarts) may change on resume, and so may turning the
+        length, learning rate and its schedule, loss weights, --disc-start, restarts) may change on resume, and so may turning the
         discriminator on (a fresh one starts) or off (--disc-weight 0)."""
         return {"vq_config": vq_config.to_dict(), "data": data_digest, "seed": self.seed,
                 "batch_size": self.batch_size, "image_size": self.image_size,
@@ -360,10 +368,23 @@ class VQTraining:
         self.step = checkpoint.step
 
     def set_learning_rate(self, lr: float) -> None:
-        """The saved param groups hold the checkpoint's learning rate: a resumed run uses its own --lr."""
+        """Both optimizers' rate (the saved param groups hold the checkpoint's: a resumed run uses its own flags)."""
         for optimizer in (self.optimizer, self.disc_optimizer):
             for group in optimizer.param_groups if optimizer is not None else ():
                 group["lr"] = lr
+
+
+def learning_rate_at(step: int, config: VQTrainConfig) -> float:
+    """The learning rate of 1-based `step`: a function of the step and the run's flags only, so a resumed run
+    continues the schedule exactly (a larger --steps on resume stretches the cosine from there on)."""
+    if config.lr_warmup_steps and step <= config.lr_warmup_steps:
+        return config.lr * step / config.lr_warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(config.steps - config.lr_warmup_steps, 1)
+    progress = min(max(step - config.lr_warmup_steps, 0) / span, 1.0)
+    floor = config.min_lr_fraction * config.lr
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_training(config: VQTrainConfig, vq_config: VQConfig, device: torch.device) -> VQTraining:
@@ -483,6 +504,7 @@ def train_loop(run: VQTraining, dataset: RandomCropImages, config: VQTrainConfig
     progress = tqdm(total=config.steps, initial=run.step, desc="train VQ", disable=not config.progress,
                     dynamic_ncols=True)
     for images in _batches(dataset, config, run.step):
+        run.set_learning_rate(learning_rate_at(run.step + 1, config))
         result = train_step(run, images.to(device, non_blocking=True), config, amp_dtype, perceptual)
         _after_step(run, result, config)
         progress.update(1)
@@ -492,6 +514,7 @@ def train_loop(run: VQTraining, dataset: RandomCropImages, config: VQTrainConfig
         stopping = stop is not None and stop.requested(None, every_process=False) and run.step < config.steps
         if run.step % config.ckpt_every == 0 or run.step == config.steps or stopping:
             folder = save_vq_checkpoint_folder(config.out_dir, run.to_checkpoint(settings), config.keep_checkpoints)
+            tqdm.write(progress_line(run, config), file=sys.stdout)
         if stopping:
             progress.close()
             name, code = stop.received
@@ -499,6 +522,12 @@ def train_loop(run: VQTraining, dataset: RandomCropImages, config: VQTrainConfig
                                 "with the same command plus --resume auto", code)
     progress.close()
     return precision
+
+
+def progress_line(run: VQTraining, config: VQTrainConfig) -> str:
+    """One line per checkpoint (the log of a run without a progress bar): recent means of the loss terms."""
+    terms = ", ".join(f"{name} {np.mean(values):.4f}" for name, values in run.recent.items() if values)
+    return f"step {run.step}/{config.steps}: {terms}; lr {run.optimizer.param_groups[0]['lr']:.2e}"
 
 
 def _recent_mean(run: VQTraining, name: str) -> float | None:
@@ -569,8 +598,7 @@ def resume_from_checkpoint(run: VQTraining, config: VQTrainConfig, settings: dic
     if checkpoint.step == config.steps and (Path(config.out_dir) / "vq.pt").exists():
         raise ValueError(f"--out {config.out_dir} already finished its {config.steps} steps (vq.pt); pass a larger "
                          "--steps to train it longer, or choose a new --out")
-    run.load_checkpoint(checkpoint)
-    run.set_learning_rate(config.lr)
+    run.load_checkpoint(checkpoint)  # the loop sets each step's learning rate from this run's flags
     return str(folder)
 
 
