@@ -20,7 +20,7 @@ from star.eval.class_names import parse_class_names, run_class_names
 from star.eval.generator import WEIGHT_CHOICES, ValueNames, load_generator, resolve_checkpoint
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
 from star.eval.tokenizer import DecoderChoice, find_tokenizer
-from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate, resolve_decode_mode
+from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate
 from star.gpt.model import GPTConfig
 from star.io import check_output_file
 from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
@@ -210,7 +210,7 @@ def run_sampling(config: SampleConfig) -> dict:
     summary = {"num_samples": config.num_samples, "seconds": round(time.time() - started, 2), "out": str(config.out),
                "reused_batches": len(batches[state.process_index :: state.num_processes]) - len(mine)}
     if state.is_main_process:
-        resolved = {"precision": precision, "decode": resolve_decode_mode(config.sampling.decode, device),
+        resolved = {"precision": precision, "decode": config.sampling.decode_mode(device),
                     "device": str(device), "world_size": state.num_processes, "checkpoint_file": str(checkpoint_file),
                     "tokenizer_check": None if decoder is None else decoder.check,
                     "tokenizer": None if decoder is None else {"checkpoint": str(decoder.checkpoint),
