@@ -57,8 +57,10 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def indexed_seed(seed: int, index: int) -> int:
-    """The seed of item `index` of a run seeded by `seed` (an epoch's data order, a sampling batch): every seed the
-    project mixes goes through here, so two runs with different seeds share no item's seed by accident."""
+    """The seed of item `index` of a run seeded by `seed` (an epoch's data order, a sampling batch, a rank's stream):
+    every integer seed the project derives goes through here, so two runs with different seeds share no item's seed
+    by accident. numpy generators take the tuple itself instead (`np.random.default_rng([seed, epoch, index])`:
+    numpy's SeedSequence hashes it)."""
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 

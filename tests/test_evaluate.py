@@ -95,10 +95,13 @@ def test_two_process_sampling_equals_one_process(tmp_path, tiny_generator, small
 
 
 def test_sample_labels_balanced_or_given():
-    assert sample_labels(5, 3, "").tolist() == [0, 1, 2, 0, 1]
-    assert sample_labels(4, 10, "7,2").tolist() == [7, 2, 7, 2]
-    with pytest.raises(ValueError, match="outside 0..9"):
-        sample_labels(2, 10, "12")
+    assert sample_labels(5, 3, []).tolist() == [0, 1, 2, 0, 1]
+    assert SampleConfig(ckpt="run", out="o", tokens_only=True, classes="7, 2").class_ids == [7, 2]
+    assert sample_labels(4, 10, [7, 2]).tolist() == [7, 2, 7, 2]
+    with pytest.raises(ValueError, match=r"--classes \[12\] outside 0..9"):
+        sample_labels(2, 10, [12])
+    with pytest.raises(ValueError, match="--classes 3,-1: ids >= 0"):  # on creation, before any model is loaded
+        SampleConfig(ckpt="run", out="o", tokens_only=True, classes="3,-1")
 
 
 def test_attention_statistics_on_a_hand_made_map():

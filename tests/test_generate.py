@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from star.gpt.generate import cfg_scale_at, generate, sample_logits
+from star.gpt.generate import SamplingSettings, generate, sample_logits
 from star.gpt.model import GPT, GPTConfig
 from star.weights import load_llamagen_gpt
 
@@ -104,13 +104,11 @@ def test_static_step_has_fixed_shapes_and_no_host_sync(tiny_model):
 
 
 def test_decode_mode_is_chosen_by_device_and_validated():
-    from star.gpt.generate import resolve_decode_mode
-
-    assert resolve_decode_mode("auto", torch.device("cpu")) == "dynamic"
-    assert resolve_decode_mode("auto", torch.device("cuda")) == "static"
-    assert resolve_decode_mode("static", torch.device("cpu")) == "static"
-    with pytest.raises(ValueError, match="decode="):
-        resolve_decode_mode("graph", torch.device("cpu"))
+    assert SamplingSettings(decode="auto").decode_mode(torch.device("cpu")) == "dynamic"
+    assert SamplingSettings(decode="auto").decode_mode(torch.device("cuda")) == "static"
+    assert SamplingSettings(decode="static").decode_mode(torch.device("cpu")) == "static"
+    with pytest.raises(ValueError, match="--decode 'graph'; choose one of auto, static, dynamic"):
+        SamplingSettings(decode="graph")
 
 
 def test_cfg_schedule_and_interval_follow_the_formula(tiny_model):
@@ -130,8 +128,9 @@ def test_cfg_schedule_and_interval_follow_the_formula(tiny_model):
     constant = generate(model, labels, cfg_scale=scale, cfg_interval=interval, top_k=1)
     assert not torch.equal(constant, tokens)  # the schedule matters, so the check above is discriminating
     assert not torch.equal(generate(model, labels, cfg_scale=scale, cfg_schedule="linear", top_k=1), tokens)
-    assert cfg_scale_at(0, 64, 3.0, "linear") == 1.0 and cfg_scale_at(63, 64, 3.0, "linear") == 3.0
-    assert cfg_scale_at(5, 64, 3.0, "constant") == 3.0
+    linear = SamplingSettings(cfg_scale=3.0, cfg_schedule="linear")
+    assert linear.cfg_scale_at(0, 64) == 1.0 and linear.cfg_scale_at(63, 64) == 3.0
+    assert SamplingSettings(cfg_scale=3.0).cfg_scale_at(5, 64) == 3.0
     with pytest.raises(ValueError, match="cfg-schedule"):
         generate(model, labels, cfg_scale=2.0, cfg_schedule="cosine")
 
@@ -176,7 +175,7 @@ def test_same_seed_same_samples_and_mode_restored(tiny_model):
 
 def _draws(logits: torch.Tensor, n: int = 4000, **kwargs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    return sample_logits(logits.expand(n, -1), generator=generator, **kwargs)
+    return sample_logits(logits.expand(n, -1), SamplingSettings(**kwargs), generator)
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -194,6 +193,8 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert abs((draws == 1).float().mean().item() - 0.5 / 0.7) < 0.03  # renormalised over the kept tokens
     assert set(_draws(logits, temperature=1e-6).tolist()) == {1}
     batch = torch.randn(6, 50)
-    assert torch.equal(sample_logits(batch, top_k=1), batch.argmax(dim=1))
-    with pytest.raises(ValueError, match="top_p"):
-        sample_logits(logits, top_p=0.0)
+    assert torch.equal(sample_logits(batch, SamplingSettings(top_k=1)), batch.argmax(dim=1))
+    with pytest.raises(ValueError, match="--top-p 0.0 must be in"):
+        SamplingSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="--top-k -1 must be >= 0"):
+        SamplingSettings(top_k=-1)

@@ -191,6 +191,9 @@ def test_a_size_takes_the_shards_shapes_and_a_json_is_checked_against_them(tiny_
     with pytest.raises(ValueError, match="token grid 8x8 = 64 tokens != model block_size 256"):
         resolve_config(TrainConfig(shards=str(tiny_shards), out="o", model=str(json_model), steps=1, batch_size=8),
                        manifest, 1, "fp32")
+    with pytest.raises(ValueError, match="--views-per-image 11: the shards .* store 10 views per image"):
+        resolve_config(TrainConfig(shards=str(tiny_shards), out="o", views_per_image=11, steps=1, batch_size=8),
+                       manifest, 1, "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------------

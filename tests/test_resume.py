@@ -40,7 +40,7 @@ def test_a_step_reads_the_same_images_on_any_launch_of_the_same_global_batch():
         assert step_images(20, 8, world, micro, steps=7) == reference, (world, micro)
     assert step_images(20, 8, 2, 2, steps=3, start=4) == reference[4:7]  # resumed on another launch
     assert len({i for step in reference[:2] for i in step}) == 16  # one epoch: no image twice
-    with pytest.raises(ValueError, match="global batch 8 is not a multiple of processes x micro-batches = 3 x 1"):
+    with pytest.raises(ValueError, match="global batch 8 must be a multiple of processes x micro-batches = 3 x 1"):
         EpochBatchSampler(20, 8, 0, 3, seed=0)
 
 

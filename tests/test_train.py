@@ -157,6 +157,22 @@ def test_ranks_read_disjoint_batches_and_resume_position():
     for _ in range(5):
         next(fresh)
     assert [next(resumed) for _ in range(6)] == [next(fresh) for _ in range(6)]
+    with pytest.raises(ValueError, match="global batch 60 must be a multiple .* at most the 50 samples"):
+        EpochBatchSampler(50, 60, 0, 3, seed=1)
+
+
+def test_select_views_refuses_a_library_callers_bad_views():
+    import numpy as np
+
+    from star.train.token_loader import select_views
+
+    grids, boxes, flips = np.zeros((2, 4, 4), np.uint16), np.zeros((2, 4), np.float32), np.zeros(2, bool)
+    rng = np.random.default_rng(0)
+    assert select_views(grids, boxes, flips, 2, "index", rng)[0].shape == (2, 16)
+    with pytest.raises(ValueError, match="views_per_sample=3 of the 2 stored views"):
+        select_views(grids, boxes, flips, 3, "index", rng)
+    with pytest.raises(ValueError, match="view_match='pixel'"):
+        select_views(grids, boxes, flips, 2, "pixel", rng)
 
 
 def test_two_process_cpu_training(tiny_shards, tiny_gpt_json, tmp_path):

@@ -20,7 +20,7 @@ from star.eval.class_names import parse_class_names, run_class_names
 from star.eval.generator import WEIGHT_CHOICES, ValueNames, load_generator, resolve_checkpoint
 from star.eval.sample_store import assemble, is_token_array, part_is_done, parts_folder, write_part
 from star.eval.tokenizer import DecoderChoice, find_tokenizer
-from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate, resolve_decode_mode
+from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, generate
 from star.gpt.model import GPTConfig
 from star.io import check_output_file
 from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
@@ -98,7 +98,7 @@ class SampleConfig:
         check(self.grid_per_class >= 0, f"--grid-per-class {self.grid_per_class}: must be >= 0 (0 = all)")
         check(self.grid_classes >= 0, f"--grid-classes {self.grid_classes}: must be >= 0 (0 = all)")
         check(self.image_size_eval >= 0, f"--image-size-eval {self.image_size_eval}: must be >= 0 (0 = keep)")
-        check(all(c >= 0 for c in parse_int_list(self.classes, "--classes")), f"--classes {self.classes}: ids >= 0")
+        check(all(c >= 0 for c in self.class_ids), f"--classes {self.classes}: ids >= 0")
         if isinstance(self.class_names, (list, tuple)):  # a library caller's names in class-id order
             check(not any("," in str(name) for name in self.class_names),
                   f"class_names {self.class_names}: a name holds a comma, which separates names")
@@ -106,15 +106,19 @@ class SampleConfig:
         if isinstance(self.sampling, dict):  # settings.json, or a library caller's plain dict
             self.sampling = SamplingSettings(**self.sampling)
 
+    @property
+    def class_ids(self) -> list[int]:
+        """The --classes ids, in order (empty: all classes)."""
+        return parse_int_list(self.classes, "--classes")
 
-def sample_labels(num_samples: int, num_classes: int, classes: str) -> torch.Tensor:
-    """Balanced over all classes (i % num_classes), or cycling a given comma list."""
-    if classes:
-        chosen = parse_int_list(classes, "--classes")
-        bad = [c for c in chosen if not 0 <= c < num_classes]
+
+def sample_labels(num_samples: int, num_classes: int, class_ids: list[int]) -> torch.Tensor:
+    """Balanced over all classes (i % num_classes), or cycling the given ids (`SampleConfig.class_ids`, >= 0)."""
+    if class_ids:
+        bad = [c for c in class_ids if c >= num_classes]  # the model's classes: known only once it is loaded
         if bad:
             raise ValueError(f"--classes {bad} outside 0..{num_classes - 1}")
-        return torch.tensor(chosen)[torch.arange(num_samples) % len(chosen)]
+        return torch.tensor(class_ids)[torch.arange(num_samples) % len(class_ids)]
     return torch.arange(num_samples) % num_classes
 
 
@@ -192,7 +196,7 @@ def run_sampling(config: SampleConfig) -> dict:
     if autocast_dtype(precision) is not None:
         model = model.to(autocast_dtype(precision))
     vq = None if decoder is None else load_decoder(decoder, model.config, device)
-    labels = sample_labels(config.num_samples, model.config.num_classes, config.classes)
+    labels = sample_labels(config.num_samples, model.config.num_classes, config.class_ids)
     class_names, names_source = grid_class_names(config, checkpoint_file, model.config.num_classes)
     batches = [(b, labels[start : start + config.batch_size])
                for b, start in enumerate(range(0, len(labels), config.batch_size))]
@@ -210,7 +214,7 @@ def run_sampling(config: SampleConfig) -> dict:
     summary = {"num_samples": config.num_samples, "seconds": round(time.time() - started, 2), "out": str(config.out),
                "reused_batches": len(batches[state.process_index :: state.num_processes]) - len(mine)}
     if state.is_main_process:
-        resolved = {"precision": precision, "decode": resolve_decode_mode(config.sampling.decode, device),
+        resolved = {"precision": precision, "decode": config.sampling.decode_mode(device),
                     "device": str(device), "world_size": state.num_processes, "checkpoint_file": str(checkpoint_file),
                     "tokenizer_check": None if decoder is None else decoder.check,
                     "tokenizer": None if decoder is None else {"checkpoint": str(decoder.checkpoint),

@@ -23,60 +23,6 @@ import torch
 
 from star.gpt.model import GPT
 
-
-def sample_logits(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Sample one token per row of logits [B, V]; returns [B] int64.
-
-    temperature: logits are divided by max(temperature, 1e-5) (LlamaGen's guard; ~greedy near 0).
-    top_k: keep the k largest logits (ties with the k-th kept); 0 = no top-k filter; 1 = argmax.
-    top_p: keep the most likely tokens until their total probability exceeds top_p (the token that crosses
-    the threshold is kept); 1.0 = no filter. At least one token always survives.
-    generator: must live on the logits' device.
-    """
-    if top_k < 0:
-        raise ValueError(f"sample_logits: top_k={top_k} must be >= 0 (0 = no top-k filter)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"sample_logits: top_p={top_p} must be in (0, 1] (1.0 = no nucleus filter)")
-    if top_k == 1:
-        return logits.argmax(dim=-1)  # exact greedy, no random draw
-    logits = logits.float() / max(temperature, 1e-5)  # [B, V]
-    if 0 < top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-        # drop a token when the mass of the tokens before it already exceeds top_p (LlamaGen / HF rule);
-        # the most likely token always stays
-        remove_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
-        remove_sorted[..., 1:] = cumulative[..., :-1] > top_p
-        remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, cfg_schedule: str) -> float:
-    """Guidance scale for image token `step` (0-based) of `num_steps`.
-
-    constant: s at every step. linear: 1 + (s - 1) * step / (num_steps - 1), i.e. 1 for the first token
-    rising to s for the last one.
-    """
-    if cfg_schedule == "constant":
-        return cfg_scale
-    if cfg_schedule == "linear":
-        if num_steps <= 1:
-            return cfg_scale
-        return 1.0 + (cfg_scale - 1.0) * step / (num_steps - 1)
-    raise ValueError(f"cfg_schedule={cfg_schedule!r}; choose 'constant' or 'linear'")
-
-
 DECODE_MODES = ("auto", "static", "dynamic")
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -112,8 +58,52 @@ class SamplingSettings:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"--decode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
 
-    def draw(self, logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        return sample_logits(logits, self.temperature, self.top_k, self.top_p, generator)  # [B]
+    def cfg_scale_at(self, step: int, num_steps: int) -> float:
+        """Guidance scale for image token `step` (0-based) of `num_steps`.
+
+        constant: cfg_scale at every step. linear: 1 + (cfg_scale - 1) * step / (num_steps - 1), i.e. 1 for the
+        first token rising to cfg_scale for the last one.
+        """
+        if self.cfg_schedule == "linear" and num_steps > 1:
+            return 1.0 + (self.cfg_scale - 1.0) * step / (num_steps - 1)
+        return self.cfg_scale
+
+    def decode_mode(self, device: torch.device) -> str:
+        """"static" or "dynamic": `decode` with "auto" resolved (static on CUDA, dynamic elsewhere)."""
+        if self.decode == "auto":
+            return "static" if device.type == "cuda" else "dynamic"
+        return self.decode
+
+
+def sample_logits(logits: torch.Tensor, sampling: SamplingSettings,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample one token per row of logits [B, V] with `sampling`'s temperature, top_k and top_p; returns [B] int64.
+
+    temperature: logits are divided by max(temperature, 1e-5) (LlamaGen's guard; ~greedy near 0).
+    top_k: keep the k largest logits (ties with the k-th kept); 0 = no top-k filter; 1 = argmax.
+    top_p: keep the most likely tokens until their total probability exceeds top_p (the token that crosses
+    the threshold is kept); 1.0 = no filter. At least one token always survives.
+    generator: must live on the logits' device.
+    The values are checked once, when `sampling` is made.
+    """
+    top_k, top_p = sampling.top_k, sampling.top_p
+    if top_k == 1:
+        return logits.argmax(dim=-1)  # exact greedy, no random draw
+    logits = logits.float() / max(sampling.temperature, 1e-5)  # [B, V]
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
+        # drop a token when the mass of the tokens before it already exceeds top_p (LlamaGen / HF rule);
+        # the most likely token always stays
+        remove_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+        remove_sorted[..., 1:] = cumulative[..., :-1] > top_p
+        remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
 def guided_logits(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -145,14 +135,6 @@ def decode_step_function(mode: str, compile_decode: bool) -> Callable:
     return _compiled_steps[mode]
 
 
-def resolve_decode_mode(decode: str, device: torch.device) -> str:
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r}; choose one of {', '.join(DECODE_MODES)}")
-    if decode == "auto":
-        return "static" if device.type == "cuda" else "dynamic"
-    return decode
-
-
 @dataclass
 class Decoder:
     """What every decode step shares: the sampling settings, the random generator, the (compiled) `model_step`,
@@ -173,7 +155,7 @@ def prefill(model: GPT, cond_idx: torch.Tensor, input_pos: torch.Tensor, cfg_sca
     logits = model_step(model, None, cond_idx, input_pos, decoder.cache_len(len(input_pos) - 1))  # [B or 2B, V]
     if cfg_flag:
         logits = guided_logits(logits, cfg_scale)
-    return decoder.sampling.draw(logits, decoder.generator)
+    return sample_logits(logits, decoder.sampling, decoder.generator)
 
 
 def decode_one_token(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cfg_scale: float, cfg_flag: bool,
@@ -184,7 +166,7 @@ def decode_one_token(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, cfg_s
         logits = guided_logits(decoder.step(model, x_combined, None, input_pos, cache_len), cfg_scale)
     else:
         logits = decoder.step(model, x, None, input_pos, cache_len)  # [B, V]
-    return decoder.sampling.draw(logits, decoder.generator)
+    return sample_logits(logits, decoder.sampling, decoder.generator)
 
 
 def decode_n_tokens(model: GPT, cur_token: torch.Tensor, input_pos: torch.Tensor, num_new_tokens: int,
@@ -202,7 +184,7 @@ def decode_n_tokens(model: GPT, cur_token: torch.Tensor, input_pos: torch.Tensor
     for i in range(num_new_tokens):
         if cfg_interval > -1 and i > cfg_interval:
             cfg_flag = False  # once off, CFG stays off; the null half is no longer run
-        scale = cfg_scale_at(i + 1, num_image_tokens, cfg_scale, decoder.sampling.cfg_schedule)
+        scale = decoder.sampling.cfg_scale_at(i + 1, num_image_tokens)
         cache_len = decoder.cache_len(position)
         next_token = decode_one_token(model, cur_token, input_pos, scale, cfg_flag, decoder, cache_len)
         input_pos += 1
@@ -225,7 +207,7 @@ def generate(
     labels: [B] class ids (moved to the model's device). `sampling` (or its fields as keywords: cfg_scale,
     cfg_schedule, cfg_interval, temperature, top_k, top_p, decode, compile_decode) says how. CFG is used when
     cfg_scale != 1.0: the batch becomes [cond; null] (2B rows) and logits = uncond + s_t * (cond - uncond),
-    with s_t from `cfg_scale_at`. cfg_interval (LlamaGen): when > -1, CFG stops after decode step
+    with s_t from `SamplingSettings.cfg_scale_at`. cfg_interval (LlamaGen): when > -1, CFG stops after decode step
     i > cfg_interval (i.e. from image token cfg_interval + 2 on); from then on only the conditional half is run.
     The prefill (token 0) always uses CFG. Deterministic for a given generator (on the model's device).
     decode: "auto" | "static" | "dynamic" (see the module docstring; both give the same tokens).
@@ -240,7 +222,7 @@ def generate(
     num_tokens = config.block_size
     device = model.tok_embeddings.weight.device
     cfg_scale = sampling.cfg_scale
-    static = resolve_decode_mode(sampling.decode, device) == "static"
+    static = sampling.decode_mode(device) == "static"
     step = decode_step_function("static" if static else "dynamic", sampling.compile_decode)
     decoder = Decoder(sampling, generator, step, static)
 
@@ -259,7 +241,7 @@ def generate(
 
             seq = torch.empty(len(cond), num_tokens, dtype=torch.long, device=device)  # [B, N]
             input_pos = torch.arange(0, prefix, device=device)
-            first_scale = cfg_scale_at(0, num_tokens, cfg_scale, sampling.cfg_schedule)
+            first_scale = sampling.cfg_scale_at(0, num_tokens)
             next_token = prefill(model, cond_combined, input_pos, first_scale, cfg_scale != 1.0, decoder)  # [B]
             seq[:, 0] = next_token
 

@@ -141,8 +141,11 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
           f"images in {config.shards}")
     total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     star = _resolve_star(config, model, total_steps)
+    views = config.views_per_image if star else 1  # M as used
+    check(views <= manifest.num_views, f"--views-per-image {views}: the shards {config.shards} store "
+          f"{manifest.num_views} views per image; tokenize with more views (e.g. --view-policy tencrop) or lower it")
     return ResolvedTrainConfig(
-        settings=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
+        settings=config, model=model, star=star, views_per_image=views,
         lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
         world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,

@@ -70,11 +70,6 @@ class TokenViews(Dataset):
         self.flips = np.load(cache_dir / "flips.npy")
         self.num_samples, self.num_views = self.tokens.shape[:2]
         self.grid = tuple(self.tokens.shape[2:])
-        if not 1 <= views_per_sample <= self.num_views:
-            raise ValueError(f"views per sample M={views_per_sample}, but the shards store {self.num_views} views per "
-                             "image: tokenize with more views (e.g. --view-policy tencrop) or lower --views-per-image")
-        if view_match not in VIEW_MATCH_CHOICES:
-            raise ValueError(f"--view-match {view_match!r}: use 'index' (the paper) or 'geometry'")
         self.views_per_sample, self.seed, self.view_match = views_per_sample, seed, view_match
 
     def __len__(self) -> int:
@@ -92,6 +87,10 @@ def select_views(grids: np.ndarray, boxes: np.ndarray, flips: np.ndarray, views_
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """M distinct stored views of one image: tokens [M, T] int64 and, per view m, the token of view (m+1) % M
     matching each of its tokens [M, T] (raster index, or crop geometry with -1 where nothing matches)."""
+    if not (1 <= views_per_sample <= len(grids) and view_match in VIEW_MATCH_CHOICES):  # a library caller's values
+        # (a run's are checked, with their flags, by TrainConfig and star/train/plan.py)
+        raise ValueError(f"select_views: views_per_sample={views_per_sample} of the {len(grids)} stored views, "
+                         f"view_match={view_match!r} (one of {', '.join(VIEW_MATCH_CHOICES)})")
     num_views, h, w = grids.shape
     chosen = rng.choice(num_views, size=views_per_sample, replace=False)
     tokens = np.asarray(grids[chosen]).reshape(views_per_sample, h * w).astype(np.int64)  # [M, T]
@@ -113,8 +112,6 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
 
     manifest = Manifest.load(shards)
     urls, spec = manifest.shard_urls(), manifest.sample_spec  # plain names under the location the user gave
-    if views_per_sample > manifest.num_views:
-        raise ValueError(f"views per sample M={views_per_sample}, but {shards} stores {manifest.num_views} per image")
     state = {}
 
     def to_item(members: dict):
@@ -127,8 +124,8 @@ def stream_loader(shards: str | Path, views_per_sample: int, batch_per_rank: int
         tokens, match = select_views(sample.tokens, boxes, flips, views_per_sample, view_match, state["rng"])
         return tokens, sample.class_id, match, image_id(sample.key)
 
-    dataset = (wds.WebDataset(urls, resampled=True, nodesplitter=None, shardshuffle=False, seed=seed * 1000 + rank,
-                              empty_check=False)
+    dataset = (wds.WebDataset(urls, resampled=True, nodesplitter=None, shardshuffle=False,
+                              seed=indexed_seed(seed, rank), empty_check=False)
                .shuffle(shuffle_buffer)
                .map(to_item)
                .compose(distinct_batches(batch_per_rank)))
@@ -188,14 +185,13 @@ class EpochBatchSampler(Sampler):
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world: int, seed: int,
                  micro_batches: int = 1, start_step: int = 0):
-        self.batch_per_rank, leftover = divmod(global_batch, world * micro_batches)
-        if self.batch_per_rank == 0 or leftover:
-            raise ValueError(f"global batch {global_batch} is not a multiple of processes x micro-batches = "
-                             f"{world} x {micro_batches}")
+        # a library caller's values (a run's are checked, with its flags, by star/train/plan.py): a wrong split
+        # would read the wrong images silently
+        if not (0 < global_batch <= num_samples and global_batch % (world * micro_batches) == 0):
+            raise ValueError(f"EpochBatchSampler: global batch {global_batch} must be a multiple of processes x "
+                             f"micro-batches = {world} x {micro_batches} and at most the {num_samples} samples")
+        self.batch_per_rank = global_batch // (world * micro_batches)
         self.steps_per_epoch = num_samples // global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch ({global_batch}): "
-                             "lower --batch-size")
         self.num_samples, self.global_batch, self.rank, self.world = num_samples, global_batch, rank, world
         self.seed, self.micro_batches, self.start_step = seed, micro_batches, start_step
 
@@ -227,7 +223,7 @@ def make_loader(plan, accelerator, cache: Path | None, start_step: int = 0):
     config, rank = plan.settings, accelerator.process_index
     if config.loader == "stream":
         return stream_loader(config.shards, plan.views_per_image, plan.batch_per_process,
-                             config.seed + start_step, config.view_match, rank, config.num_workers)
+                             indexed_seed(config.seed, start_step), config.view_match, rank, config.num_workers)
     dataset = TokenViews(cache, plan.views_per_image, config.seed, config.view_match)
     sampler = EpochBatchSampler(len(dataset), config.batch_size, rank, plan.world_size, config.seed,
                                 micro_batches=config.grad_accum, start_step=start_step)

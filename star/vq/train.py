@@ -37,7 +37,7 @@ from tqdm import tqdm
 from star.images import IMAGE_EXTENSIONS
 from star.io import write_json_atomic
 from star.lock import folder_lock
-from star.runtime import autocast_dtype, pick_device, resolve_precision
+from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
 from star.settings import check, setting
 from star.train.run_folder import CHECKPOINTS
 from star.train.safety import SignalStop, StopRequested, foreign_output
@@ -401,7 +401,7 @@ def build_training(config: VQTrainConfig, vq_config: VQConfig, device: torch.dev
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas),
         discriminator=discriminator, disc_optimizer=disc_optimizer,
         code_counts=torch.zeros(vq_config.codebook_size, dtype=torch.long, device=device),
-        restart_generator=torch.Generator().manual_seed(config.seed + 1),
+        restart_generator=torch.Generator().manual_seed(indexed_seed(config.seed, 1)),
         recent={name: [] for name in RECENT_TERMS})
 
 
