@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")  # "cuda:N" is accepted too
+from star.settings import check_device
+
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -35,8 +36,7 @@ def pick_device(name: str = "auto") -> torch.device:
     """'auto': CUDA when available (and not forced off), else CPU. A named CUDA device that is absent is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() and not cpu_forced() else "cpu")
-    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
-        raise ValueError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
+    check_device(name, "device")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
     return torch.device(name)

@@ -41,3 +41,12 @@ def check(condition: bool, message: str) -> None:
     """A settings check: raise ValueError(message) unless condition holds (NaN fails every comparison)."""
     if not condition:
         raise ValueError(message)
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # and "cuda:N"
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """The one rule for a device setting: auto, cpu, cuda or cuda:N (whether CUDA exists is pick_device's)."""
+    check(name in DEVICE_CHOICES or (name.startswith("cuda:") and name[5:].isdigit()),
+          f"{flag} {name!r}: use auto, cpu, cuda or cuda:N")

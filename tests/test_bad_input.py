@@ -379,3 +379,16 @@ def test_untrusted_pickles_are_never_loaded(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         load_llamagen_state_dict(tmp_path / "evil.pt")
     assert not Path("boom").exists()
+
+
+def test_one_device_rule_for_every_command_and_pick_device():
+    from star.runtime import pick_device
+    from star.settings import check_device
+
+    for good in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        check_device(good)
+    for bad in ("gpu", "cuda:", "cuda:x", "CPU", ""):
+        with pytest.raises(ValueError, match=f"--device {bad!r}: use auto, cpu, cuda or cuda:N"):
+            check_device(bad)
+    with pytest.raises(ValueError, match="device 'tpu': use auto"):
+        pick_device("tpu")

@@ -51,7 +51,7 @@ from star.downloads import DOWNLOAD_DIR_HELP, fetch_file
 from star.io import sha256_file, write_json_atomic
 from star.lock import folder_lock
 from star.runtime import autocast_dtype, pick_device, resolve_precision
-from star.settings import check, setting
+from star.settings import check, check_device, setting
 
 TOKENIZE_PRECISIONS = ("auto", "fp32", "bf16")
 MAX_IMAGE_SIZE = 1024  # LlamaGen's VQs are used at 256-512 px; past this a view is mostly memory
@@ -99,8 +99,7 @@ class TokenizeConfig:
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         check(self.precision in TOKENIZE_PRECISIONS,
               f"--precision {self.precision!r}: choose one of {', '.join(TOKENIZE_PRECISIONS)}")
-        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         ViewPolicy.parse(self.view_policy)  # raises ValueError naming the choices
 
     @property

@@ -36,8 +36,8 @@ from star.eval.scores import (
     precision_recall,
 )
 from star.io import check_output_file, is_json_with, write_json_atomic
-from star.runtime import DEVICE_CHOICES, pick_device
-from star.settings import check, setting
+from star.runtime import pick_device
+from star.settings import DEVICE_CHOICES, check, check_device, setting
 
 
 @dataclass
@@ -280,8 +280,7 @@ class FidConfig:
         check(self.num_workers >= 0, f"--num-workers {self.num_workers}: must be >= 0 (0 = automatic)")
         check(self.kid_subset_size >= 2, f"--kid-subset-size {self.kid_subset_size}: must be >= 2")
         check(self.kid_subsets > 0, f"--kid-subsets {self.kid_subsets}: must be > 0")
-        check(self.device in DEVICE_CHOICES or self.device.startswith("cuda:"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
 
     def metrics_path(self) -> Path:
         if self.out:

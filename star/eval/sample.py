@@ -24,7 +24,7 @@ from star.gpt.generate import CFG_SCHEDULES, DECODE_MODES, SamplingSettings, gen
 from star.gpt.model import GPTConfig
 from star.io import check_output_file
 from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
-from star.settings import check, flag_spec, setting
+from star.settings import check, check_device, flag_spec, setting
 
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_FLAGS = ValueNames(ckpt="--ckpt", model="--model", weights="--weights")  # how errors name them
@@ -91,8 +91,7 @@ class SampleConfig:
         check(self.weights in WEIGHT_CHOICES, f"--weights {self.weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
         check(self.precision in SAMPLE_PRECISIONS,
               f"--precision {self.precision!r}: choose one of {', '.join(SAMPLE_PRECISIONS)}")
-        check(self.device == "auto" or self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         check(self.num_samples > 0, f"--num-samples {self.num_samples}: must be > 0")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(self.grid_per_class >= 0, f"--grid-per-class {self.grid_per_class}: must be >= 0 (0 = all)")

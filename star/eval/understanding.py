@@ -23,8 +23,8 @@ from star.eval.sample import CHECKPOINT_FLAGS, parse_int_list
 from star.gpt.model import GPT
 from star.io import write_json_atomic
 from star.plots import plot_attention_maps, plot_probe_curves
-from star.runtime import DEVICE_CHOICES, pick_device
-from star.settings import check, setting
+from star.runtime import pick_device
+from star.settings import DEVICE_CHOICES, check, check_device, setting
 
 
 @torch.inference_mode()
@@ -174,8 +174,7 @@ class AnalysisModel:
     def __post_init__(self) -> None:
         check(bool(self.ckpt), "--ckpt is required")
         check(self.weights in WEIGHT_CHOICES, f"--weights {self.weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
-        check(self.device in DEVICE_CHOICES or self.device.startswith("cuda:"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
 
     def load(self) -> GPT:
         ckpt = fetch_file(self.ckpt, "--ckpt", self.download_dir)

@@ -38,7 +38,7 @@ from star.images import IMAGE_EXTENSIONS
 from star.io import write_json_atomic
 from star.lock import folder_lock
 from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
-from star.settings import check, setting
+from star.settings import check, check_device, setting
 from star.train.run_folder import CHECKPOINTS
 from star.train.safety import SignalStop, StopRequested, foreign_output
 from star.vq.checkpoints import (
@@ -140,8 +140,7 @@ class VQTrainConfig:
         check(0.0 < self.min_crop_fraction <= 1.0, f"--min-crop-fraction must be in (0, 1], got {self.min_crop_fraction}")
         check(self.precision in VQ_TRAIN_PRECISIONS,
               f"--precision {self.precision!r}: choose one of {', '.join(VQ_TRAIN_PRECISIONS)}")
-        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         check(self.resume in ("", RESUME_AUTO), f"--resume {self.resume!r}: the only value is auto")
         check(self.perceptual != "lpips", LPIPS_UNAVAILABLE)
         check(self.perceptual in PERCEPTUAL_CHOICES,
