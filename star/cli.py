@@ -181,12 +181,6 @@ def build_or_exit(parser: argparse.ArgumentParser, cls: type[T], namespace: argp
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
-class ReportedElsewhere(ValueError):
-    """A problem another process of the same launch found and reports: this process exits 2 without a line."""
-
-    quiet = True
-
-
 def run_command(work, config, summarise=None, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """The body every stage command shares: run `work(config)`; a user error is one line on stderr and exit 2
     (no line when another process of the launch reports it); otherwise print `summarise(result)` when it says

@@ -297,13 +297,14 @@ def test_a_fifo_among_the_images_is_skipped_not_waited_on(tmp_path, small_vq):
 def test_disk_full_while_checkpointing_is_one_line_whichever_library_notices(tmp_path, monkeypatch, error):
     from test_checkpoint import tiny_state
 
+    from star.checkpoint_folder import CheckpointWriteError
     from star.train import run_folder
 
     def full_disk(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # the disk fills while a file is written
-    with pytest.raises(run_folder.CheckpointWriteError, match="no space left on device") as caught:
+    with pytest.raises(CheckpointWriteError, match="no space left on device") as caught:
         run_folder.save_training_state(tmp_path, 2, tiny_state(2), keep=1)
     assert "\n" not in str(caught.value)
     assert not list((tmp_path / "checkpoints").glob(".step-*"))

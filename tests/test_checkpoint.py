@@ -7,6 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from star import checkpoint_folder
 from star.eval.generator import ValueNames, load_generator, resolve_checkpoint
 from star.gpt.model import GPT, GPTConfig
 from star.train import run_folder
@@ -30,7 +31,7 @@ def test_checkpoints_sort_by_step_number_not_text(tmp_path):
     for step in (9, 10, 10_000_000):
         run_folder.save_training_state(tmp_path, step, tiny_state(step), keep=0)
     (tmp_path / "checkpoints" / "step-0000011").mkdir()  # no meta.json: incomplete, ignored
-    names = [p.name for p in run_folder.checkpoint_dirs(tmp_path)]
+    names = [p.name for p in checkpoint_folder.checkpoint_dirs(tmp_path)]
     assert names == ["step-0000009", "step-0000010", "step-10000000"]
     # Sampling's "newest checkpoint of a run folder" is the same one.
     assert resolve_checkpoint(str(tmp_path)).parent.name == "step-10000000"
@@ -52,7 +53,7 @@ def test_disk_full_during_save_is_one_line_and_removes_the_staging_folder(tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # the disk fills while a file is written
-    with pytest.raises(run_folder.CheckpointWriteError) as caught:
+    with pytest.raises(checkpoint_folder.CheckpointWriteError) as caught:
         run_folder.save_training_state(tmp_path, 2, tiny_state(2), keep=1)
     message = str(caught.value)
     assert "no space left on device" in message and "step-0000002" in message and "\n" not in message
@@ -66,7 +67,7 @@ def test_resume_reader_skips_a_truncated_newest_checkpoint(tmp_path, damaged):
         run_folder.save_training_state(tmp_path, step, tiny_state(step), keep=0)
     target = tmp_path / "checkpoints" / "step-0000004" / damaged
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    with pytest.raises(run_folder.CorruptCheckpoint, match=f"step-0000004/{damaged}: "):
+    with pytest.raises(checkpoint_folder.CorruptCheckpoint, match=f"step-0000004/{damaged}: "):
         run_folder.read_training_state(target.parent, True, True)
     with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-0000004"):
         state, folder, skipped = run_folder.read_newest_intact(tmp_path, True, True)
@@ -130,3 +131,16 @@ def test_run_config_json_is_read_nowhere_else(tmp_path):
     assert json.loads((folder / "config.json").read_text())["config"]["dim"] == 32
     assert "model" not in json.loads((folder / "meta.json").read_text())
     assert load_gpt(folder).config == TINY
+
+
+def test_a_checkpoint_written_again_at_its_step_replaces_only_the_trainers_files(tmp_path):
+    folder = run_folder.save_training_state(tmp_path, 3, tiny_state(3), keep=0)
+    (folder / "notes.txt").write_text("a person's notes")
+    again = run_folder.save_training_state(tmp_path, 3, tiny_state(4, teacher=False), keep=0)
+    assert again == folder and (folder / "notes.txt").read_text() == "a person's notes"
+    # the earlier teacher and projector are gone: no file of another checkpoint stays beside the new meta.json
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "meta.json", "model.safetensors", "notes.txt",
+                                                        "optimizer.pt"]
+    state = run_folder.read_training_state(folder, need_teacher=False, need_projector=False)
+    assert torch.equal(state.student["norm.weight"], tiny_state(4, teacher=False).student["norm.weight"])
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))  # the staging folder went

@@ -18,8 +18,9 @@ import pytest
 import torch
 from conftest import CPU_ENV
 
-from star.cli import ReportedElsewhere, launch_rank
+from star.cli import launch_rank
 from star.data.manifest import Manifest
+from star.errors import ReportedElsewhere
 from star.lock import folder_lock
 from star.train import token_cache
 from star.train.distributed import one_process_warning

@@ -304,14 +304,23 @@ if __name__ == "__main__":  # one process of a launch (see `launch`)
 
 
 # Layers that must not reach up: the model and generation know no command line, no trainer and no evaluation;
-# our weight format knows no run folder; the run folder knows no evaluation and no command line.
+# our weight format knows no run folder; the run folder knows no evaluation and no command line; the tokenizer and
+# stage one know neither trainer's run folder nor the command line (what both trainers share lives below them);
+# no library module of the trainer imports the command line.
+_EVERY_STAGE = ("star.cli", "star.train", "star.eval", "star.data", "star.vq", "star.gpt", "star.study")
 LOWER_LAYERS = {
     "star.gpt": ("star.cli", "star.train", "star.eval", "star.data", "star.study"),
     "star.weights_io": ("star.cli", "star.train", "star.eval"),
     "star.weights": ("star.cli", "star.train", "star.eval"),
+    "star.train": ("star.cli",),
     "star.train.run_folder": ("star.cli", "star.eval"),
     "star.train.plan": ("star.cli", "star.eval", "star.study"),
-    "star.settings": ("star.cli", "star.train", "star.eval", "star.data", "star.gpt", "star.study"),
+    "star.vq": ("star.cli", "star.train", "star.eval"),
+    "star.data": ("star.cli", "star.train", "star.eval"),
+    "star.settings": _EVERY_STAGE,
+    "star.errors": _EVERY_STAGE,
+    "star.signals": _EVERY_STAGE,
+    "star.checkpoint_folder": _EVERY_STAGE,
 }
 
 
@@ -322,6 +331,7 @@ def _within(module: str, package: str) -> bool:
 def test_lower_layers_do_not_import_upwards():
     graph = star_import_graph()
     assert "star.weights_io" in graph["star.train.run_folder"]  # the walk sees the layers' imports
+    assert "star.checkpoint_folder" in graph["star.vq.checkpoints"] and "star.signals" in graph["star.vq.train"]
     for layer, above in LOWER_LAYERS.items():
         reaching_up = sorted(f"{module} -> {target}" for module, targets in graph.items() if _within(module, layer)
                              for target in targets if any(_within(target, upper) for upper in above))

@@ -118,7 +118,7 @@ def test_existing_run_folder_is_refused_without_resume(tiny_shards, tiny_gpt_jso
 
 @pytest.mark.parametrize("extension", IMAGE_EXTENSIONS)
 def test_out_is_refused_for_shards_and_for_every_image_extension(tmp_path, extension):
-    from star.train.safety import foreign_output
+    from star.data.out_folder import foreign_output
 
     shards = tmp_path / "shards"
     shards.mkdir()

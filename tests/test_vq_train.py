@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from star.train.safety import StopRequested
-from star.vq.checkpoints import read_vq_checkpoint
+from star.checkpoint_folder import checkpoint_dirs
+from star.signals import StopRequested
+from star.vq.checkpoints import VQCheckpoint, read_vq_checkpoint, save_vq_checkpoint_folder
 from star.vq.discriminator import (
     PatchDiscriminator,
     adaptive_gan_weight,
@@ -147,7 +148,7 @@ def test_lpips_is_refused_with_the_reason():
 # Checkpoints and resume
 # ---------------------------------------------------------------------------------------------------------------
 class StopAfter:
-    """Stands in for star.train.safety.SignalStop: SIGTERM 'arrives' during step `step`."""
+    """Stands in for star.signals.SignalStop: SIGTERM 'arrives' during step `step`."""
 
     def __init__(self, step: int):
         self.calls, self.step, self.received = 0, step, None
@@ -288,3 +289,22 @@ def test_a_cosine_run_resumed_mid_schedule_matches_an_uninterrupted_one(tiny_set
     assert last_rate == pytest.approx(3e-4)
     assert learning_rate_at(4, _config(data, vq_json, out, **flags)) == pytest.approx(
         3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi / 2)))  # the first resumed step, half way down
+
+
+def tiny_vq_checkpoint(step: int, discriminator: bool = True) -> VQCheckpoint:
+    return VQCheckpoint(step=step, settings={"batch_size": 4}, vq={"w": torch.full((2,), float(step))},
+                        discriminator={"d": torch.ones(1)} if discriminator else None, trainer={"losses": [1.0]})
+
+
+def test_a_persons_file_in_a_vq_checkpoint_survives_writing_its_step_again_and_pruning(tmp_path):
+    folder = save_vq_checkpoint_folder(tmp_path, tiny_vq_checkpoint(3), keep=0)
+    (folder / "notes.txt").write_text("a person's notes")
+    again = save_vq_checkpoint_folder(tmp_path, tiny_vq_checkpoint(3, discriminator=False), keep=0)
+    assert again == folder and (folder / "notes.txt").read_text() == "a person's notes"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "notes.txt", "optimizer.pt", "vq.safetensors"]
+    assert read_vq_checkpoint(folder).discriminator is None  # the earlier discriminator went with its checkpoint
+    with pytest.warns(UserWarning, match=r"kept 1 file\(s\) the trainer did not write \(notes.txt\)"):
+        save_vq_checkpoint_folder(tmp_path, tiny_vq_checkpoint(6), keep=1)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000006"]
+    assert read_vq_checkpoint(checkpoint_dirs(tmp_path)[0]).vq["w"].tolist() == [6.0, 6.0]

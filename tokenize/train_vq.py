@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from star.checkpoint_folder import CheckpointWriteError  # noqa: E402
 from star.cli import parse_config, run_command  # noqa: E402
 from star.lock import FolderLocked  # noqa: E402
-from star.train.run_folder import CheckpointWriteError  # noqa: E402
-from star.train.safety import StopRequested  # noqa: E402
+from star.signals import StopRequested  # noqa: E402
 from star.vq.train import VQTrainConfig, format_summary, train_vq  # noqa: E402
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from star.checkpoint_folder import CheckpointWriteError  # noqa: E402
 from star.cli import parse_config, run_command  # noqa: E402
 from star.lock import FolderLocked  # noqa: E402
 from star.train.loop import NonFiniteLoss, StopRequested, TrainConfig, prepare_token_cache, train  # noqa: E402
-from star.train.run_folder import CheckpointWriteError, NonFiniteWeights  # noqa: E402
+from star.train.run_folder import NonFiniteWeights  # noqa: E402
 
 
 def main(argv=None) -> int:

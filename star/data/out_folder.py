@@ -1,14 +1,18 @@
-"""Stage one's output folder, checked before any work: absent, empty, or a shard folder made with the same
-settings (`plan.json`); never a run folder, another folder with files in it, or a folder inside the input."""
+"""Output folders, checked before any work.
+
+- Stage one's shard folder: absent, empty, or a shard folder made with the same settings (`plan.json`); never a
+  training run folder, another folder with files in it, or a folder inside the input.
+- A trainer's folder (the GPT's and the VQ's): never a file, a shard folder or an image folder (`foreign_output`).
+"""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+from star.checkpoint_folder import CHECKPOINTS, run_holds_a_run
 from star.data.shards import MANIFEST_NAME, PLAN_NAME, names_a_shard_folder
-
-RUN_FOLDER_MARKERS = ("config.json", "log.jsonl", "checkpoints")
+from star.images import IMAGE_EXTENSIONS
 
 
 def refuse_out_inside_data(out: Path, data: str) -> None:
@@ -28,11 +32,27 @@ def refuse_foreign_folder(out: Path) -> None:
     names = sorted(entry.name for entry in os.scandir(out) if not entry.name.startswith("."))
     if not names or names_a_shard_folder(names):
         return
-    if any(marker in names for marker in RUN_FOLDER_MARKERS):
+    if run_holds_a_run(out):
         raise ValueError(f"--out {out} is a training run folder, not a shard folder; choose a new folder for the shards")
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     raise ValueError(f"--out {out} is not empty ({shown}) and is not a token-shard folder; "
                      "choose an empty or new folder so nothing in it is overwritten")
+
+
+def foreign_output(out: Path) -> str | None:
+    """Why `out` is not a run folder of ours (it is a file, a shard folder or an image folder), or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; choose a folder for the run"
+    if not out.is_dir():
+        return None
+    names = [entry.name for entry in os.scandir(out)]
+    if names_a_shard_folder(names):
+        return f"--out {out} is a token-shard folder: the run's files would mix with the shards; choose a new --out"
+    for entry in os.scandir(out):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name != CHECKPOINTS:
+            if any(Path(child).suffix.lower() in IMAGE_EXTENSIONS for child in os.listdir(entry.path)[:50]):
+                return f"--out {out} holds image class folders ({entry.name}/): choose a new --out for the run"
+    return None
 
 
 def check_output_folder(out: Path, expected: dict) -> None:

@@ -9,9 +9,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from star.checkpoint_folder import RUN_LOG
 from star.io import check_output_file, is_star_png
 from star.settings import check, setting
-from star.train.run_folder import RUN_LOG
 
 # "compute": the trainer's training-loop CPU seconds, cumulative over resumed invocations (a record's wall "time"
 # restarts at every launch, so it cannot be summed reliably)

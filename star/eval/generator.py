@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from star.checkpoint_folder import CHECKPOINTS, checkpoint_dirs
 from star.gpt.model import GPT, GPTConfig
-from star.train.run_folder import CHECKPOINTS, TEACHER_NAME, checkpoint_dirs
+from star.train.run_folder import TEACHER_NAME
 from star.weights import load_llamagen_gpt
 from star.weights_io import CONFIG_NAME, WEIGHTS_NAME, load_gpt, load_gpt_weights
 

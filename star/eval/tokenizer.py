@@ -13,8 +13,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from star.checkpoint_folder import RUN_CONFIG
 from star.io import sha256_file
-from star.train.run_folder import RUN_CONFIG, read_meta
+from star.train.run_folder import read_meta
 
 
 @dataclass(frozen=True)

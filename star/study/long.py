@@ -19,13 +19,13 @@ from typing import Callable
 
 import numpy as np
 
+from star.checkpoint_folder import RUN_LOG
+from star.checkpoint_folder import checkpoint_folder as run_checkpoint_folder
 from star.io import write_json_atomic
 from star.study import commands
 from star.study.arms import Arm
 from star.study.pipeline import stage_ceiling, stage_tokenize, stage_vq, vq_files, write_model_json
 from star.study.stages import StageFailed, StudyPlan, run_stage, stage_times, timed_inline, write_plan_record
-from star.train.run_folder import RUN_LOG
-from star.train.run_folder import checkpoint_folder as run_checkpoint_folder
 
 _print_lock = threading.Lock()
 

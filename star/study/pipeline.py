@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from star.checkpoint_folder import RUN_LOG
 from star.io import write_json_atomic
 from star.study import commands
 from star.study.arms import Arm, arm_seeds
@@ -22,7 +23,6 @@ from star.study.stages import (
     timed_inline,
     write_plan_record,
 )
-from star.train.run_folder import RUN_LOG
 
 VQ_CONFIG = {"codebook_size": 512, "codebook_embed_dim": 8, "encoder_ch_mult": [1, 2, 2], "decoder_ch_mult": [1, 2, 2],
              "z_channels": 64, "ch": 32, "num_res_blocks": 1}

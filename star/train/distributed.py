@@ -13,7 +13,7 @@ from typing import Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from star.cli import ReportedElsewhere
+from star.errors import ReportedElsewhere
 from star.runtime import pick_device, resolve_precision
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from star.checkpoint_folder import RUN_CONFIG
 from star.io import load_torch_weights
 from star.train.distributed import keyed_by_name
-from star.train.run_folder import OPTIMIZER_NAME, RUN_CONFIG, read_meta
+from star.train.run_folder import OPTIMIZER_NAME, read_meta
 
 STUDENT_PREFIX = "student."  # StudentWithProjector's name for the GPT's parameters
 

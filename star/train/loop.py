@@ -27,10 +27,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from star.checkpoint_folder import CHECKPOINTS, RUN_CONFIG, RUN_LOG, checkpoint_dirs
 from star.data.manifest import Manifest
 from star.gpt.model import GPT
 from star.io import atomic_path, write_json_atomic
 from star.runtime import batch_draw_seed, peak_memory_gb, step_seed
+from star.signals import SignalStop, StopRequested
 from star.train.config import TrainConfig
 from star.train.distributed import (
     agreed,
@@ -61,23 +63,8 @@ from star.train.objectives import (
 )
 from star.train.plan import ResolvedTrainConfig, resolve_config
 from star.train.resume import ResumePoint, RunProgress, read_resume
-from star.train.run_folder import (
-    CHECKPOINTS,
-    RUN_CONFIG,
-    RUN_LOG,
-    TrainingState,
-    checkpoint_dirs,
-    read_meta,
-    save_training_state,
-)
-from star.train.safety import (
-    NonFiniteGradient,
-    NonFiniteGuard,
-    NonFiniteLoss,
-    SignalStop,
-    StopRequested,
-    claim_run_folder,
-)
+from star.train.run_folder import TrainingState, read_meta, save_training_state
+from star.train.safety import NonFiniteGradient, NonFiniteGuard, NonFiniteLoss, claim_run_folder
 from star.train.schedule import is_self_guided, lr_at, star_weight_scale
 from star.train.token_cache import CacheFailed, build_unless_building, builds_cache, wait_for_token_cache
 from star.train.token_loader import first_global_row, make_loader

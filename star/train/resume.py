@@ -17,18 +17,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from star.checkpoint_folder import CHECKPOINTS, META_NAME, checkpoint_dirs, checkpoint_step
 from star.train.config import RESUME_AUTO
 from star.train.plan import ResolvedTrainConfig
-from star.train.run_folder import (
-    CHECKPOINTS,
-    META_NAME,
-    TrainingState,
-    checkpoint_dirs,
-    checkpoint_step,
-    config_differences,
-    read_newest_intact,
-    read_training_state,
-)
+from star.train.run_folder import TrainingState, config_differences, read_newest_intact, read_training_state
 
 # Settings a resumed run may change: its optimizer's param groups are built with this run's values (recorded).
 RESUMABLE_CHANGES = ("lr", "weight_decay", "grad_clip")

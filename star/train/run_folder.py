@@ -16,17 +16,15 @@ A run folder (`train/run.py --out RUN`):
         meta.json                        `CheckpointMeta`: step, data and tokenizer, what exact resume depends on,
                                          the id every file of the checkpoint carries; written last
 
-Checkpoint folders are found one way (`checkpoint_dirs`, sorted by step number, never as text), and read one
+The folder layout, finding checkpoints (`checkpoint_dirs`, by step number), the staged write and pruning are
+star/checkpoint_folder.py's, shared with the VQ trainer; this module chooses the files and reads them back one
 way (`read_training_state`, `read_meta`). Each safetensors file carries its checkpoint's id in its metadata, so
 a file swapped in from another checkpoint is refused instead of resumed.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import re
-import shutil
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -35,27 +33,20 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from star.checkpoint_folder import (
+    META_NAME,
+    CorruptCheckpoint,
+    FileWriter,
+    checkpoint_dirs,
+    save_checkpoint_folder,
+    save_torch_file,
+)
 from star.gpt.model import GPTConfig
-from star.io import atomic_path, write_json_atomic
 from star.weights_io import CONFIG_NAME, WEIGHTS_NAME, file_checkpoint_id, load_tensors, save_gpt_state, save_tensors
 
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "config.json"
-RUN_LOG = "log.jsonl"
-RUN_FILES = (RUN_CONFIG, RUN_LOG, CHECKPOINTS)  # what marks a folder as holding (part of) a run
 TEACHER_NAME = "teacher.safetensors"
 PROJECTOR_NAME = "projector.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
-META_NAME = "meta.json"
-_STEP_DIR = re.compile(r"step-(\d{7,})")
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint folder that is present but cannot be read (truncated or damaged files)."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (e.g. the disk is full); the staging folder was removed."""
 
 
 class ForeignFile(ValueError):
@@ -64,29 +55,6 @@ class ForeignFile(ValueError):
 
 class NonFiniteWeights(RuntimeError):
     """Weights about to be saved hold NaN/inf: the checkpoint is refused so no poisoned state reaches disk."""
-
-
-def checkpoint_folder(run: str | Path, step: int) -> Path:
-    """Where a run's checkpoint of `step` is (complete once its meta.json is there)."""
-    return Path(run) / CHECKPOINTS / f"step-{step:07d}"
-
-
-def checkpoint_step(folder: Path) -> int:
-    """The step of a `step-NNNNNNN` checkpoint folder."""
-    return int(folder.name.split("-")[1])
-
-
-def checkpoint_dirs(run: str | Path) -> list[Path]:
-    """Complete checkpoints of a run folder (meta.json present), oldest first, sorted by step number."""
-    found = [p for p in (Path(run) / CHECKPOINTS).glob("step-*")
-             if _STEP_DIR.fullmatch(p.name) and (p / META_NAME).is_file()]
-    return sorted(found, key=checkpoint_step)
-
-
-def run_holds_a_run(run: str | Path) -> bool:
-    """Whether a folder already holds (part of) a training run: a config, a log or checkpoints."""
-    run = Path(run)
-    return any((run / name).exists() for name in RUN_FILES)
 
 
 @dataclass
@@ -173,55 +141,23 @@ def save_training_state(run: str | Path, step: int, state: TrainingState, keep: 
     if bad:
         raise NonFiniteWeights(f"refusing to write the step-{step} checkpoint: {len(bad)} tensors hold NaN/inf "
                                f"(e.g. {bad[0]})")
-    final = checkpoint_folder(run, step)
-    staging = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     meta = dataclasses.replace(state.meta, checkpoint_id=uuid.uuid4().hex)
-    try:
-        staging.mkdir(parents=True)
-        save_gpt_state(state.model_config, state.student, staging, meta.checkpoint_id)  # model + config.json
-        if state.teacher is not None:
-            save_tensors(state.teacher, staging / TEACHER_NAME, meta.checkpoint_id)
-        if state.projector is not None:
-            save_tensors(state.projector, staging / PROJECTOR_NAME, meta.checkpoint_id)
-        if state.optimizer is not None:
-            with atomic_path(staging / OPTIMIZER_NAME) as tmp:
-                torch.save(state.optimizer, tmp)
-        write_json_atomic(staging / META_NAME, meta.to_json())  # written last: its presence marks a complete checkpoint
-    except Exception as error:  # OSError, and torch's / safetensors' own errors for a full disk
-        shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointWriteError(getattr(error, "errno", None), f"could not write checkpoint {final}: "
-                                   f"{_write_failure(error)}; the staging folder was removed and earlier checkpoints "
-                                   "are intact. Free space (or fix the folder) and resume with --resume auto") from error
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    prunable = [folder for folder in checkpoint_dirs(run) if checkpoint_step(folder) not in keep_steps]
-    for old in prunable[:-keep] if keep > 0 else []:
-        remove_checkpoint(old)
-    return final
+    return save_checkpoint_folder(run, step, _trainer_writers(state, meta.checkpoint_id), meta.to_json(),
+                                  TRAINER_FILES, keep, keep_steps)
 
 
-def _write_failure(error: Exception) -> str:
-    """One line for a failed write: disk full, whichever library noticed it first."""
-    text = str(error)
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "enforce fail" in text:
-        return "no space left on device"
-    if getattr(error, "strerror", None):
-        return error.strerror
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def remove_checkpoint(folder: Path) -> None:
-    """Remove the files the trainer wrote in a checkpoint folder, and the folder if nothing else is in it (samples
-    or notes a person put there are kept, with a warning)."""
-    for name in TRAINER_FILES:
-        (folder / name).unlink(missing_ok=True)
-    others = sorted(path.name for path in folder.iterdir())
-    if others:
-        warnings.warn(f"pruned checkpoint {folder}: kept {len(others)} file(s) the trainer did not write "
-                      f"({', '.join(others[:3])})", stacklevel=2)
-        return
-    folder.rmdir()
+def _trainer_writers(state: TrainingState, checkpoint_id: str) -> dict[str, FileWriter]:
+    """The writer of each file of a checkpoint of `state` (the parts the run has)."""
+    writers: dict[str, FileWriter] = {
+        WEIGHTS_NAME: lambda path: save_gpt_state(state.model_config, state.student, path.parent, checkpoint_id),
+    }  # model.safetensors and, beside it, its config.json
+    if state.teacher is not None:
+        writers[TEACHER_NAME] = lambda path: save_tensors(state.teacher, path, checkpoint_id)
+    if state.projector is not None:
+        writers[PROJECTOR_NAME] = lambda path: save_tensors(state.projector, path, checkpoint_id)
+    if state.optimizer is not None:
+        writers[OPTIMIZER_NAME] = lambda path: save_torch_file(state.optimizer, path)
+    return writers
 
 
 def read_meta(folder: str | Path) -> CheckpointMeta:

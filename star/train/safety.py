@@ -3,26 +3,24 @@ folder that is not its own.
 
 - Non-finite steps: the loss terms and the gradient norm are watched on the device (`NonFiniteGuard`), read at
   log steps and before every checkpoint, so no checkpoint follows a poisoned step.
-- Signals: SIGTERM (what schedulers send before preemption) and SIGINT ask the loop to stop at the next step
-  boundary, write a checkpoint, release the folder and exit with one line from the main process (`StopRequested`).
+- Signals: SIGTERM and SIGINT ask the loop to stop at the next step boundary, write a checkpoint, release the
+  folder and exit with one line from the main process (star/signals.py, shared with the VQ trainer).
 - The run folder: locked for the run's lifetime (a lease, taken over once stale), refused when it holds another
-  run without --resume, or when it is a shard folder or an image folder.
+  run without --resume, or when it is a file, a shard folder or an image folder (star/data/out_folder.py's
+  `foreign_output`, shared with the VQ trainer).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 from pathlib import Path
 
 import torch
 
-from star.data.shards import names_a_shard_folder
-from star.images import IMAGE_EXTENSIONS
+from star.checkpoint_folder import run_holds_a_run
+from star.data.out_folder import foreign_output
 from star.lock import FolderLocked, folder_lock
 from star.train.distributed import raise_on_any_rank
-from star.train.run_folder import CHECKPOINTS, run_holds_a_run
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,67 +71,6 @@ class NonFiniteGuard:
             return None, {}
         values = dict(zip(self.names, self.first_values.tolist()))
         return int(self.first_step), {name: value for name, value in values.items() if not math.isfinite(value)}
-
-
-class StopRequested(RuntimeError):
-    """SIGTERM or SIGINT arrived: the run stopped at a step boundary after writing a checkpoint. `quiet`: a
-    process other than the main one, which leaves the one line to the main process."""
-
-    def __init__(self, message: str, exit_code: int, quiet: bool = False):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.quiet = quiet
-
-
-class SignalStop:
-    """Turns SIGTERM / SIGINT into a request the loop reads between steps (a second SIGINT interrupts at once)."""
-
-    SIGNALS = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGINT: ("SIGINT", 130)}
-
-    def __init__(self):
-        self.received: tuple[str, int] | None = None
-        self._previous: dict = {}
-
-    def _handle(self, number, frame) -> None:
-        if self.received is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = self.SIGNALS[number]
-
-    def __enter__(self) -> "SignalStop":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def requested(self, accelerator, every_process: bool) -> bool:
-        """Whether to stop now. With several processes the flag is agreed by a collective (every process calls
-        this at the same steps), so they all stop at the same boundary and take part in the checkpoint."""
-        if not every_process:
-            return self.received is not None
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-
-def foreign_output(out: Path) -> str | None:
-    """Why `out` is not a run folder of ours (it is a file, a shard folder or an image folder), or None."""
-    if out.exists() and not out.is_dir():
-        return f"--out {out} is a file, not a folder; choose a folder for the run"
-    if not out.is_dir():
-        return None
-    names = [entry.name for entry in os.scandir(out)]
-    if names_a_shard_folder(names):
-        return f"--out {out} is a token-shard folder: the run's files would mix with the shards; choose a new --out"
-    for entry in os.scandir(out):
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name != CHECKPOINTS:
-            if any(Path(child).suffix.lower() in IMAGE_EXTENSIONS for child in os.listdir(entry.path)[:50]):
-                return f"--out {out} holds image class folders ({entry.name}/): choose a new --out for the run"
-    return None
 
 
 def claim_run_folder(accelerator, config, stack: contextlib.ExitStack) -> None:

@@ -8,13 +8,13 @@
         meta.json                        step, the settings exact continuation depends on, the checkpoint's id
                                          (carried by each safetensors file); written last
 
-Folders are found and ordered by star.train.run_folder.checkpoint_dirs (by step number, meta.json present), as the
-GPT trainer's are.
+Folders are found, written (through a staging folder, meta.json last) and pruned by star/checkpoint_folder.py, as
+the GPT trainer's are: pruning, or writing a step again, removes only the files listed here, so a file a person put
+in a checkpoint folder stays.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -23,14 +23,16 @@ from typing import Any
 
 import torch
 
-from star.io import atomic_path, write_json_atomic
-from star.train.run_folder import (
+from star.checkpoint_folder import (
     CHECKPOINTS,
     META_NAME,
-    CheckpointWriteError,
     CorruptCheckpoint,
+    FileWriter,
     checkpoint_dirs,
+    save_checkpoint_folder,
+    save_torch_file,
 )
+from star.io import atomic_path
 
 VQ_WEIGHTS = "vq.safetensors"
 DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"
@@ -72,37 +74,13 @@ def save_vq_checkpoint_folder(out: str | Path, checkpoint: VQCheckpoint, keep: i
     """Write `OUT/checkpoints/step-NNNNNNN/` through a staging folder, then keep the newest `keep` (0: all).
 
     A failed write (disk full, ...) removes the staging folder and raises CheckpointWriteError with one line."""
-    root = Path(out) / CHECKPOINTS
-    final = root / f"step-{checkpoint.step:07d}"
-    staging = root / f".step-{checkpoint.step:07d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     checkpoint_id = uuid.uuid4().hex
-    try:
-        staging.mkdir(parents=True)
-        _save_tensors(checkpoint.vq, staging / VQ_WEIGHTS, checkpoint_id)
-        if checkpoint.discriminator is not None:
-            _save_tensors(checkpoint.discriminator, staging / DISCRIMINATOR_WEIGHTS, checkpoint_id)
-        with atomic_path(staging / OPTIMIZER_STATE) as tmp:
-            torch.save(checkpoint.trainer, tmp)
-        write_json_atomic(staging / META_NAME, {"step": checkpoint.step, "checkpoint_id": checkpoint_id,
-                                                "settings": checkpoint.settings})  # last: marks it complete
-    except Exception as error:  # OSError, and torch's / safetensors' own errors for a full disk
-        shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointWriteError(getattr(error, "errno", None), f"could not write checkpoint {final}: {error}; "
-                                   "earlier checkpoints are intact. Free space and resume with --resume auto") from error
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        _remove_checkpoint(old)
-    return final
-
-
-def _remove_checkpoint(folder: Path) -> None:
-    """Remove the files this trainer wrote, and the folder when nothing else is in it (a person's notes stay)."""
-    for name in VQ_CHECKPOINT_FILES:
-        (folder / name).unlink(missing_ok=True)
-    if not any(folder.iterdir()):
-        folder.rmdir()
+    writers: dict[str, FileWriter] = {VQ_WEIGHTS: lambda path: _save_tensors(checkpoint.vq, path, checkpoint_id)}
+    if checkpoint.discriminator is not None:
+        writers[DISCRIMINATOR_WEIGHTS] = lambda path: _save_tensors(checkpoint.discriminator, path, checkpoint_id)
+    writers[OPTIMIZER_STATE] = lambda path: save_torch_file(checkpoint.trainer, path)
+    meta = {"step": checkpoint.step, "checkpoint_id": checkpoint_id, "settings": checkpoint.settings}
+    return save_checkpoint_folder(out, checkpoint.step, writers, meta, VQ_CHECKPOINT_FILES, keep)
 
 
 def read_vq_checkpoint(folder: str | Path) -> VQCheckpoint:

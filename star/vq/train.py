@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from star.checkpoint_folder import CHECKPOINTS
+from star.data.out_folder import foreign_output
 from star.images import IMAGE_EXTENSIONS
 from star.io import write_json_atomic
 from star.lock import folder_lock
 from star.runtime import autocast_dtype, indexed_seed, pick_device, resolve_precision
 from star.settings import check, check_device, setting
-from star.train.run_folder import CHECKPOINTS
-from star.train.safety import SignalStop, StopRequested, foreign_output
+from star.signals import SignalStop, StopRequested
 from star.vq.checkpoints import (
     VQCheckpoint,
     read_newest_vq_checkpoint,
@@ -493,7 +494,7 @@ def _batches(dataset: RandomCropImages, config: VQTrainConfig, first_step: int):
 def train_loop(run: VQTraining, dataset: RandomCropImages, config: VQTrainConfig, settings: dict[str, Any],
                stop) -> str:
     """Steps run.step+1 .. config.steps; a checkpoint every --ckpt-every steps and at the end. When `stop` (a
-    star.train.safety.SignalStop) has received SIGINT / SIGTERM: a checkpoint at the step boundary, then
+    star.signals.SignalStop) has received SIGINT / SIGTERM: a checkpoint at the step boundary, then
     StopRequested. Returns the precision trained in."""
     device = next(run.model.parameters()).device
     precision = resolve_precision(config.precision, device)
