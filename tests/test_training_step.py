@@ -11,7 +11,7 @@ from reference import key_mask_bias
 from star.gpt.model import GPT, GPTConfig
 from star.train.distributed import make_accelerator
 from star.train.objectives import key_mask
-from star.train.plan import ResolvedTrainConfig, build_model_config
+from star.train.plan import TrainPlan, build_model_config
 from star.train.safety import NonFiniteGuard
 from star.train.star_settings import StarSettings
 from star.train.token_loader import TokenBatch
@@ -70,7 +70,7 @@ def tiny_run(tmp_path, monkeypatch):
                                   compile=compile_, star_settings=StarSettings(num_positions=3))
         model = build_model_config(config)
         settings = dataclasses.replace(config.star_settings, contrastive_layer=1) if star else None
-        plan = ResolvedTrainConfig(settings=config, model=model, star=settings, views_per_image=config.views_per_image,
+        plan = TrainPlan(config=config, model=model, star=settings, views_per_image=config.views_per_image,
                                    lr=1e-3, precision=precision, world_size=1, batch_per_process=2, total_steps=2,
                                    steps_per_epoch=1, tokenizer_sha256="", tokenizer_checkpoint="", tokenizer_config={},
                                    data_digest="",

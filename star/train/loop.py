@@ -59,7 +59,7 @@ from star.train.objectives import (
     teacher_targets,
     update_teacher,
 )
-from star.train.plan import ResolvedTrainConfig, resolve_config
+from star.train.plan import TrainPlan, make_plan
 from star.train.resume import ResumePoint, RunProgress, read_resume
 from star.train.run_folder import (
     CHECKPOINTS,
@@ -99,7 +99,7 @@ def train(config: TrainConfig) -> dict:
         claim_run_folder(accelerator, config, held)
         with agreed(accelerator, f"--shards {config.shards}"):  # every process refuses together, one line
             manifest = Manifest.load(config.shards)
-            plan = resolve_config(config, manifest, accelerator.num_processes, precision)
+            plan = make_plan(config, manifest, accelerator.num_processes, precision)
         with agreed(accelerator, f"--out {config.out}"):
             resumed = read_resume(plan)
         cache = prepare_data(accelerator, config, manifest)["cache"]
@@ -176,17 +176,17 @@ class RunModules:
     optimizer_source: str = ""  # the flag and folder it came from (--resume X or --init-from X), for error lines
 
 
-def build_modules(plan: ResolvedTrainConfig, resumed: TrainingState | None = None) -> RunModules:
+def build_modules(plan: TrainPlan, resumed: TrainingState | None = None) -> RunModules:
     """The modules of a run: fresh (seeded), from --init-from weights, or holding a resumed checkpoint's states
     (whole; the optimizer's is loaded by `prepare_run`, once the optimizer is wrapped for the launch)."""
     from accelerate.utils import set_seed
 
-    set_seed(plan.settings.seed)
+    set_seed(plan.config.seed)
     student = GPT(plan.model)
     if resumed is not None:
         student.load_state_dict(resumed.student)
-    elif plan.settings.init_from:
-        init_weights_from(student, plan.settings.init_from, plan.tokenizer_sha256)
+    elif plan.config.init_from:
+        init_weights_from(student, plan.config.init_from, plan.tokenizer_sha256)
     teacher = make_teacher(student) if plan.needs_teacher else None
     projector = Projector(plan.model.dim, plan.projector_hidden) if plan.needs_projector else None
     if resumed is not None:
@@ -194,21 +194,21 @@ def build_modules(plan: ResolvedTrainConfig, resumed: TrainingState | None = Non
             if module is not None:
                 module.load_state_dict(state)
     trainable = {"student": student, **({"projector": projector} if projector is not None else {})}
-    groups = parameter_groups(list(trainable.values()), plan.settings.weight_decay)
+    groups = parameter_groups(list(trainable.values()), plan.config.weight_decay)
     # fused AdamW runs on CPU too (~5x the foreach step) and can skip a non-finite step on the device
-    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(plan.settings.betas), fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=tuple(plan.config.betas), fused=True)
     name_of = {id(p): f"{prefix}.{name}" for prefix, module in trainable.items()
                for name, p in module.named_parameters()}  # StudentWithProjector's parameter names
     names = [[name_of[id(p)] for p in group["params"]] for group in groups]
     if resumed is not None:
         state = None if resumed.optimizer is None else optimizer_state_by_name(resumed.optimizer, names)  # older: index
-        return RunModules(student, teacher, projector, optimizer, state, f"--resume {plan.settings.resume}")
-    if not plan.settings.init_from:
+        return RunModules(student, teacher, projector, optimizer, state, f"--resume {plan.config.resume}")
+    if not plan.config.init_from:
         return RunModules(student, teacher, projector, optimizer)
-    state, line = init_optimizer_state(plan.settings.init_from, plan.settings.init_optimizer,
+    state, line = init_optimizer_state(plan.config.init_from, plan.config.init_optimizer,
                                        optimizer.state_dict()["param_groups"], names)
     print(line, flush=True)
-    return RunModules(student, teacher, projector, optimizer, state, f"--init-from {plan.settings.init_from}")
+    return RunModules(student, teacher, projector, optimizer, state, f"--init-from {plan.config.init_from}")
 
 
 def init_weights_from(model: GPT, path: str, tokenizer_sha256: str) -> None:
@@ -228,7 +228,7 @@ def init_weights_from(model: GPT, path: str, tokenizer_sha256: str) -> None:
 class TrainingRun:
     """What the loop needs, prepared once by `prepare_run`."""
 
-    plan: ResolvedTrainConfig
+    plan: TrainPlan
     accelerator: Any
     model: nn.Module  # the StudentWithProjector the optimizer trains, wrapped by Accelerate (DDP/FSDP)
     student: GPT  # the unwrapped student (the teacher's EMA source)
@@ -262,7 +262,7 @@ def _compiled(module: nn.Module, accelerator) -> nn.Module:
     return torch.compile(module)
 
 
-def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cache: Path | None,
+def prepare_run(plan: TrainPlan, modules: RunModules, accelerator, cache: Path | None,
                 resumed: ResumePoint = ResumePoint()) -> TrainingRun:
     """Wrap the modules for the launch (compile, DDP/FSDP), load a resumed optimizer state into the wrapped
     optimizer, shard the teacher like the student, build the loader at the step the run starts from."""
@@ -273,7 +273,7 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
         raise ValueError("ST-AR under FSDP needs FSDP2 (its EMA teacher is sharded and updated parameter by parameter "
                          "like the student): set fsdp_version: 2 in the Accelerate config (or `accelerate launch "
                          "--fsdp_version 2`), or train ST-AR with DDP")
-    compile_ = plan.settings.compile
+    compile_ = plan.config.compile
     trained = _compiled(modules.student, accelerator) if compile_ else modules.student
     model, optimizer = accelerator.prepare(StudentWithProjector(trained, modules.projector), modules.optimizer)
     if modules.optimizer_state is not None:
@@ -294,9 +294,9 @@ def prepare_run(plan: ResolvedTrainConfig, modules: RunModules, accelerator, cac
             teacher_forward = _compiled(modules.teacher, accelerator)
     progress = resumed.progress
     return TrainingRun(plan, accelerator, model, student, modules.teacher, teacher_forward, optimizer,
-                       make_loader(plan, accelerator, cache, progress.start_step), Path(plan.settings.out),
+                       make_loader(plan, accelerator, cache, progress.start_step), Path(plan.config.out),
                        last_good_checkpoint=progress.resumed_from, progress=progress,
-                       init_cpu_s=init_cpu_seconds(plan.settings.init_from, progress.resumed_from))
+                       init_cpu_s=init_cpu_seconds(plan.config.init_from, progress.resumed_from))
 
 
 def load_carried_optimizer_state(model: nn.Module, optimizer, state: dict, source: str) -> None:
@@ -323,8 +323,8 @@ def write_run_record(run: TrainingRun) -> None:
             print(teacher_decay_line(plan, decay_before), flush=True)
         for change in progress.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
-    if plan.settings.trackers:
-        flat = {k: v for k, v in dataclasses.asdict(plan.settings).items() if isinstance(v, (int, float, str, bool))}
+    if plan.config.trackers:
+        flat = {k: v for k, v in dataclasses.asdict(plan.config).items() if isinstance(v, (int, float, str, bool))}
         run.accelerator.init_trackers("star", config={**flat, "lr": plan.lr, "total_steps": plan.total_steps})
 
 
@@ -353,9 +353,9 @@ def resumed_teacher_decay(progress: RunProgress) -> float | None:
         return None
 
 
-def teacher_decay_line(plan: ResolvedTrainConfig, before: float | None) -> str:
+def teacher_decay_line(plan: TrainPlan, before: float | None) -> str:
     """The resolved teacher decay, said as a change when a resume changes it (`auto` follows the run length)."""
-    decay, flag = plan.star.teacher_decay, plan.settings.star_settings.teacher_decay
+    decay, flag = plan.star.teacher_decay, plan.config.star_settings.teacher_decay
     if before is not None and before != decay:
         return (f"resume: teacher EMA decay changed from {before:.6g} to {decay:.6g} (--teacher-decay {flag}, "
                 f"{plan.total_steps} steps)")
@@ -364,7 +364,7 @@ def teacher_decay_line(plan: ResolvedTrainConfig, before: float | None) -> str:
 
 def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     plan, accelerator = run.plan, run.accelerator
-    config, total_steps = plan.settings, plan.total_steps
+    config, total_steps = plan.config, plan.total_steps
     start_step, resumed_from = run.progress.start_step, run.progress.resumed_from
     if resumed_from is not None and accelerator.is_main_process:
         print(f"resumed from step {start_step} ({resumed_from}); training to step {total_steps}", flush=True)
@@ -420,14 +420,14 @@ def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.T
     Returns (the step's mean of each LOGGED term [len(LOGGED)], the gradient norm before clipping), both on the
     device: nothing here waits for the host."""
     plan = run.plan
-    batches = [next(data).to(run.accelerator.device) for _ in range(plan.settings.grad_accum)]
+    batches = [next(data).to(run.accelerator.device) for _ in range(plan.config.grad_accum)]
     draws = step_draws(run, step)
-    self_guided = plan.star is not None and is_self_guided(step, plan.settings.star_every)
+    self_guided = plan.star is not None and is_self_guided(step, plan.config.star_every)
     teacher_side = teacher_side_of_step(run, batches, draws) if self_guided else [(None, None)] * len(batches)
     sums = accumulate_gradients(run, batches, draws, teacher_side, step)
     grad_norm = clip_gradients(run)
     for group in run.optimizer.param_groups:  # --warmup-steps: a function of the step, so resume repeats it
-        group["lr"] = lr_at(plan.lr, step, plan.settings.warmup_steps)
+        group["lr"] = lr_at(plan.lr, step, plan.config.warmup_steps)
     step_unless_non_finite(run, grad_norm)
     watched_norm = grad_norm.new_zeros(()) if run.uses_scaler else grad_norm  # fp16 overflow is the scaler's job
     run.guard.record(torch.cat([sums, watched_norm.reshape(1)]), step + 1)
@@ -440,8 +440,8 @@ def step_draws(run: TrainingRun, step: int) -> StepDraws:
     """Class dropout, MIM masks and contrastive positions of the step's whole global batch, from (seed, step) only:
     every process draws the same and takes its micro-batches' rows."""
     plan, device = run.plan, run.accelerator.device
-    generator = torch.Generator(device=device).manual_seed(batch_draw_seed(plan.settings.seed, step))
-    return draw_step(plan.settings.batch_size, plan.views_per_image, plan.model, plan.star, generator, device)
+    generator = torch.Generator(device=device).manual_seed(batch_draw_seed(plan.config.seed, step))
+    return draw_step(plan.config.batch_size, plan.views_per_image, plan.model, plan.star, generator, device)
 
 
 def micro_rows(run: TrainingRun, micro: int, draws: StepDraws) -> StepDraws:
@@ -479,10 +479,10 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
     plan, accelerator = run.plan, run.accelerator
     count = len(batches)
     sums = torch.zeros(len(LOGGED), device=accelerator.device)
-    weight_scale = star_weight_scale(step, plan.settings.star_warmup_steps)
+    weight_scale = star_weight_scale(step, plan.config.star_warmup_steps)
     for micro, batch in enumerate(batches):
         # dropout masks are drawn per process over its own rows: seeded by the micro-batch and the process
-        torch.manual_seed(step_seed(plan.settings.seed, step * count + micro, accelerator.process_index))
+        torch.manual_seed(step_seed(plan.config.seed, step * count + micro, accelerator.process_index))
         last = micro == count - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
             with accelerator.autocast():
@@ -496,7 +496,7 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
 def clip_gradients(run: TrainingRun) -> torch.Tensor:
     """Clip the gradient norm over all parameters to --grad-clip; returns the norm before clipping (fp32, on the
     device). A NaN loss gives a NaN norm too, so the step's one check (`step_unless_non_finite`) covers both."""
-    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.plan.settings.grad_clip).detach()
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.plan.config.grad_clip).detach()
     return getattr(grad_norm, "full_tensor", lambda: grad_norm)().float()  # FSDP2: a DTensor
 
 
@@ -554,7 +554,7 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
     elapsed = max(time.time() - interval_start, 1e-9)
     averaged = accelerator.reduce(sums.float().to(accelerator.device), reduction="mean").tolist()
     record = {"step": step, **{n: round(v / interval_steps, 6) for n, v in zip(LOGGED, averaged)}}
-    images_per_second = interval_steps * plan.settings.batch_size / elapsed
+    images_per_second = interval_steps * plan.config.batch_size / elapsed
     record.update({"grad_norm": round(float(grad_norm), 4), "lr": run.optimizer.param_groups[0]["lr"],
                    "images_per_s": round(images_per_second, 2),
                    "tokens_per_s": round(images_per_second * plan.model.block_size * plan.views_per_image, 1),
@@ -562,14 +562,14 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
                    "cpu_s": round(cpu_seconds(run), 2),
                    "total_cpu_s": round((run.init_cpu_s or 0.0) + cpu_seconds(run), 2)})  # + the --init-from's
     if plan.star is not None:  # the weights in effect at this step (--star-warmup-steps; 0 on --star-every's others)
-        on = is_self_guided(step - 1, plan.settings.star_every)
-        scale = star_weight_scale(step - 1, plan.settings.star_warmup_steps) if on else 0.0
+        on = is_self_guided(step - 1, plan.config.star_every)
+        scale = star_weight_scale(step - 1, plan.config.star_warmup_steps) if on else 0.0
         record.update({"mim_weight": round(scale * plan.star.mim_weight, 6),
                        "contrastive_weight": round(scale * plan.star.contrastive_weight, 6)})
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-    if plan.settings.trackers:
+    if plan.config.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
     return record
 
@@ -589,8 +589,8 @@ def save(run: TrainingRun, step: int) -> None:
         projector = {k.removeprefix("projector."): v for k, v in full_state.items() if k.startswith("projector.")}
         state = TrainingState(plan.model, student, teacher, projector or None, optimizer_state,
                               plan.checkpoint_meta(step, cpu_seconds(run)))
-        run.last_good_checkpoint = str(save_training_state(run.out, step, state, plan.settings.keep_checkpoints,
-                                                           keep_steps=plan.settings.milestones))
+        run.last_good_checkpoint = str(save_training_state(run.out, step, state, plan.config.keep_checkpoints,
+                                                           keep_steps=plan.config.milestones))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # every process can name the checkpoint the main process wrote
         run.last_good_checkpoint = str(run.out / CHECKPOINTS / f"step-{step:07d}")

@@ -1,6 +1,6 @@
-"""What a run derives from its settings, the shards and the launch, once: `ResolvedTrainConfig` (the model
-config, the ST-AR settings with the layer and the decay resolved, the batch split, the run length, the lr, the
-data's identity), written as the run's config.json."""
+"""What a run derives from its config (`TrainConfig`, the flags), the shards and the launch, once: the `TrainPlan`
+(the model config, the ST-AR settings with the layer and the decay resolved, the batch split, the run length, the
+lr, the data's identity), written as the run folder's config.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,10 +18,10 @@ from star.train.star_settings import StarSettings, resolve_teacher_decay
 
 
 @dataclass(frozen=True)
-class ResolvedTrainConfig:
-    """Everything a run uses, resolved once from a TrainConfig, the shards and the launch (config.json)."""
+class TrainPlan:
+    """Everything a run uses, derived once from its TrainConfig, the shards and the launch (config.json)."""
 
-    settings: TrainConfig  # as given
+    config: TrainConfig  # as given
     model: GPTConfig  # architecture and dropouts used, class_dropout_prob included (the model config, once)
     star: StarSettings | None  # resolved (contrastive layer, numeric teacher decay); None: plain LlamaGen
     views_per_image: int  # M as used (1 without ST-AR)
@@ -48,14 +48,18 @@ class ResolvedTrainConfig:
 
     @property
     def projector_hidden(self) -> int:
-        return self.settings.projector_hidden or min(2048, 4 * self.model.dim)
+        return self.config.projector_hidden or min(2048, 4 * self.model.dim)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The run folder's config.json. Its keys are a file format (read by star/eval, star/study and resume, in
+        run folders of any age), mapped from the field names here, in this one place: the config is `settings`."""
+        record = dataclasses.asdict(self)
+        record["settings"] = record.pop("config")
+        return record
 
     def checkpoint_meta(self, step: int, cpu_s: float = 0.0) -> CheckpointMeta:
         """What this run records in a checkpoint at `step` (and compares with a checkpoint it resumes)."""
-        config = self.settings
+        config = self.config
         return CheckpointMeta(
             step=step, tokenizer_sha256=self.tokenizer_sha256, star=self.star is not None,
             views_per_image=self.views_per_image, seed=config.seed, global_batch=config.batch_size,
@@ -128,8 +132,9 @@ def _resolve_star(config: TrainConfig, model: GPTConfig, total_steps: int) -> St
                                teacher_decay=resolve_teacher_decay(star.teacher_decay, total_steps))
 
 
-def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> ResolvedTrainConfig:
-    """Resolve once: model config, batch split, run length, lr, ST-AR settings. ValueError names the flag."""
+def make_plan(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> TrainPlan:
+    """The run's plan, derived once: model config, batch split, run length, lr, ST-AR settings. ValueError names
+    the flag."""
     model = build_model_config(config, manifest)
     check_data_against_model(manifest, model, config.shards)
     batch_per_process, leftover = divmod(config.batch_size, world_size * config.grad_accum)
@@ -141,8 +146,8 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
           f"images in {config.shards}")
     total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     star = _resolve_star(config, model, total_steps)
-    return ResolvedTrainConfig(
-        settings=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
+    return TrainPlan(
+        config=config, model=model, star=star, views_per_image=config.views_per_image if star else 1,
         lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
         world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,
