@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_config(shards, out, model, **overrides) -> TrainConfig:
     settings = dict(shards=str(shards), out=str(out), model=str(model), steps=2, batch_size=8, lr=2e-3,
-                    num_workers=0, log_every=1, ckpt_every=2, progress=False, star=False)
+                    num_workers=0, log_every=1, ckpt_every=2, progress=False, self_guided=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 

@@ -52,7 +52,7 @@ def test_boolean_key_mask_is_the_additive_mask_and_gives_the_same_forward():
 
 @pytest.fixture()
 def tiny_run(tmp_path, monkeypatch):
-    """make(star, precision, compile) -> the trainer's own TrainingRun (build_modules, prepare_run) of a tiny
+    """make(self_guided, precision, compile) -> the trainer's own TrainingRun (build_modules, prepare_run) of a tiny
     model, 2 images a step, dropout off; its loader is left to the test (train_step reads the iterator it gets)."""
     import json
 
@@ -63,18 +63,17 @@ def tiny_run(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "make_loader", lambda *args: None)
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
 
-    def make(star: bool, precision: str = "fp32", compile_: bool = False) -> loop.TrainingRun:
+    def make(self_guided: bool, precision: str = "fp32", compile_: bool = False) -> loop.TrainingRun:
         config = loop.TrainConfig(shards="unused", out=str(tmp_path / "run"), model=str(tmp_path / "tiny.json"),
-                                  steps=2, batch_size=2, lr=1e-3, token_dropout=0.0, dropout=0.0, star=star,
-                                  views_per_image=2 if star else 1, projector_hidden=64, precision=precision,
-                                  compile=compile_, star_settings=StarSettings(num_positions=3))
+                                  steps=2, batch_size=2, lr=1e-3, token_dropout=0.0, dropout=0.0,
+                                  self_guided=self_guided, views_per_image=2 if self_guided else 1, projector_hidden=64,
+                                  precision=precision, compile=compile_, star_settings=StarSettings(num_positions=3))
         model = build_model_config(config)
-        settings = dataclasses.replace(config.star_settings, contrastive_layer=1) if star else None
-        plan = TrainPlan(config=config, model=model, star=settings, views_per_image=config.views_per_image,
-                                   lr=1e-3, precision=precision, world_size=1, batch_per_process=2, total_steps=2,
-                                   steps_per_epoch=1, tokenizer_sha256="", tokenizer_checkpoint="", tokenizer_config={},
-                                   data_digest="",
-                                   command="")
+        star_settings = dataclasses.replace(config.star_settings, contrastive_layer=1) if self_guided else None
+        plan = TrainPlan(config=config, model=model, star_settings=star_settings,
+                         views_per_image=config.views_per_image, lr=1e-3, precision=precision, world_size=1,
+                         batch_per_process=2, total_steps=2, steps_per_epoch=1, tokenizer_sha256="",
+                         tokenizer_checkpoint="", tokenizer_config={}, data_digest="", command="")
         AcceleratorState._reset_state()  # a singleton: earlier tests may have set another precision
         accelerator, _ = make_accelerator(config)
         return loop.prepare_run(plan, loop.build_modules(plan), accelerator, None)
@@ -91,13 +90,13 @@ def step_losses(run, batch, steps: int = 2) -> list[float]:
     return [train_step(run, data, step)[0][LOGGED.index("loss")].item() for step in range(steps)]
 
 
-@pytest.mark.parametrize("star", [True, False])
-def test_bf16_autocast_step_runs_on_cpu(tiny_run, star):
+@pytest.mark.parametrize("self_guided", [True, False])
+def test_bf16_autocast_step_runs_on_cpu(tiny_run, self_guided):
     """Accelerate's mixed_precision="bf16" on CPU: the same losses as fp32 to bf16 precision, fp32 weights."""
-    fp32_run = tiny_run(star)
-    batch = tiny_batch(fp32_run.plan.model, 2, 2 if star else 1)
+    fp32_run = tiny_run(self_guided)
+    batch = tiny_batch(fp32_run.plan.model, 2, 2 if self_guided else 1)
     fp32 = step_losses(fp32_run, batch)
-    bf16_run = tiny_run(star, precision="bf16")
+    bf16_run = tiny_run(self_guided, precision="bf16")
     bf16 = step_losses(bf16_run, batch)
     assert bf16 == pytest.approx(fp32, rel=0.05), "bf16 computes the same losses, to bf16 precision"
     assert fp32[1] < fp32[0], "the step trained"
@@ -115,12 +114,12 @@ def inductor_available() -> bool:
 
 
 @pytest.mark.skipif(not inductor_available(), reason="torch.compile on CPU needs inductor and a C++ compiler")
-@pytest.mark.parametrize("star", [True, False])
-def test_compiled_step_matches_eager(tiny_run, star):
-    eager_run = tiny_run(star)
-    batch = tiny_batch(eager_run.plan.model, 2, 2 if star else 1)
+@pytest.mark.parametrize("self_guided", [True, False])
+def test_compiled_step_matches_eager(tiny_run, self_guided):
+    eager_run = tiny_run(self_guided)
+    batch = tiny_batch(eager_run.plan.model, 2, 2 if self_guided else 1)
     eager = step_losses(eager_run, batch)
-    compiled = step_losses(tiny_run(star, compile_=True), batch)
+    compiled = step_losses(tiny_run(self_guided, compile_=True), batch)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
 

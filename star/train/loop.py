@@ -59,7 +59,7 @@ from star.train.objectives import (
     teacher_targets,
     update_teacher,
 )
-from star.train.plan import TrainPlan, make_plan
+from star.train.plan import PLAN_KEYS, TrainPlan, make_plan
 from star.train.resume import ResumePoint, RunProgress, read_resume
 from star.train.run_folder import (
     CHECKPOINTS,
@@ -319,7 +319,7 @@ def write_run_record(run: TrainingRun) -> None:
         write_json_atomic(out / RUN_CONFIG, {**plan.to_json(), **progress.to_json(), "init_cpu_s": run.init_cpu_s})
         trim_log(out / RUN_LOG, progress.start_step)
         print(plan.model_source, flush=True)
-        if plan.star is not None:
+        if plan.self_guided:
             print(teacher_decay_line(plan, decay_before), flush=True)
         for change in progress.changed_on_resume:
             print(f"resume: {change} (applied)", flush=True)
@@ -348,14 +348,14 @@ def resumed_teacher_decay(progress: RunProgress) -> float | None:
         return None
     try:
         record = json.loads((Path(resumed_from).parent.parent / RUN_CONFIG).read_text())
-        return float(record["star"]["teacher_decay"])
+        return float(record[PLAN_KEYS["star_settings"]]["teacher_decay"])
     except (OSError, ValueError, KeyError, TypeError):  # no record, or a run without ST-AR
         return None
 
 
 def teacher_decay_line(plan: TrainPlan, before: float | None) -> str:
     """The resolved teacher decay, said as a change when a resume changes it (`auto` follows the run length)."""
-    decay, flag = plan.star.teacher_decay, plan.config.star_settings.teacher_decay
+    decay, flag = plan.star_settings.teacher_decay, plan.config.star_settings.teacher_decay
     if before is not None and before != decay:
         return (f"resume: teacher EMA decay changed from {before:.6g} to {decay:.6g} (--teacher-decay {flag}, "
                 f"{plan.total_steps} steps)")
@@ -408,7 +408,7 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     return {"steps": step, "start_step": start_step, "trained_steps": step - start_step, "total_steps": total_steps,
             "resumed_from": resumed_from, "out": str(run.out), "last_checkpoint": str(newest[-1]) if newest else None,
             "seconds": round(time.time() - started, 2), "rank": accelerator.process_index,
-            "teacher_decay": plan.star.teacher_decay if plan.star is not None else None}
+            "teacher_decay": plan.star_settings.teacher_decay if plan.self_guided else None}
 
 
 def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,8 +422,8 @@ def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.T
     plan = run.plan
     batches = [next(data).to(run.accelerator.device) for _ in range(plan.config.grad_accum)]
     draws = step_draws(run, step)
-    self_guided = plan.star is not None and is_self_guided(step, plan.config.star_every)
-    teacher_side = teacher_side_of_step(run, batches, draws) if self_guided else [(None, None)] * len(batches)
+    guided_step = plan.self_guided and is_self_guided(step, plan.config.star_every)
+    teacher_side = teacher_side_of_step(run, batches, draws) if guided_step else [(None, None)] * len(batches)
     sums = accumulate_gradients(run, batches, draws, teacher_side, step)
     grad_norm = clip_gradients(run)
     for group in run.optimizer.param_groups:  # --warmup-steps: a function of the step, so resume repeats it
@@ -432,7 +432,7 @@ def train_step(run: TrainingRun, data, step: int) -> tuple[torch.Tensor, torch.T
     watched_norm = grad_norm.new_zeros(()) if run.uses_scaler else grad_norm  # fp16 overflow is the scaler's job
     run.guard.record(torch.cat([sums, watched_norm.reshape(1)]), step + 1)
     if run.teacher is not None:
-        update_teacher(run.teacher, run.student, plan.star.teacher_decay)
+        update_teacher(run.teacher, run.student, plan.star_settings.teacher_decay)
     return sums, grad_norm
 
 
@@ -441,7 +441,7 @@ def step_draws(run: TrainingRun, step: int) -> StepDraws:
     every process draws the same and takes its micro-batches' rows."""
     plan, device = run.plan, run.accelerator.device
     generator = torch.Generator(device=device).manual_seed(batch_draw_seed(plan.config.seed, step))
-    return draw_step(plan.config.batch_size, plan.views_per_image, plan.model, plan.star, generator, device)
+    return draw_step(plan.config.batch_size, plan.views_per_image, plan.model, plan.star_settings, generator, device)
 
 
 def micro_rows(run: TrainingRun, micro: int, draws: StepDraws) -> StepDraws:
@@ -460,10 +460,11 @@ def teacher_side_of_step(run: TrainingRun, batches: list, draws: StepDraws) -> l
     if run.teacher is None:
         return [(None, None)] * len(batches)
     with accelerator.autocast():
-        targets = [teacher_targets(batch, run.teacher_forward, plan.star, plan.model, micro_rows(run, micro, draws))
+        targets = [teacher_targets(batch, run.teacher_forward, plan.star_settings, plan.model,
+                                   micro_rows(run, micro, draws))
                    for micro, batch in enumerate(batches)]
     image_ids = [batch.indices for batch in batches]
-    if plan.star.negatives == "local":
+    if plan.star_settings.negatives == "local":
         pools = [local_pool(part, ids) for part, ids in zip(targets, image_ids)]
     else:
         pools = global_pools(targets, image_ids, accelerator.gather, accelerator.num_processes,
@@ -486,7 +487,8 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
         last = micro == count - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
             with accelerator.autocast():
-                terms = micro_batch_losses(batch, run.model, plan.star, plan.model, micro_rows(run, micro, draws),
+                terms = micro_batch_losses(batch, run.model, plan.star_settings, plan.model,
+                                           micro_rows(run, micro, draws),
                                            *teacher_side[micro], weight_scale=weight_scale)
             accelerator.backward(terms["loss"] / count)
         sums += torch.stack([terms[name].detach().float() for name in LOGGED]) / count
@@ -561,11 +563,11 @@ def log(run: TrainingRun, step: int, sums: torch.Tensor, interval: tuple[int, fl
                    "memory_gb": round(peak_memory_gb(accelerator.device), 3), "time": round(time.time() - started, 2),
                    "cpu_s": round(cpu_seconds(run), 2),
                    "total_cpu_s": round((run.init_cpu_s or 0.0) + cpu_seconds(run), 2)})  # + the --init-from's
-    if plan.star is not None:  # the weights in effect at this step (--star-warmup-steps; 0 on --star-every's others)
+    if plan.self_guided:  # the weights in effect at this step (--star-warmup-steps; 0 on --star-every's others)
         on = is_self_guided(step - 1, plan.config.star_every)
         scale = star_weight_scale(step - 1, plan.config.star_warmup_steps) if on else 0.0
-        record.update({"mim_weight": round(scale * plan.star.mim_weight, 6),
-                       "contrastive_weight": round(scale * plan.star.contrastive_weight, 6)})
+        record.update({"mim_weight": round(scale * plan.star_settings.mim_weight, 6),
+                       "contrastive_weight": round(scale * plan.star_settings.contrastive_weight, 6)})
     if accelerator.is_main_process:
         with open(run.out / RUN_LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
