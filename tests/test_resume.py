@@ -171,7 +171,7 @@ def _worker(spec_json: str) -> None:
         run = prepare(*args, **kwargs)
         if not run.progress.start_step:  # a fresh optimizer has no state yet (reading it would make one)
             return run
-        started = {"optimizer": full_optimizer_state(run.model, run.optimizer),
+        started = {"optimizer": full_optimizer_state(run.trainable, run.optimizer),
                    "teacher": full_state_dict(run.teacher) if run.teacher is not None else None}
         if run.accelerator.is_main_process:
             torch.save(started, run.out / "loaded.pt")

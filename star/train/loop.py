@@ -211,7 +211,7 @@ def build_modules(plan: TrainPlan, resumed: TrainingState | None = None) -> RunM
     return RunModules(student, teacher, projector, optimizer, state, f"--init-from {plan.config.init_from}")
 
 
-def init_weights_from(model: GPT, path: str, tokenizer_sha256: str) -> None:
+def init_weights_from(student: GPT, path: str, tokenizer_sha256: str) -> None:
     """Fine-tune start: an official LlamaGen .pt (any container) or one of our checkpoint folders/safetensors. A
     checkpoint of ours trained with another tokenizer is loaded with a warning: its token ids mean other codes."""
     source = Path(path)
@@ -221,7 +221,7 @@ def init_weights_from(model: GPT, path: str, tokenizer_sha256: str) -> None:
             warnings.warn(f"--init-from {path} was trained on tokenizer {recorded[:12]}, these shards use "
                           f"{tokenizer_sha256[:12]}: its token ids stand for other codes", stacklevel=2)
         source = source / "model.safetensors"
-    load_state_dict_strict(model, load_llamagen_state_dict(source), str(source))
+    load_state_dict_strict(student, load_llamagen_state_dict(source), str(source))
 
 
 @dataclass
@@ -230,8 +230,8 @@ class TrainingRun:
 
     plan: TrainPlan
     accelerator: Any
-    model: nn.Module  # the StudentWithProjector the optimizer trains, wrapped by Accelerate (DDP/FSDP)
-    student: GPT  # the unwrapped student (the teacher's EMA source)
+    trainable: nn.Module  # the StudentWithProjector the optimizer trains, wrapped by Accelerate (DDP/FSDP)
+    student: GPT  # the bare GPT inside it, unwrapped (the teacher's EMA source)
     teacher: GPT | None
     teacher_forward: Any  # the teacher's forward (compiled with --compile); the EMA updates `teacher`
     optimizer: Any
@@ -274,16 +274,17 @@ def prepare_run(plan: TrainPlan, modules: RunModules, accelerator, cache: Path |
                          "like the student): set fsdp_version: 2 in the Accelerate config (or `accelerate launch "
                          "--fsdp_version 2`), or train ST-AR with DDP")
     compile_ = plan.config.compile
-    trained = _compiled(modules.student, accelerator) if compile_ else modules.student
-    model, optimizer = accelerator.prepare(StudentWithProjector(trained, modules.projector), modules.optimizer)
+    student_forward = _compiled(modules.student, accelerator) if compile_ else modules.student
+    trainable, optimizer = accelerator.prepare(StudentWithProjector(student_forward, modules.projector),
+                                               modules.optimizer)
     if modules.optimizer_state is not None:
-        load_carried_optimizer_state(model, optimizer, modules.optimizer_state, modules.optimizer_source)
+        load_carried_optimizer_state(trainable, optimizer, modules.optimizer_state, modules.optimizer_source)
         if modules.optimizer_source.startswith("--init-from") and modules.projector is not None:
             # loading initialised every parameter's state (a step at lr 0); the new projector starts truly fresh
             inner = getattr(optimizer, "optimizer", optimizer)
-            for parameter in accelerator.unwrap_model(model).projector.parameters():
+            for parameter in accelerator.unwrap_model(trainable).projector.parameters():
                 inner.state.pop(parameter, None)
-    student = accelerator.unwrap_model(model).student
+    student = accelerator.unwrap_model(trainable).student
     student = getattr(student, "_orig_mod", student)  # the module itself, also when compiled
     teacher_forward = modules.teacher
     if modules.teacher is not None:
@@ -293,17 +294,17 @@ def prepare_run(plan: TrainPlan, modules: RunModules, accelerator, cache: Path |
         elif compile_:
             teacher_forward = _compiled(modules.teacher, accelerator)
     progress = resumed.progress
-    return TrainingRun(plan, accelerator, model, student, modules.teacher, teacher_forward, optimizer,
+    return TrainingRun(plan, accelerator, trainable, student, modules.teacher, teacher_forward, optimizer,
                        make_loader(plan, accelerator, cache, progress.start_step), Path(plan.config.out),
                        last_good_checkpoint=progress.resumed_from, progress=progress,
                        init_cpu_s=init_cpu_seconds(plan.config.init_from, progress.resumed_from))
 
 
-def load_carried_optimizer_state(model: nn.Module, optimizer, state: dict, source: str) -> None:
+def load_carried_optimizer_state(trainable: nn.Module, optimizer, state: dict, source: str) -> None:
     """Load a resumed (or --init-from) AdamW state into the prepared optimizer; one line naming the checkpoint when
     it does not fit this run's parameters (before any step)."""
     try:
-        load_optimizer_state(model, optimizer, state, strict=not source.startswith("--init-from"))
+        load_optimizer_state(trainable, optimizer, state, strict=not source.startswith("--init-from"))
     except (KeyError, ValueError, RuntimeError) as error:
         way_out = ("pass --no-init-optimizer" if source.startswith("--init-from") else
                    "resume from another checkpoint or start a new --out")
@@ -371,7 +372,7 @@ def train_loop(run: TrainingRun, stop: SignalStop) -> dict:
     milestones = set(config.milestones)
     # a signal is read every step on one process; across processes at most every 10 steps (a collective)
     signal_every = 1 if accelerator.num_processes == 1 else min(10, config.log_every)
-    run.model.train()
+    run.trainable.train()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (config.progress and accelerator.is_main_process))
     sums = torch.zeros(len(LOGGED), device=accelerator.device)  # summed on the device between logs
@@ -485,9 +486,9 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
         # dropout masks are drawn per process over its own rows: seeded by the micro-batch and the process
         torch.manual_seed(step_seed(plan.config.seed, step * count + micro, accelerator.process_index))
         last = micro == count - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.trainable):
             with accelerator.autocast():
-                terms = micro_batch_losses(batch, run.model, plan.star_settings, plan.model,
+                terms = micro_batch_losses(batch, run.trainable, plan.star_settings, plan.model,
                                            micro_rows(run, micro, draws),
                                            *teacher_side[micro], weight_scale=weight_scale)
             accelerator.backward(terms["loss"] / count)
@@ -498,7 +499,7 @@ def accumulate_gradients(run: TrainingRun, batches: list, draws: StepDraws, teac
 def clip_gradients(run: TrainingRun) -> torch.Tensor:
     """Clip the gradient norm over all parameters to --grad-clip; returns the norm before clipping (fp32, on the
     device). A NaN loss gives a NaN norm too, so the step's one check (`step_unless_non_finite`) covers both."""
-    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.plan.config.grad_clip).detach()
+    grad_norm = run.accelerator.clip_grad_norm_(run.trainable.parameters(), run.plan.config.grad_clip).detach()
     return getattr(grad_norm, "full_tensor", lambda: grad_norm)().float()  # FSDP2: a DTensor
 
 
@@ -581,10 +582,10 @@ def save(run: TrainingRun, step: int) -> None:
     whole states (the optimizer's keyed by parameter name), which any launch can resume."""
     accelerator, plan = run.accelerator, run.plan
     accelerator.wait_for_everyone()
-    fsdp2 = is_sharded(run.model)
-    full_state = full_state_dict(run.model) if fsdp2 else accelerator.get_state_dict(run.model)
+    fsdp2 = is_sharded(run.trainable)
+    full_state = full_state_dict(run.trainable) if fsdp2 else accelerator.get_state_dict(run.trainable)
     teacher = full_state_dict(run.teacher) if run.teacher is not None else None
-    optimizer_state = full_optimizer_state(run.model, run.optimizer)
+    optimizer_state = full_optimizer_state(run.trainable, run.optimizer)
     if accelerator.is_main_process:
         student = {k.removeprefix("student.").removeprefix("_orig_mod."): v for k, v in full_state.items()
                    if k.startswith("student.")}

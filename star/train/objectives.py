@@ -349,16 +349,16 @@ def star_losses(star_settings: StarSettings, student: Features, teacher: Teacher
     return terms
 
 
-def micro_batch_losses(batch, student, star_settings: StarSettings | None, model_config, draws: StepDraws,
+def micro_batch_losses(batch, trainable, star_settings: StarSettings | None, model_config, draws: StepDraws,
                        teacher: TeacherTargets | None = None, pool: NegativePool | None = None,
                        weight_scale: float = 1.0) -> dict:
     """Every loss term of one micro-batch, and their total under "loss".
 
-    batch: a TokenBatch (tokens [B, M, T], labels [B], view_match, indices); student: the StudentWithProjector the
+    batch: a TokenBatch (tokens [B, M, T], labels [B], view_match, indices); trainable: the StudentWithProjector the
     optimizer trains (wrapped by DDP/FSDP); star_settings None: plain LlamaGen; draws: the micro-batch's rows of the
-    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only). Settings without teacher targets:
-    a next-token step of an ST-AR run (--star-every), unmasked, the self-guided terms 0 (the projector still runs
-    at the drawn positions, times 0, so DDP sees every parameter used). weight_scale: the factor on alpha, beta.
+    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only). star_settings without teacher
+    targets: a next-token step of an ST-AR run (--star-every), unmasked, the self-guided terms 0 (the projector still
+    runs at the drawn positions, times 0, so DDP sees every parameter used). weight_scale: the factor on alpha, beta.
     """
     tokens = batch.tokens  # [B, M, T]
     B, M, T = tokens.shape
@@ -373,8 +373,8 @@ def micro_batch_losses(batch, student, star_settings: StarSettings | None, model
     if star_settings is not None and draws.positions is not None:
         positions, layer = draws.positions.reshape(B * M, -1), star_settings.contrastive_layer  # [B M, K]
     # targets: the chunked head computes the next-token loss without materialising [N, S, V] logits
-    output, projected = student(flat_tokens[:, :-1], flat_labels, attn_mask=mask, layer=layer, positions=positions,
-                                return_final_hidden=self_guided, targets=flat_tokens)
+    output, projected = trainable(flat_tokens[:, :-1], flat_labels, attn_mask=mask, layer=layer, positions=positions,
+                                  return_final_hidden=self_guided, targets=flat_tokens)
     terms = {"loss_ar": output.loss}
     if not self_guided:
         zero = terms["loss_ar"].new_zeros(())
@@ -387,17 +387,18 @@ def micro_batch_losses(batch, student, star_settings: StarSettings | None, model
     return terms
 
 
-def batch_losses(batch, student, teacher, star_settings: StarSettings | None, model_config,
+def batch_losses(batch, trainable, teacher, star_settings: StarSettings | None, model_config,
                  generator: torch.Generator) -> dict:
     """Every term of one batch that is a whole optimizer step on one process (draws from `generator`, the batch's
     own images as negatives): what the trainer's step computes for one process without accumulation. For
-    benchmarks and tests of a step's parts; teacher: the EMA teacher's forward (unused without ST-AR)."""
+    benchmarks and tests of a step's parts; trainable: the StudentWithProjector; teacher: the EMA teacher's forward
+    (unused without ST-AR)."""
     draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], model_config, star_settings, generator,
                       batch.tokens.device)
     if star_settings is None:
-        return micro_batch_losses(batch, student, None, model_config, draws)
+        return micro_batch_losses(batch, trainable, None, model_config, draws)
     targets = teacher_targets(batch, teacher, star_settings, model_config, draws)
-    return micro_batch_losses(batch, student, star_settings, model_config, draws, targets,
+    return micro_batch_losses(batch, trainable, star_settings, model_config, draws, targets,
                               local_pool(targets, batch.indices))
 
 
@@ -421,8 +422,9 @@ class Projector(nn.Module):
 
 
 class StudentWithProjector(nn.Module):
-    """The trainable part as one module, so DDP/FSDP see a single forward: the GPT pass, plus the projector on
-    the contrastive layer's states at the sampled positions."""
+    """What the optimizer trains (`trainable` wherever it is held) as one module, so DDP/FSDP see a single forward:
+    the student's pass (the bare GPT, `.student`), plus the projector on the contrastive layer's states at the sampled
+    positions."""
 
     def __init__(self, student: nn.Module, projector: nn.Module | None):
         super().__init__()
