@@ -165,19 +165,19 @@ def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     if spec["engine"] == "fsdp2":
         loop.make_accelerator = _fsdp_on_cpu(loop.make_accelerator)
-    prepare = loop.prepare_run
+    prepare = loop.prepare_trainer
 
     def prepare_and_record(*args, **kwargs):
-        run = prepare(*args, **kwargs)
-        if not run.progress.start_step:  # a fresh optimizer has no state yet (reading it would make one)
-            return run
-        started = {"optimizer": full_optimizer_state(run.trainable, run.optimizer),
-                   "teacher": full_state_dict(run.teacher) if run.teacher is not None else None}
-        if run.accelerator.is_main_process:
-            torch.save(started, run.out / "loaded.pt")
-        return run
+        trainer = prepare(*args, **kwargs)
+        if not trainer.progress.start_step:  # a fresh optimizer has no state yet (reading it would make one)
+            return trainer
+        started = {"optimizer": full_optimizer_state(trainer.trainable, trainer.optimizer),
+                   "teacher": full_state_dict(trainer.teacher) if trainer.teacher is not None else None}
+        if trainer.accelerator.is_main_process:
+            torch.save(started, trainer.run_dir / "loaded.pt")
+        return trainer
 
-    loop.prepare_run = prepare_and_record
+    loop.prepare_trainer = prepare_and_record
     settings = dict(spec["config"])
     settings["star_settings"] = StarSettings(**settings.get("star_settings", {}))
     loop.train(loop.TrainConfig(**settings))

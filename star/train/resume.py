@@ -9,7 +9,7 @@ rate, weight decay and clipping may change; they are recorded. A checkpoint olde
 continued in place (that would overwrite the newer ones): it is branched into a new --out.
 
 This module only reads and checks: the modules are built, and the state loaded into them, by
-star/train/loop.py's `build_modules` and `prepare_run`.
+star/train/loop.py's `build_modules` and `prepare_trainer`.
 """
 from __future__ import annotations
 
