@@ -73,10 +73,10 @@ def read_log(out) -> list[dict]:
 
 
 def milestone_config(shards, out, model, steps: int, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=steps, batch_size=8, lr=2e-3,
-                    num_workers=0, ckpt_every=2, keep_checkpoints=1, log_every=4, ckpt_at="1,3", self_guided=False,
-                    progress=False)
-    return TrainConfig(**{**settings, **overrides})
+    fields = dict(shards=str(shards), out=str(out), model=str(model), steps=steps, batch_size=8, lr=2e-3,
+                  num_workers=0, ckpt_every=2, keep_checkpoints=1, log_every=4, ckpt_at="1,3", self_guided=False,
+                  progress=False)
+    return TrainConfig(**{**fields, **overrides})
 
 
 def test_milestone_checkpoints_survive_pruning_and_log_compute(tiny_shards, tiny_gpt_json, tmp_path):

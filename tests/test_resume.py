@@ -178,13 +178,13 @@ def _worker(spec_json: str) -> None:
         return trainer
 
     loop.prepare_trainer = prepare_and_record
-    settings = dict(spec["config"])
-    settings["star_settings"] = StarSettings(**settings.get("star_settings", {}))
-    loop.train(loop.TrainConfig(**settings))
+    fields = dict(spec["config"])
+    fields["star_settings"] = StarSettings(**fields.get("star_settings", {}))
+    loop.train(loop.TrainConfig(**fields))
 
 
 def launch(engine: str, **config) -> None:
-    """Train on 2 CPU processes under `engine` (ddp | fsdp2) with these TrainConfig settings."""
+    """Train on 2 CPU processes under `engine` (ddp | fsdp2) with these TrainConfig fields."""
     from conftest import CPU_ENV, TWO_CPU_PROCESSES
 
     spec = json.dumps({"engine": engine, "config": {key: str(value) if isinstance(value, Path) else value

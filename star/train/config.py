@@ -1,5 +1,5 @@
-"""Stage two's settings, declared once: `TrainConfig`, the flags of train/run.py, checked on construction (what a
-run derives from them is star/train/plan.py)."""
+"""Stage two's config, declared once: `TrainConfig`, the flags of train/run.py, checked on construction (what a run
+derives from it, its `TrainPlan`, is star/train/plan.py's)."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,7 @@ def _fraction(value: float | None, flag: str, upper_open: bool = False) -> None:
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run; each is a flag of train/run.py (see `star.cli`)."""
+    """A run's config: what was asked for, each field a flag of train/run.py (see `star.cli`)."""
 
     shards: str = setting(help="token-shard folder written by tokenize/run.py")
     out: str = setting("", help="run folder: config.json, log.jsonl, checkpoints/ (refused if it holds a run, unless "

@@ -39,7 +39,7 @@ BATCH_CHANGE = ("global_batch: --allow-batch-change continues with this run's --
 
 @dataclass(frozen=True)
 class RunProgress:
-    """Where this invocation of a run starts (recorded in the run's config.json beside the resolved settings)."""
+    """Where this invocation of a run starts (recorded in the run folder's config.json beside the plan)."""
 
     start_step: int = 0
     start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)

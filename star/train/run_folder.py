@@ -4,7 +4,7 @@ checkpoint are our weight format (star/weights_io.py).
 
 A run folder (`train/run.py --out RUN`):
 
-    RUN/config.json                      the resolved training settings, model config included (once)
+    RUN/config.json                      the run's TrainPlan (its TrainConfig under "settings"), model config included
     RUN/log.jsonl                        one record per logged step
     RUN/.lock                            held by the running trainer (star.lock.folder_lock)
     RUN/checkpoints/step-NNNNNNN/        a complete checkpoint (written as .step-NNNNNNN.tmp/, then renamed)
