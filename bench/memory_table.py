@@ -31,13 +31,13 @@ SIZES = ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B")
 TOKENS, IMAGES, VIEWS, GPUS = 256, 32, 2, 8
 
 
-def measure(dim: int, n_layer: int, star: bool, images: int = 2) -> tuple[int, int]:
+def measure(dim: int, n_layer: int, self_guided: bool, images: int = 2) -> tuple[int, int]:
     """(saved bytes, tokens) of one bf16-autocast step at a small size; the step's weights are not counted."""
     from step_bench import StepContenders
 
     spec = {"dim": dim, "n_layer": n_layer, "n_head": dim // 64, "vocab_size": 16384, "num_classes": 1000}
     contenders = StepContenders(spec, images=images)
-    step = contenders.star_step if star else contenders.plain_step
+    step = contenders.star_step if self_guided else contenders.plain_step
     parameters = {p.untyped_storage().data_ptr() for p in contenders.star_module.parameters()}
     weight_shapes = {tuple(p.shape) for p in contenders.star_module.parameters() if p.dim() == 2}
 
@@ -60,11 +60,11 @@ def measure(dim: int, n_layer: int, star: bool, images: int = 2) -> tuple[int, i
     return sum(seen.values()), 2 * images * TOKENS
 
 
-def fit(star: bool) -> dict:
+def fit(self_guided: bool) -> dict:
     """a, b, head term of the activation formula from two depths at dim 128."""
     dim, vocab = 128, 16384
-    shallow, tokens = measure(dim, 2, star)
-    deep, _ = measure(dim, 4, star)
+    shallow, tokens = measure(dim, 2, self_guided)
+    deep, _ = measure(dim, 4, self_guided)
     per_layer = (deep - shallow) / 2 / tokens / dim  # a
     head = vocab * dim * 4  # the chunked head's saved float32 weight gradient
     rest = (shallow - 2 * per_layer * tokens * dim - head) / tokens / dim  # b

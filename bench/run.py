@@ -144,7 +144,8 @@ def bench_train_loop(work: Path) -> dict:
     (work / "model.json").write_text(json.dumps(model_spec))
     steps, batch = 60, 32
     train(TrainConfig(shards=str(shards), out=str(work / "loop-run"), model=str(work / "model.json"), steps=steps,
-                      batch_size=batch, star=False, num_workers=0, log_every=20, ckpt_every=10**9, progress=False))
+                      batch_size=batch, self_guided=False, num_workers=0, log_every=20, ckpt_every=10**9,
+                      progress=False))
     log = [json.loads(line) for line in (work / "loop-run" / "log.jsonl").read_text().splitlines()]
     ours = (log[-1]["time"] - log[0]["time"]) / (log[-1]["step"] - log[0]["step"])  # steady state, no start-up
 

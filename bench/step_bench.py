@@ -90,7 +90,7 @@ class StepContenders:
         self.teacher = make_teacher(student)
         self.optimizer = torch.optim.AdamW(parameter_groups([student, self.projector], 0.05), lr=1e-4,
                                            betas=(0.9, 0.95), fused=True)  # as star/train/loop.py builds it
-        self.settings = StarSettings(contrastive_layer=self.config.n_layer // 2)
+        self.star_settings = StarSettings(contrastive_layer=self.config.n_layer // 2)
         self.plain_batch = _token_batch(self.config, 2 * images, 1, self.device)  # the same number of sequences
         self.star_batch = _token_batch(self.config, images, 2, self.device)
 
@@ -102,18 +102,18 @@ class StepContenders:
         self.ref_optimizer.step()
         self.ref_optimizer.zero_grad(set_to_none=True)
 
-    def _our_step(self, module, star: bool, batch, settings=None) -> None:
+    def _our_step(self, trainable, self_guided: bool, batch, star_settings=None) -> None:
         from star.train.objectives import batch_losses, update_teacher
 
         generator = torch.Generator(device=self.device).manual_seed(0)
-        settings = (settings or self.settings) if star else None
-        terms = batch_losses(batch, module, self.teacher, settings, self.config, generator)
+        star_settings = (star_settings or self.star_settings) if self_guided else None
+        terms = batch_losses(batch, trainable, self.teacher, star_settings, self.config, generator)
         terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # the trainer's on-device skip, as in loop.py
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if star:
+        if self_guided:
             update_teacher(self.teacher, self.student_core, 0.9999)
 
     def plain_step(self) -> None:
@@ -137,22 +137,23 @@ class RecipeContenders(StepContenders):
         from star.train.star_settings import StarSettings
 
         self.two_view_batch = _token_batch(self.config, images, 2, self.device)
-        self.one_view_settings = StarSettings(contrastive_layer=self.config.n_layer // 2, use_view=False)
+        self.one_view_star_settings = StarSettings(contrastive_layer=self.config.n_layer // 2, use_view=False)
         self.steps_taken = 0
 
     def two_views_step(self) -> None:
         self._our_step(self.star_module, True, self.two_view_batch)
 
     def one_view_step(self) -> None:
-        self._our_step(self.star_module, True, self.plain_batch, self.one_view_settings)
+        self._our_step(self.star_module, True, self.plain_batch, self.one_view_star_settings)
 
-    def next_token_step_of_star(self, batch, settings) -> None:
+    def next_token_step_of_star(self, batch, star_settings) -> None:
         """A --star-every step without the self-guided terms: no teacher pass, no mask; the EMA still updates."""
         from star.train.objectives import draw_step, micro_batch_losses, update_teacher
 
         generator = torch.Generator(device=self.device).manual_seed(0)
-        draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], self.config, settings, generator, self.device)
-        micro_batch_losses(batch, self.star_module, settings, self.config, draws)["loss"].backward()
+        draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], self.config, star_settings, generator,
+                          self.device)
+        micro_batch_losses(batch, self.star_module, star_settings, self.config, draws)["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.star_module.parameters(), 1.0)
         self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
         self.optimizer.step()
@@ -162,7 +163,7 @@ class RecipeContenders(StepContenders):
     def one_view_every_2_step(self) -> None:
         """Two optimizer steps (one self-guided, one next-token): the timing is halved by the caller."""
         self.one_view_step()
-        self.next_token_step_of_star(self.plain_batch, self.one_view_settings)
+        self.next_token_step_of_star(self.plain_batch, self.one_view_star_settings)
 
 
 RECIPE_TARGET = 1.4  # issue 24: a cheaper ST-AR step costs at most 1.4x the plain step

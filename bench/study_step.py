@@ -36,11 +36,12 @@ def write_study_shards(folder: Path) -> Path:
     return folder
 
 
-def _train_argv(shards: Path, model: Path, out: Path, steps: int, star: bool, seed: int, flags: list[str]) -> list[str]:
+def _train_argv(shards: Path, model: Path, out: Path, steps: int, self_guided: bool, seed: int,
+                flags: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "train/run.py"), "--shards", str(shards), "--model", str(model), "--out",
             str(out), "--steps", str(steps), "--batch-size", "64", "--lr", "1e-3", "--seed", str(seed),
             "--num-workers", "0", "--log-every", "5", "--ckpt-every", str(steps), "--no-progress",
-            *([] if star else ["--no-star"]), *flags]
+            *([] if self_guided else ["--no-star"]), *flags]
 
 
 def seconds_per_step(log: Path, warmup: int) -> float:
@@ -49,13 +50,14 @@ def seconds_per_step(log: Path, warmup: int) -> float:
     return (steady[-1]["time"] - steady[0]["time"]) / (steady[-1]["step"] - steady[0]["step"])
 
 
-def time_contender(name: str, shards: Path, model: Path, work: Path, steps: int, star: bool, warmup: int) -> dict:
+def time_contender(name: str, shards: Path, model: Path, work: Path, steps: int, self_guided: bool,
+                   warmup: int) -> dict:
     """One round of a contender: its runs side by side; returns per-run seconds per step for the study."""
     spec = CONTENDERS[name]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    outs = [work / f"{name}-{'star' if star else 'plain'}-{seed}-{os.urandom(4).hex()}" for seed in
+    outs = [work / f"{name}-{'star' if self_guided else 'plain'}-{seed}-{os.urandom(4).hex()}" for seed in
             range(spec["parallel"])]
-    procs = [subprocess.Popen(_train_argv(shards, model, out, steps, star, seed, spec["flags"]), env=env,
+    procs = [subprocess.Popen(_train_argv(shards, model, out, steps, self_guided, seed, spec["flags"]), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for seed, out in enumerate(outs)]
     for proc in procs:
@@ -74,12 +76,12 @@ def bench_study_step(steps: int = 60, rounds: int = 2, warmup: int = 15) -> dict
         shards = write_study_shards(work / "shards")
         model = work / "gpt.json"
         model.write_text(json.dumps({**GPT_SMALL, "vocab_size": 512}))
-        for star in (False, True):
+        for self_guided in (False, True):
             rounds_of = {name: [] for name in CONTENDERS}
             for _ in range(rounds):
                 for name in CONTENDERS:
-                    rounds_of[name].append(time_contender(name, shards, model, work, steps, star, warmup))
-            kind = "star" if star else "plain"
+                    rounds_of[name].append(time_contender(name, shards, model, work, steps, self_guided, warmup))
+            kind = "star" if self_guided else "plain"
             medians = {name: statistics.median(r["study_seconds_per_step"] for r in runs)
                        for name, runs in rounds_of.items()}
             results[kind] = {"study_seconds_per_step": medians, "rounds": rounds_of,

@@ -159,15 +159,15 @@ class Demo:
             runs = {"LlamaGen (baseline)": (self.root / f"gpt_baseline{seed}", False), **runs}
         return runs
 
-    def train_config(self, run: Path, star: bool, progress: bool = True):
+    def train_config(self, run: Path, self_guided: bool, progress: bool = True):
         from star.train.loop import TrainConfig
 
         config = self.config
         return TrainConfig(shards=str(self.root / "shards" / "train"), out=str(run), model=str(self.model_json()),
                            steps=config.steps, batch_size=config.batch_size, lr=config.lr, num_workers=0,
-                           log_every=25, ckpt_every=max(50, config.steps // 4), keep_checkpoints=1, star=star,
-                           resume="auto", projector_hidden=256, view_match=config.view_match, seed=config.seed,
-                           precision=self.precision, progress=progress)
+                           log_every=25, ckpt_every=max(50, config.steps // 4), keep_checkpoints=1,
+                           self_guided=self_guided, resume="auto", projector_hidden=256, view_match=config.view_match,
+                           seed=config.seed, precision=self.precision, progress=progress)
 
     def is_trained(self, run: Path) -> bool:
         log = run / "log.jsonl"
@@ -182,7 +182,7 @@ class Demo:
 
         prepare_token_cache(replace(self.train_config(self.root / "unused", True), prepare_only=True))
 
-    def start_training_beside(self, run: Path, star: bool):
+    def start_training_beside(self, run: Path, self_guided: bool):
         """Train `run` in a process of its own on one core while this process goes on (None if trained)."""
         import multiprocessing
 
@@ -190,18 +190,19 @@ class Demo:
             print(f"done: {run}")
             return None
         process = multiprocessing.get_context("spawn").Process(
-            target=train_on_one_core, args=(self.train_config(run, star, progress=False),), name=f"train {run.name}")
+            target=train_on_one_core, args=(self.train_config(run, self_guided, progress=False),),
+            name=f"train {run.name}")
         process.start()
         print(f"training {run.name} in process {process.pid} beside this one (log: {run / 'log.jsonl'})", flush=True)
         return process
 
-    def stage_train(self, run: Path, star: bool) -> None:
+    def stage_train(self, run: Path, self_guided: bool) -> None:
         from star.train.loop import train
 
         if self.is_trained(run):
             print(f"done: {run}")
             return
-        train(self.train_config(run, star))
+        train(self.train_config(run, self_guided))
 
     def stage_probe(self, run: Path) -> list[dict]:
         """Linear-probe accuracy per step of the middle layer (the paper's Fig. 1b): held-out centre crops, trained
@@ -359,9 +360,9 @@ def train_and_score(demo: Demo) -> dict:
     """ST-AR (the longer run) trains in a process of its own while this one trains, samples and scores the
     baseline and scores the tokenizer's ceiling: the two cores work side by side. Returns rows by label."""
     runs = demo.runs()
-    star_label = next(label for label, (_, star) in runs.items() if star)
+    star_label = next(label for label, (_, self_guided) in runs.items() if self_guided)
     star_run = runs[star_label][0]
-    others = {label: run for label, (run, star) in runs.items() if not star}
+    others = {label: run for label, (run, self_guided) in runs.items() if not self_guided}
     if not others:
         demo.timed(f"train {star_run.name}", demo.stage_train, star_run, True)
         return {star_label: demo.evaluate(star_run), CEILING: demo.ceiling_row()}

@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_config(shards, out, model, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=4, batch_size=8, lr=2e-3,
-                    num_workers=0, log_every=1, ckpt_every=2, keep_checkpoints=0, progress=False, star=False)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    fields = dict(shards=str(shards), out=str(out), model=str(model), steps=4, batch_size=8, lr=2e-3,
+                  num_workers=0, log_every=1, ckpt_every=2, keep_checkpoints=0, progress=False, self_guided=False)
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
 def copy_shards(source: Path, target: Path) -> Path:

@@ -74,7 +74,7 @@ def test_recipe_step_benchmark_compares_steps_at_equal_images():
 
     contenders = step_bench.RecipeContenders({"dim": 32, "n_layer": 2, "n_head": 2}, images=4)
     assert contenders.plain_batch.tokens.shape[:2] == (4, 1) and contenders.two_view_batch.tokens.shape[:2] == (4, 2)
-    assert not contenders.one_view_settings.use_view and contenders.one_view_settings.use_step
+    assert not contenders.one_view_star_settings.use_view and contenders.one_view_star_settings.use_step
     teacher_before = [p.clone() for p in contenders.teacher.parameters()]
     contenders.one_view_every_2_step()  # two optimizer steps, both updating the EMA teacher
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, contenders.teacher.parameters()))

@@ -24,7 +24,7 @@ def tiny_state(step: int = 1, teacher: bool = True) -> run_folder.TrainingState:
     optimizer.step()
     return run_folder.TrainingState(TINY, student.state_dict(), student.state_dict() if teacher else None,
                               {"w": torch.ones(3)} if teacher else None, optimizer.state_dict(),
-                              run_folder.CheckpointMeta(step=step, star=teacher))
+                              run_folder.CheckpointMeta(step=step, self_guided=teacher))
 
 
 def test_checkpoints_sort_by_step_number_not_text(tmp_path):
@@ -77,13 +77,13 @@ def test_resume_reader_skips_a_truncated_newest_checkpoint(tmp_path, damaged):
 
 def test_star_checkpoint_without_teacher_is_an_error_not_a_fresh_teacher(tmp_path):
     state = tiny_state(3, teacher=False)
-    state.meta.star = True  # an ST-AR checkpoint copied without its teacher and projector
+    state.meta.self_guided = True  # an ST-AR checkpoint copied without its teacher and projector
     folder = run_folder.save_training_state(tmp_path, 3, state, keep=0)
     with pytest.raises(ValueError, match="lacks teacher.safetensors and projector.safetensors"):
         run_folder.read_training_state(folder, need_teacher=True, need_projector=True)
     assert run_folder.read_training_state(folder, need_teacher=False, need_projector=False).teacher is None
     plain = run_folder.save_training_state(tmp_path / "plain", 3, tiny_state(3, teacher=False), keep=0)
-    # A --no-star checkpoint lacks them by design: read, and the trainer reports "star" as a difference.
+    # A --no-star checkpoint lacks them by design: read, and the trainer reports "self_guided" as a difference.
     assert run_folder.read_training_state(plain, need_teacher=True, need_projector=True).teacher is None
 
 

@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_config(shards, out, model, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=2, batch_size=8, lr=2e-3,
-                    num_workers=0, log_every=1, ckpt_every=2, progress=False, star=False)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    fields = dict(shards=str(shards), out=str(out), model=str(model), steps=2, batch_size=8, lr=2e-3,
+                  num_workers=0, log_every=1, ckpt_every=2, progress=False, self_guided=False)
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
 def test_first_launch_survives_a_cache_build_longer_than_the_collective_timeout(tiny_shards, tiny_gpt_json, tmp_path):

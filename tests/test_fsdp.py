@@ -164,12 +164,12 @@ def test_star_under_fsdp1_is_refused_naming_the_setting():
     import pytest
     from accelerate.utils import DistributedType
 
-    from star.train.loop import RunModules, prepare_run
+    from star.train.loop import Modules, prepare_trainer
 
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
-    parts = RunModules(student=None, teacher=torch.nn.Linear(1, 1), projector=None, optimizer=None)
+    parts = Modules(student=None, teacher=torch.nn.Linear(1, 1), projector=None, optimizer=None)
     with pytest.raises(ValueError, match="fsdp_version: 2"):
-        prepare_run(SimpleNamespace(settings=SimpleNamespace(compile=False)), parts, fsdp1, None)
+        prepare_trainer(SimpleNamespace(config=SimpleNamespace(compile=False)), parts, fsdp1, None)
 
 
 if __name__ == "__main__":  # one process of the launch in _launch

@@ -21,7 +21,7 @@ def trained_run(tiny_shards, tmp_path_factory):
     folder = tmp_path_factory.mktemp("nll")
     (folder / "gpt.json").write_text(json.dumps(TINY_GPT))
     train(TrainConfig(shards=str(tiny_shards), out=str(folder / "run"), model=str(folder / "gpt.json"), steps=6,
-                      batch_size=8, lr=3e-3, num_workers=0, progress=False, star=False, ckpt_at="1"))
+                      batch_size=8, lr=3e-3, num_workers=0, progress=False, self_guided=False, ckpt_at="1"))
     return folder / "run"
 
 
@@ -73,10 +73,10 @@ def read_log(out) -> list[dict]:
 
 
 def milestone_config(shards, out, model, steps: int, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=steps, batch_size=8, lr=2e-3,
-                    num_workers=0, ckpt_every=2, keep_checkpoints=1, log_every=4, ckpt_at="1,3", star=False,
-                    progress=False)
-    return TrainConfig(**{**settings, **overrides})
+    fields = dict(shards=str(shards), out=str(out), model=str(model), steps=steps, batch_size=8, lr=2e-3,
+                  num_workers=0, ckpt_every=2, keep_checkpoints=1, log_every=4, ckpt_at="1,3", self_guided=False,
+                  progress=False)
+    return TrainConfig(**{**fields, **overrides})
 
 
 def test_milestone_checkpoints_survive_pruning_and_log_compute(tiny_shards, tiny_gpt_json, tmp_path):

@@ -16,7 +16,7 @@ from star.cli import parse_config
 from star.data.manifest import Manifest
 from star.gpt.config import GPTConfig
 from star.train.config import TrainConfig
-from star.train.plan import resolve_config
+from star.train.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_gpt_tiny_is_the_study_size():
 
 def test_a_size_takes_the_shards_shapes_and_a_json_is_checked_against_them(tiny_shards, tmp_path):
     manifest = Manifest.load(tiny_shards)
-    plan = resolve_config(TrainConfig(shards=str(tiny_shards), out="o", model="GPT-B", steps=1, batch_size=8),
+    plan = make_plan(TrainConfig(shards=str(tiny_shards), out="o", model="GPT-B", steps=1, batch_size=8),
                           manifest, 1, "fp32")
     assert (plan.model.vocab_size, plan.model.block_size, plan.model.num_classes) == (256, 64, 3)
     assert (plan.model.dim, plan.model.n_layer) == (768, 12)
@@ -189,11 +189,11 @@ def test_a_size_takes_the_shards_shapes_and_a_json_is_checked_against_them(tiny_
     json_model = tmp_path / "b.json"
     json_model.write_text(json.dumps({"dim": 64, "n_layer": 2, "n_head": 4}))  # LlamaGen's defaults: 16x16, 1000
     with pytest.raises(ValueError, match="token grid 8x8 = 64 tokens != model block_size 256"):
-        resolve_config(TrainConfig(shards=str(tiny_shards), out="o", model=str(json_model), steps=1, batch_size=8),
-                       manifest, 1, "fp32")
+        make_plan(TrainConfig(shards=str(tiny_shards), out="o", model=str(json_model), steps=1, batch_size=8),
+                  manifest, 1, "fp32")
     with pytest.raises(ValueError, match="--views-per-image 11: the shards .* store 10 views per image"):
-        resolve_config(TrainConfig(shards=str(tiny_shards), out="o", views_per_image=11, steps=1, batch_size=8),
-                       manifest, 1, "fp32")
+        make_plan(TrainConfig(shards=str(tiny_shards), out="o", views_per_image=11, steps=1, batch_size=8),
+                  manifest, 1, "fp32")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _adamw_steps(folder) -> dict[str, float]:
 
 def test_a_fine_tune_carries_adamw_over_and_counts_the_baseline_compute(tiny_shards, tiny_gpt_json, tmp_path,
                                                                         capsys):
-    train(run_config(tiny_shards, tmp_path / "base", tiny_gpt_json, steps=2, star=False))
+    train(run_config(tiny_shards, tmp_path / "base", tiny_gpt_json, steps=2, self_guided=False))
     baseline = tmp_path / "base" / "checkpoints" / "step-0000002"
     baseline_cpu_s = json.loads((baseline / "meta.json").read_text())["cpu_s"]
     assert baseline_cpu_s > 0

@@ -165,26 +165,26 @@ def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     if spec["engine"] == "fsdp2":
         loop.make_accelerator = _fsdp_on_cpu(loop.make_accelerator)
-    prepare = loop.prepare_run
+    prepare = loop.prepare_trainer
 
     def prepare_and_record(*args, **kwargs):
-        run = prepare(*args, **kwargs)
-        if not run.progress.start_step:  # a fresh optimizer has no state yet (reading it would make one)
-            return run
-        started = {"optimizer": full_optimizer_state(run.model, run.optimizer),
-                   "teacher": full_state_dict(run.teacher) if run.teacher is not None else None}
-        if run.accelerator.is_main_process:
-            torch.save(started, run.out / "loaded.pt")
-        return run
+        trainer = prepare(*args, **kwargs)
+        if not trainer.progress.start_step:  # a fresh optimizer has no state yet (reading it would make one)
+            return trainer
+        started = {"optimizer": full_optimizer_state(trainer.trainable, trainer.optimizer),
+                   "teacher": full_state_dict(trainer.teacher) if trainer.teacher is not None else None}
+        if trainer.accelerator.is_main_process:
+            torch.save(started, trainer.run_dir / "loaded.pt")
+        return trainer
 
-    loop.prepare_run = prepare_and_record
-    settings = dict(spec["config"])
-    settings["star_settings"] = StarSettings(**settings.get("star_settings", {}))
-    loop.train(loop.TrainConfig(**settings))
+    loop.prepare_trainer = prepare_and_record
+    fields = dict(spec["config"])
+    fields["star_settings"] = StarSettings(**fields.get("star_settings", {}))
+    loop.train(loop.TrainConfig(**fields))
 
 
 def launch(engine: str, **config) -> None:
-    """Train on 2 CPU processes under `engine` (ddp | fsdp2) with these TrainConfig settings."""
+    """Train on 2 CPU processes under `engine` (ddp | fsdp2) with these TrainConfig fields."""
     from conftest import CPU_ENV, TWO_CPU_PROCESSES
 
     spec = json.dumps({"engine": engine, "config": {key: str(value) if isinstance(value, Path) else value
@@ -246,7 +246,7 @@ def test_a_run_continues_on_another_number_of_processes_exactly(tiny_shards, tin
     are the uninterrupted run's. (The plain baseline without dropout: no random draw depends on the rank.)"""
     from star.train.loop import TrainConfig, train
 
-    common = dict(EXACT, shards=tiny_shards, model=tiny_gpt_json, star=False, class_dropout=0.0)
+    common = dict(EXACT, shards=tiny_shards, model=tiny_gpt_json, self_guided=False, class_dropout=0.0)
     straight = tmp_path / "straight"
     train(TrainConfig(out=str(straight), steps=6, **{k: str(v) if isinstance(v, Path) else v
                                                      for k, v in common.items()}))
@@ -268,7 +268,8 @@ def test_a_run_continues_on_another_number_of_processes_exactly(tiny_shards, tin
 def test_another_global_batch_is_refused_unless_allowed(tiny_shards, tiny_gpt_json, tmp_path):
     from star.train.loop import TrainConfig, train
 
-    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), star=False, out=str(tmp_path / "run"))
+    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), self_guided=False,
+                  out=str(tmp_path / "run"))
     train(TrainConfig(steps=2, **common))
     with pytest.raises(ValueError, match=r"(?s)global_batch: checkpoint 8, now 4.*--allow-batch-change continues"):
         train(TrainConfig(steps=4, resume="auto", **{**common, "batch_size": 4}))
@@ -285,7 +286,7 @@ def test_an_index_keyed_optimizer_pt_still_resumes_exactly(tiny_shards, tiny_gpt
     single-process runs wrote it) continues like a run that never stopped."""
     from star.train.loop import TrainConfig, train
 
-    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), star=False)
+    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), self_guided=False)
     train(TrainConfig(out=str(tmp_path / "straight"), steps=4, **common))
     cut = tmp_path / "cut"
     train(TrainConfig(out=str(cut), steps=2, **common))
@@ -297,6 +298,28 @@ def test_an_index_keyed_optimizer_pt_still_resumes_exactly(tiny_shards, tiny_gpt
                                  for group in named["param_groups"]]}, path)
     train(TrainConfig(out=str(cut), steps=4, resume="auto", **common))
     assert_same_steps(cut, tmp_path / "straight", [1, 2, 3, 4])
+
+
+def test_a_run_folder_config_json_keeps_its_keys_and_resumes(tiny_shards, tiny_gpt_json, tmp_path, capsys):
+    """config.json's keys are a file format that run folders of any age hold: the config is "settings" (its
+    self_guided is "star") and the resolved StarSettings are "star"; resume reads the recorded teacher decay there."""
+    from star.train.loop import TrainConfig, train
+    from star.train.star_settings import StarSettings
+
+    common = dict(EXACT, shards=str(tiny_shards), model=str(tiny_gpt_json), out=str(tmp_path / "run"))
+    train(TrainConfig(steps=2, star_settings=StarSettings(teacher_decay=0.5, contrastive_layer=1), **common))
+    path = tmp_path / "run" / "config.json"
+    record = json.loads(path.read_text())
+    assert {"settings", "model", "star", "views_per_image", "data_digest"} <= set(record)
+    assert not {"config", "star_settings", "self_guided"} & set(record)
+    assert record["settings"]["star"] is True and "self_guided" not in record["settings"]
+    assert record["star"]["teacher_decay"] == 0.5 and record["settings"]["star_settings"]["teacher_decay"] == 0.5
+    capsys.readouterr()
+    summary = train(TrainConfig(steps=4, resume="auto", star_settings=StarSettings(teacher_decay=0.75,
+                                                                                   contrastive_layer=1), **common))
+    assert summary["steps"] == 4 and summary["teacher_decay"] == 0.75
+    assert "resume: teacher EMA decay changed from 0.5 to 0.75" in capsys.readouterr().out
+    assert json.loads(path.read_text())["star"]["teacher_decay"] == 0.75
 
 
 if __name__ == "__main__":  # one process of a launch (see `launch`)

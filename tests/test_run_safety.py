@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_config(shards, out, model, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=4, batch_size=8, lr=2e-3, num_workers=0,
-                    log_every=1, ckpt_every=2, keep_checkpoints=0, token_dropout=0.0, dropout=0.0, progress=False,
-                    deterministic=True, projector_hidden=32)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    fields = dict(shards=str(shards), out=str(out), model=str(model), steps=4, batch_size=8, lr=2e-3, num_workers=0,
+                  log_every=1, ckpt_every=2, keep_checkpoints=0, token_dropout=0.0, dropout=0.0, progress=False,
+                  deterministic=True, projector_hidden=32)
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
 def run_command():
@@ -75,7 +75,7 @@ def test_bad_settings_exit_2_with_one_line(flags, message, capsys):
 def test_good_corner_values_are_accepted():
     config = parse_config(TrainConfig, ["--shards", "s", "--out", "o", "--teacher-decay", "auto", "--no-step",
                                         "--num-positions", "1", "--no-star", "--views-per-image", "1"])
-    assert config.star_settings.teacher_decay == "auto" and not config.star
+    assert config.star_settings.teacher_decay == "auto" and not config.self_guided
     assert StarSettings(teacher_decay="0.99").teacher_decay == 0.99  # the library gets the same parsing
 
 
@@ -103,7 +103,7 @@ def test_model_json_class_dropout_is_honoured_unless_the_flag_overrides(tmp_path
 
 def test_existing_run_folder_is_refused_without_resume(tiny_shards, tiny_gpt_json, tmp_path, capsys):
     out = tmp_path / "run"
-    train(run_config(tiny_shards, out, tiny_gpt_json, star=False))
+    train(run_config(tiny_shards, out, tiny_gpt_json, self_guided=False))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code = run_command()(["--shards", str(tiny_shards), "--out", str(out), "--model", str(tiny_gpt_json),
                           "--steps", "2", "--batch-size", "8", "--num-workers", "0", "--no-progress"])
@@ -113,7 +113,7 @@ def test_existing_run_folder_is_refused_without_resume(tiny_shards, tiny_gpt_jso
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before, "nothing of the earlier run may change"
     with pytest.raises(ValueError, match="already holds a run.*--resume auto"):
-        train(run_config(tiny_shards, out, tiny_gpt_json, star=False))
+        train(run_config(tiny_shards, out, tiny_gpt_json, self_guided=False))
 
 
 @pytest.mark.parametrize("extension", IMAGE_EXTENSIONS)
@@ -140,12 +140,12 @@ def test_second_trainer_on_a_folder_is_refused_and_a_stale_lock_is_taken_over(ti
     host = socket.gethostname()
     (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": host, "purpose": "train/run.py --out X"}))
     with pytest.raises(ValueError, match=rf"in use by train/run.py --out X \(pid {os.getpid()} on this host\)"):
-        train(run_config(tiny_shards, out, tiny_gpt_json, star=False, steps=1))
+        train(run_config(tiny_shards, out, tiny_gpt_json, self_guided=False, steps=1))
     assert not (out / "log.jsonl").exists()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a holder killed with -9 leaves its lock behind
     gone.wait()
     (out / ".lock").write_text(json.dumps({"pid": gone.pid, "host": host, "purpose": "train/run.py"}))
-    summary = train(run_config(tiny_shards, out, tiny_gpt_json, star=False, steps=1))
+    summary = train(run_config(tiny_shards, out, tiny_gpt_json, self_guided=False, steps=1))
     assert summary["steps"] == 1 and not (out / ".lock").exists(), "taken over, then released on exit"
 
 
@@ -181,7 +181,7 @@ def test_finite_loss_with_infinite_gradient_stops_before_the_update(tiny_shards,
     monkeypatch.setattr(loop, "micro_batch_losses", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteGradient, match=r"gradient norm \((inf|nan)\) at step 3 .* not applied.*step-0000002, was"):
-        train(run_config(tiny_shards, out, tiny_gpt_json, star=False, steps=6))
+        train(run_config(tiny_shards, out, tiny_gpt_json, self_guided=False, steps=6))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
     weights = load_file(out / "checkpoints" / "step-0000002" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -190,7 +190,7 @@ def test_finite_loss_with_infinite_gradient_stops_before_the_update(tiny_shards,
 def test_huge_learning_rate_never_leaves_a_non_finite_checkpoint(tiny_shards, tiny_gpt_json, tmp_path):
     out = tmp_path / "run"
     with pytest.raises((NonFiniteLoss, ValueError, RuntimeError)) as caught:
-        train(run_config(tiny_shards, out, tiny_gpt_json, star=False, steps=8, ckpt_every=1, lr=1e8))
+        train(run_config(tiny_shards, out, tiny_gpt_json, self_guided=False, steps=8, ckpt_every=1, lr=1e8))
     assert "non-finite" in str(caught.value) or "NaN" in str(caught.value)
     for folder in (out / "checkpoints").glob("step-*"):
         for name in ("model.safetensors",):
@@ -237,18 +237,19 @@ def test_star_checkpoint_missing_its_teacher_is_an_error(tiny_shards, tiny_gpt_j
 
 def test_resume_refuses_a_different_run_and_applies_a_new_lr(tiny_shards, tiny_gpt_json, tmp_path):
     out = tmp_path / "run"
-    train(run_config(tiny_shards, out, tiny_gpt_json, steps=2, star=False))
+    train(run_config(tiny_shards, out, tiny_gpt_json, steps=2, self_guided=False))
     other_heads = tmp_path / "heads.json"
     other_heads.write_text(json.dumps({**json.loads(tiny_gpt_json.read_text()), "n_head": 2}))
     with pytest.raises(ValueError) as caught:
         train(run_config(tiny_shards, out, other_heads, steps=4, resume="auto", seed=1, batch_size=4))
     message = str(caught.value)
     for difference in ("model n_head: checkpoint 4, now 2", "seed: checkpoint 0, now 1",
-                       "global_batch: checkpoint 8, now 4", "star: checkpoint False, now True",
+                       "global_batch: checkpoint 8, now 4", "self_guided: checkpoint False, now True",
                        "--allow-batch-change continues with this run's --batch-size"):
         assert difference in message
     assert "May change on resume: lr, weight_decay, grad_clip" in message
-    train(run_config(tiny_shards, out, tiny_gpt_json, steps=4, resume="auto", star=False, lr=5e-4, weight_decay=0.1))
+    train(run_config(tiny_shards, out, tiny_gpt_json, steps=4, resume="auto", self_guided=False, lr=5e-4,
+                     weight_decay=0.1))
     config = json.loads((out / "config.json").read_text())
     assert config["changed_on_resume"] == ["lr: checkpoint 0.002, now 0.0005",
                                            "weight_decay: checkpoint 0.05, now 0.1"]

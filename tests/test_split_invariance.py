@@ -31,12 +31,12 @@ def record_draws(monkeypatch) -> dict:
 
     real, seen, calls = loop.micro_batch_losses, {}, {"n": 0}
 
-    def recording(batch, student, settings, model_config, draws, *rest, **options):
+    def recording(batch, trainable, star_settings, model_config, draws, *rest, **options):
         for row, image in enumerate(batch.indices.tolist()):
             seen[(calls["n"], image)] = (bool(draws.drop_label[row]), draws.mask_scores[row].clone(),
                                          draws.positions[row].clone())
         calls["n"] += 1
-        return real(batch, student, settings, model_config, draws, *rest, **options)
+        return real(batch, trainable, star_settings, model_config, draws, *rest, **options)
 
     monkeypatch.setattr(loop, "micro_batch_losses", recording)
     return seen

@@ -17,32 +17,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_config(shards, out, model, **overrides) -> TrainConfig:
-    settings = dict(shards=str(shards), out=str(out), model=str(model), steps=8, batch_size=8, lr=2e-3, num_workers=0,
-                    log_every=1, ckpt_every=4, token_dropout=0.0, dropout=0.0, progress=False, deterministic=True,
-                    projector_hidden=64)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    fields = dict(shards=str(shards), out=str(out), model=str(model), steps=8, batch_size=8, lr=2e-3, num_workers=0,
+                  log_every=1, ckpt_every=4, token_dropout=0.0, dropout=0.0, progress=False, deterministic=True,
+                  projector_hidden=64)
+    fields.update(overrides)
+    return TrainConfig(**fields)
 
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("star", [True, False])
-def test_tiny_model_loss_falls(tiny_shards, tiny_gpt_json, tmp_path, star):
-    train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=30, log_every=5, ckpt_every=30, star=star))
+@pytest.mark.parametrize("self_guided", [True, False])
+def test_tiny_model_loss_falls(tiny_shards, tiny_gpt_json, tmp_path, self_guided):
+    train(run_config(tiny_shards, tmp_path / "run", tiny_gpt_json, steps=30, log_every=5, ckpt_every=30,
+                     self_guided=self_guided))
     log = read_log(tmp_path / "run")
     assert log[-1]["loss_ar"] < log[0]["loss_ar"] - 0.3, log
     assert set(log[0]) >= {"step", "loss", "loss_ar", "loss_mim", "loss_step", "loss_view", "grad_norm", "lr",
                            "images_per_s", "tokens_per_s", "memory_gb"}
-    if star:
+    if self_guided:
         assert all(r["loss_mim"] > 0 and r["loss_step"] > 0 and r["loss_view"] > 0 for r in log)
         expected = log[-1]["loss_ar"] + log[-1]["loss_mim"] + 0.5 * (log[-1]["loss_step"] + log[-1]["loss_view"]) / 2
         assert abs(log[-1]["loss"] - expected) < 1e-4
     else:
         assert all(r["loss_mim"] == r["loss_step"] == r["loss_view"] == 0 for r in log)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["star"] is not None) is star and config["lr"] == 2e-3
+    assert (config["star"] is not None) is self_guided and config["lr"] == 2e-3
     assert config["model"]["n_layer"] == 2 and config["settings"]["steps"] == 30
 
 
@@ -270,15 +271,15 @@ def test_init_from_an_official_llamagen_checkpoint(tiny_shards, fixtures_dir, tm
         assert all(torch.equal(saved[k], official[k]) for k in official), name
 
 
-@pytest.mark.parametrize("star", [True, False])
-def test_bf16_precision_trains_through_the_real_trainer_on_cpu(tiny_shards, tiny_gpt_json, tmp_path, star):
+@pytest.mark.parametrize("self_guided", [True, False])
+def test_bf16_precision_trains_through_the_real_trainer_on_cpu(tiny_shards, tiny_gpt_json, tmp_path, self_guided):
     """Accelerate's mixed_precision="bf16" on CPU: a dtype mismatch in the ST-AR or plain step shows up here."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # earlier tests in this process set up Accelerate in fp32 (it is a singleton)
     out = tmp_path / "run"
     try:
-        train(run_config(tiny_shards, out, tiny_gpt_json, steps=3, log_every=1, ckpt_every=3, star=star,
+        train(run_config(tiny_shards, out, tiny_gpt_json, steps=3, log_every=1, ckpt_every=3, self_guided=self_guided,
                          precision="bf16"))
     finally:
         AcceleratorState._reset_state()
@@ -286,5 +287,5 @@ def test_bf16_precision_trains_through_the_real_trainer_on_cpu(tiny_shards, tiny
     assert config["precision"] == "bf16"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(math.isfinite(record["loss"]) for record in log)
-    if star:
+    if self_guided:
         assert all(record["loss_mim"] > 0 for record in log), "the teacher and MIM terms ran under autocast"

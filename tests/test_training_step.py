@@ -11,7 +11,7 @@ from reference import key_mask_bias
 from star.gpt.model import GPT, GPTConfig
 from star.train.distributed import make_accelerator
 from star.train.objectives import key_mask
-from star.train.plan import ResolvedTrainConfig, build_model_config
+from star.train.plan import TrainPlan, build_model_config
 from star.train.safety import NonFiniteGuard
 from star.train.star_settings import StarSettings
 from star.train.token_loader import TokenBatch
@@ -51,8 +51,8 @@ def test_boolean_key_mask_is_the_additive_mask_and_gives_the_same_forward():
 
 
 @pytest.fixture()
-def tiny_run(tmp_path, monkeypatch):
-    """make(star, precision, compile) -> the trainer's own TrainingRun (build_modules, prepare_run) of a tiny
+def tiny_trainer(tmp_path, monkeypatch):
+    """make(self_guided, precision, compile) -> a real Trainer (build_modules, prepare_trainer) of a tiny
     model, 2 images a step, dropout off; its loader is left to the test (train_step reads the iterator it gets)."""
     import json
 
@@ -63,45 +63,44 @@ def tiny_run(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "make_loader", lambda *args: None)
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
 
-    def make(star: bool, precision: str = "fp32", compile_: bool = False) -> loop.TrainingRun:
+    def make(self_guided: bool, precision: str = "fp32", compile_: bool = False) -> loop.Trainer:
         config = loop.TrainConfig(shards="unused", out=str(tmp_path / "run"), model=str(tmp_path / "tiny.json"),
-                                  steps=2, batch_size=2, lr=1e-3, token_dropout=0.0, dropout=0.0, star=star,
-                                  views_per_image=2 if star else 1, projector_hidden=64, precision=precision,
-                                  compile=compile_, star_settings=StarSettings(num_positions=3))
+                                  steps=2, batch_size=2, lr=1e-3, token_dropout=0.0, dropout=0.0,
+                                  self_guided=self_guided, views_per_image=2 if self_guided else 1, projector_hidden=64,
+                                  precision=precision, compile=compile_, star_settings=StarSettings(num_positions=3))
         model = build_model_config(config)
-        settings = dataclasses.replace(config.star_settings, contrastive_layer=1) if star else None
-        plan = ResolvedTrainConfig(settings=config, model=model, star=settings, views_per_image=config.views_per_image,
-                                   lr=1e-3, precision=precision, world_size=1, batch_per_process=2, total_steps=2,
-                                   steps_per_epoch=1, tokenizer_sha256="", tokenizer_checkpoint="", tokenizer_config={},
-                                   data_digest="",
-                                   command="")
+        star_settings = dataclasses.replace(config.star_settings, contrastive_layer=1) if self_guided else None
+        plan = TrainPlan(config=config, model=model, star_settings=star_settings,
+                         views_per_image=config.views_per_image, lr=1e-3, precision=precision, world_size=1,
+                         batch_per_process=2, total_steps=2, steps_per_epoch=1, tokenizer_sha256="",
+                         tokenizer_checkpoint="", tokenizer_config={}, data_digest="", command="")
         AcceleratorState._reset_state()  # a singleton: earlier tests may have set another precision
         accelerator, _ = make_accelerator(config)
-        return loop.prepare_run(plan, loop.build_modules(plan), accelerator, None)
+        return loop.prepare_trainer(plan, loop.build_modules(plan), accelerator, None)
 
     yield make
     AcceleratorState._reset_state()
 
 
-def step_losses(run, batch, steps: int = 2) -> list[float]:
+def step_losses(trainer, batch, steps: int = 2) -> list[float]:
     """The logged total loss of `steps` real train_step calls on one batch."""
     from star.train.loop import LOGGED, train_step
 
     data = iter([batch] * steps)
-    return [train_step(run, data, step)[0][LOGGED.index("loss")].item() for step in range(steps)]
+    return [train_step(trainer, data, step)[0][LOGGED.index("loss")].item() for step in range(steps)]
 
 
-@pytest.mark.parametrize("star", [True, False])
-def test_bf16_autocast_step_runs_on_cpu(tiny_run, star):
+@pytest.mark.parametrize("self_guided", [True, False])
+def test_bf16_autocast_step_runs_on_cpu(tiny_trainer, self_guided):
     """Accelerate's mixed_precision="bf16" on CPU: the same losses as fp32 to bf16 precision, fp32 weights."""
-    fp32_run = tiny_run(star)
-    batch = tiny_batch(fp32_run.plan.model, 2, 2 if star else 1)
-    fp32 = step_losses(fp32_run, batch)
-    bf16_run = tiny_run(star, precision="bf16")
-    bf16 = step_losses(bf16_run, batch)
+    fp32_trainer = tiny_trainer(self_guided)
+    batch = tiny_batch(fp32_trainer.plan.model, 2, 2 if self_guided else 1)
+    fp32 = step_losses(fp32_trainer, batch)
+    bf16_trainer = tiny_trainer(self_guided, precision="bf16")
+    bf16 = step_losses(bf16_trainer, batch)
     assert bf16 == pytest.approx(fp32, rel=0.05), "bf16 computes the same losses, to bf16 precision"
     assert fp32[1] < fp32[0], "the step trained"
-    assert all(p.dtype == torch.float32 for p in bf16_run.student.parameters()), "autocast keeps the weights float32"
+    assert all(p.dtype == torch.float32 for p in bf16_trainer.student.parameters()), "autocast keeps weights float32"
 
 
 def inductor_available() -> bool:
@@ -115,32 +114,32 @@ def inductor_available() -> bool:
 
 
 @pytest.mark.skipif(not inductor_available(), reason="torch.compile on CPU needs inductor and a C++ compiler")
-@pytest.mark.parametrize("star", [True, False])
-def test_compiled_step_matches_eager(tiny_run, star):
-    eager_run = tiny_run(star)
-    batch = tiny_batch(eager_run.plan.model, 2, 2 if star else 1)
-    eager = step_losses(eager_run, batch)
-    compiled = step_losses(tiny_run(star, compile_=True), batch)
+@pytest.mark.parametrize("self_guided", [True, False])
+def test_compiled_step_matches_eager(tiny_trainer, self_guided):
+    eager_trainer = tiny_trainer(self_guided)
+    batch = tiny_batch(eager_trainer.plan.model, 2, 2 if self_guided else 1)
+    eager = step_losses(eager_trainer, batch)
+    compiled = step_losses(tiny_trainer(self_guided, compile_=True), batch)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
 
-def test_a_non_finite_gradient_norm_skips_the_step_on_the_device(tiny_run, monkeypatch):
+def test_a_non_finite_gradient_norm_skips_the_step_on_the_device(tiny_trainer, monkeypatch):
     """train_step with an infinite gradient norm leaves the weights and AdamW's state as they were (no host sync
     decides it), and the guard holds the step; the next finite step is applied."""
     import star.train.loop as loop
 
-    run = tiny_run(True)
-    batch = tiny_batch(run.plan.model, 2, 2)
-    before = [p.detach().clone() for p in run.student.parameters()]
+    trainer = tiny_trainer(True)
+    batch = tiny_batch(trainer.plan.model, 2, 2)
+    before = [p.detach().clone() for p in trainer.student.parameters()]
     real_clip = loop.clip_gradients
-    monkeypatch.setattr(loop, "clip_gradients", lambda run: real_clip(run) * float("inf"))
-    loop.train_step(run, iter([batch]), 0)
-    assert all(torch.equal(a, p) for a, p in zip(before, run.student.parameters())), "the step was not applied"
-    assert all(state["step"].item() == 0 for state in run.optimizer.optimizer.state.values())
-    assert run.guard.first_failure()[0] == 1, "the guard reports step 1"
+    monkeypatch.setattr(loop, "clip_gradients", lambda trainer: real_clip(trainer) * float("inf"))
+    loop.train_step(trainer, iter([batch]), 0)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.student.parameters())), "the step was not applied"
+    assert all(state["step"].item() == 0 for state in trainer.optimizer.optimizer.state.values())
+    assert trainer.guard.first_failure()[0] == 1, "the guard reports step 1"
     monkeypatch.setattr(loop, "clip_gradients", real_clip)
-    loop.train_step(run, iter([batch]), 1)
-    assert not all(torch.equal(a, p) for a, p in zip(before, run.student.parameters())), "a finite step is applied"
+    loop.train_step(trainer, iter([batch]), 1)
+    assert not all(torch.equal(a, p) for a, p in zip(before, trainer.student.parameters())), "a finite step is applied"
 
 
 def test_non_finite_guard_reports_the_first_bad_step_only_when_asked():

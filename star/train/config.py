@@ -1,5 +1,5 @@
-"""Stage two's settings, declared once: `TrainConfig`, the flags of train/run.py, checked on construction (what a
-run derives from them is star/train/plan.py)."""
+"""Stage two's config, declared once: `TrainConfig`, the flags of train/run.py, checked on construction (what a run
+derives from it, its `TrainPlan`, is star/train/plan.py's)."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,7 @@ def _fraction(value: float | None, flag: str, upper_open: bool = False) -> None:
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run; each is a flag of train/run.py (see `star.cli`)."""
+    """A run's config: what was asked for, each field a flag of train/run.py (see `star.cli`)."""
 
     shards: str = setting(help="token-shard folder written by tokenize/run.py")
     out: str = setting("", help="run folder: config.json, log.jsonl, checkpoints/ (refused if it holds a run, unless "
@@ -48,7 +48,8 @@ class TrainConfig:
     token_dropout: float | None = setting(None, help="None: the model config's token_dropout_p (LlamaGen: 0.1)")
     dropout: float | None = setting(None, help="residual and FFN dropout; None: the model config's (LlamaGen: 0.1)")
     seed: int = setting(0, help="seed of the weights, data order and every per-step random choice")
-    star: bool = setting(True, help="ST-AR's self-guided losses; --no-star: the plain LlamaGen baseline")
+    self_guided: bool = setting(True, flag="star", help="ST-AR's self-guided losses; --no-star: the plain LlamaGen "
+                                                        "baseline")
     views_per_image: int = setting(2, help="M views of each image per batch for ST-AR (>= 2 with L_view); 1 with "
                                            "--no-star")
     view_match: str = setting("index", choices=VIEW_MATCH_CHOICES,
@@ -122,7 +123,7 @@ class TrainConfig:
         check(self.star_warmup_steps >= 0, f"--star-warmup-steps {self.star_warmup_steps}: must be >= 0 (0: none)")
         check(self.star_every >= 1, f"--star-every {self.star_every}: must be >= 1 (1: every step)")
         check(self.views_per_image >= 1, f"--views-per-image {self.views_per_image}: must be >= 1")
-        check(not (self.star and self.star_settings.use_view) or self.views_per_image >= 2,
+        check(not (self.self_guided and self.star_settings.use_view) or self.views_per_image >= 2,
               f"--views-per-image {self.views_per_image}: ST-AR's L_view contrasts views of one image, so it needs "
               ">= 2 (or pass --no-view)")
         check(self.view_match in VIEW_MATCH_CHOICES, f"--view-match {self.view_match!r}: choose one of "
@@ -160,7 +161,3 @@ class TrainConfig:
         """The trackers to log to: --log-with's, plus tensorboard for --tensorboard; each once, in order."""
         names = [part.strip().lower() for part in self.log_with.split(",") if part.strip()]
         return tuple(dict.fromkeys(names + (["tensorboard"] if self.tensorboard else [])))
-
-    @property
-    def uses_star(self) -> bool:
-        return self.star and self.star_settings.any

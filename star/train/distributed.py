@@ -88,7 +88,7 @@ def raise_on_any_rank(accelerator, problem: str, fallback: str) -> None:
 
 @contextlib.contextmanager
 def agreed(accelerator, what: str) -> Iterator[None]:
-    """Run a block every process runs alike (loading the data's manifest, resolving the settings, resuming) and
+    """Run a block every process runs alike (loading the data's manifest, making the plan, resuming) and
     agree on its user errors (a collective at the block's end): a ValueError / FileNotFoundError on any process
     is raised on every process, as itself on the lowest failing rank and as ReportedElsewhere on the others."""
     error: Exception | None = None

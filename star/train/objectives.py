@@ -34,10 +34,10 @@ from star.train.token_loader import first_global_row
 LOSS_TERMS = ("loss_ar", "loss_mim", "loss_step", "loss_view")
 
 
-def total_loss(settings: StarSettings, terms: dict, weight_scale: float = 1.0) -> torch.Tensor:
+def total_loss(star_settings: StarSettings, terms: dict, weight_scale: float = 1.0) -> torch.Tensor:
     """weight_scale: the factor on alpha and beta at this step (--star-warmup-steps ramps it from 0 to 1)."""
     contrastive = (terms["loss_step"] + terms["loss_view"]) / 2
-    alpha, beta = weight_scale * settings.mim_weight, weight_scale * settings.contrastive_weight
+    alpha, beta = weight_scale * star_settings.mim_weight, weight_scale * star_settings.contrastive_weight
     return terms["loss_ar"] + alpha * terms["loss_mim"] + beta * contrastive
 
 
@@ -121,7 +121,7 @@ class StepDraws:
                            for draw in (self.drop_label, self.mask_scores, self.positions)))
 
 
-def draw_step(images: int, views: int, model_config, settings: StarSettings | None, generator: torch.Generator,
+def draw_step(images: int, views: int, model_config, star_settings: StarSettings | None, generator: torch.Generator,
               device) -> StepDraws:
     """The draws of a global batch of `images` images with `views` views each, in this order: class dropout [G],
     the MIM mask's scores [G M, S - cls], the contrastive positions' scores [G M, S - cls] (each only when used).
@@ -132,12 +132,12 @@ def draw_step(images: int, views: int, model_config, settings: StarSettings | No
     if model_config.class_dropout_prob > 0:
         drop = torch.rand(images, generator=generator, device=device) < model_config.class_dropout_prob  # [G]
     mask_scores, positions = None, None
-    if settings is not None and settings.use_mim:
+    if star_settings is not None and star_settings.use_mim:
         mask_scores = torch.rand(images * views, image_positions, generator=generator, device=device)
         mask_scores = mask_scores.reshape(images, views, image_positions)
-    if settings is not None and (settings.use_step or settings.use_view):
+    if star_settings is not None and (star_settings.use_step or star_settings.use_view):
         scores = torch.rand(images * views, image_positions, generator=generator, device=device)
-        positions = positions_from_scores(scores, settings.num_positions, model_config.cls_token_num)
+        positions = positions_from_scores(scores, star_settings.num_positions, model_config.cls_token_num)
         positions = positions.reshape(images, views, -1)  # [G, M, K]
     return StepDraws(drop, mask_scores, positions)
 
@@ -268,7 +268,7 @@ def matching_in_next_view(middle: torch.Tensor, positions: torch.Tensor, view_ma
 
 
 @torch.no_grad()
-def teacher_targets(batch, teacher, settings: StarSettings, model_config, draws: StepDraws) -> TeacherTargets:
+def teacher_targets(batch, teacher, star_settings: StarSettings, model_config, draws: StepDraws) -> TeacherTargets:
     """The teacher's pass over one micro-batch (plain causal attention, no LM head) and its features where the terms
     need them. draws: the micro-batch's rows of the step's draws."""
     tokens = batch.tokens  # [B, M, T]
@@ -276,16 +276,16 @@ def teacher_targets(batch, teacher, settings: StarSettings, model_config, draws:
     cls = model_config.cls_token_num
     S = cls + T - 1
     labels = conditioning_labels(batch.labels, draws, model_config.null_class).repeat_interleave(M)  # [B M]
-    layer = settings.contrastive_layer if draws.positions is not None else None
+    layer = star_settings.contrastive_layer if draws.positions is not None else None
     output = teacher(tokens.reshape(B * M, T)[:, :-1], labels, return_layers=(layer,) if layer else (),
                      return_final_hidden=True, head=False)
     final = output.final_hidden.reshape(B, M, S, -1)
     if not layer:  # no contrastive layer (0 or None): L_MIM only, as on the student's side
         return TeacherTargets(final)
     middle = output.hidden[layer].reshape(B, M, S, -1)
-    here = at_positions(middle, draws.positions) if settings.use_step else None
+    here = at_positions(middle, draws.positions) if star_settings.use_step else None
     other, valid = None, None
-    if settings.use_view and M > 1:
+    if star_settings.use_view and M > 1:
         other, valid = matching_in_next_view(middle, draws.positions, batch.view_match, cls)
     return TeacherTargets(final, here, other, valid)
 
@@ -333,32 +333,32 @@ class Features:
     projected: torch.Tensor | None = None  # [B, M, K, D] the projected middle states at the sampled positions
 
 
-def star_losses(settings: StarSettings, student: Features, teacher: TeacherTargets, pool: NegativePool) -> dict:
+def star_losses(star_settings: StarSettings, student: Features, teacher: TeacherTargets, pool: NegativePool) -> dict:
     """L_MIM, L_step and L_view of one micro-batch: the student's features against the teacher's targets for its own
     images (L_MIM) and against the pool (the contrastive terms' positives and negatives)."""
     zero = student.final.new_zeros(())
     terms = {"loss_mim": zero, "loss_step": zero, "loss_view": zero}
-    if settings.use_mim:
+    if star_settings.use_mim:
         terms["loss_mim"] = cosine_distance(student.final, teacher.final)
     if student.projected is None:
         return terms
-    if settings.use_step:
-        terms["loss_step"] = step_loss(student.projected, pool, settings.contrastive_temperature)
+    if star_settings.use_step:
+        terms["loss_step"] = step_loss(student.projected, pool, star_settings.contrastive_temperature)
     if pool.other is not None:
-        terms["loss_view"] = view_loss(student.projected, pool, settings.contrastive_temperature)
+        terms["loss_view"] = view_loss(student.projected, pool, star_settings.contrastive_temperature)
     return terms
 
 
-def micro_batch_losses(batch, student, settings: StarSettings | None, model_config, draws: StepDraws,
+def micro_batch_losses(batch, trainable, star_settings: StarSettings | None, model_config, draws: StepDraws,
                        teacher: TeacherTargets | None = None, pool: NegativePool | None = None,
                        weight_scale: float = 1.0) -> dict:
     """Every loss term of one micro-batch, and their total under "loss".
 
-    batch: a TokenBatch (tokens [B, M, T], labels [B], view_match, indices); student: the StudentWithProjector the
-    optimizer trains (wrapped by DDP/FSDP); settings None: plain LlamaGen; draws: the micro-batch's rows of the
-    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only). Settings without teacher targets:
-    a next-token step of an ST-AR run (--star-every), unmasked, the self-guided terms 0 (the projector still runs
-    at the drawn positions, times 0, so DDP sees every parameter used). weight_scale: the factor on alpha, beta.
+    batch: a TokenBatch (tokens [B, M, T], labels [B], view_match, indices); trainable: the StudentWithProjector the
+    optimizer trains (wrapped by DDP/FSDP); star_settings None: plain LlamaGen; draws: the micro-batch's rows of the
+    step's draws; teacher, pool: its teacher targets and negatives (ST-AR only). star_settings without teacher
+    targets: a next-token step of an ST-AR run (--star-every), unmasked, the self-guided terms 0 (the projector still
+    runs at the drawn positions, times 0, so DDP sees every parameter used). weight_scale: the factor on alpha, beta.
     """
     tokens = batch.tokens  # [B, M, T]
     B, M, T = tokens.shape
@@ -366,15 +366,15 @@ def micro_batch_losses(batch, student, settings: StarSettings | None, model_conf
     S = cls + T - 1
     flat_tokens = tokens.reshape(B * M, T)
     flat_labels = conditioning_labels(batch.labels, draws, model_config.null_class).repeat_interleave(M)  # [B M]
-    self_guided = settings is not None and teacher is not None
+    self_guided = star_settings is not None and teacher is not None
     mask, positions, layer = None, None, None
     if self_guided and draws.mask_scores is not None:
-        mask = mask_from_scores(draws.mask_scores.reshape(B * M, -1), S, settings.mask_ratio, cls)  # bool, once
-    if settings is not None and draws.positions is not None:
-        positions, layer = draws.positions.reshape(B * M, -1), settings.contrastive_layer  # [B M, K]
+        mask = mask_from_scores(draws.mask_scores.reshape(B * M, -1), S, star_settings.mask_ratio, cls)  # bool, once
+    if star_settings is not None and draws.positions is not None:
+        positions, layer = draws.positions.reshape(B * M, -1), star_settings.contrastive_layer  # [B M, K]
     # targets: the chunked head computes the next-token loss without materialising [N, S, V] logits
-    output, projected = student(flat_tokens[:, :-1], flat_labels, attn_mask=mask, layer=layer, positions=positions,
-                                return_final_hidden=self_guided, targets=flat_tokens)
+    output, projected = trainable(flat_tokens[:, :-1], flat_labels, attn_mask=mask, layer=layer, positions=positions,
+                                  return_final_hidden=self_guided, targets=flat_tokens)
     terms = {"loss_ar": output.loss}
     if not self_guided:
         zero = terms["loss_ar"].new_zeros(())
@@ -382,22 +382,23 @@ def micro_batch_losses(batch, student, settings: StarSettings | None, model_conf
         return {**terms, "loss_mim": zero, "loss_step": zero, "loss_view": zero, "loss": loss}
     student_features = Features(output.final_hidden.reshape(B, M, S, -1), projected=None if projected is None else
                                 projected.reshape(B, M, -1, projected.shape[-1]))
-    terms.update(star_losses(settings, student_features, teacher, pool))
-    terms["loss"] = total_loss(settings, terms, weight_scale)
+    terms.update(star_losses(star_settings, student_features, teacher, pool))
+    terms["loss"] = total_loss(star_settings, terms, weight_scale)
     return terms
 
 
-def batch_losses(batch, student, teacher, settings: StarSettings | None, model_config,
+def batch_losses(batch, trainable, teacher, star_settings: StarSettings | None, model_config,
                  generator: torch.Generator) -> dict:
     """Every term of one batch that is a whole optimizer step on one process (draws from `generator`, the batch's
     own images as negatives): what the trainer's step computes for one process without accumulation. For
-    benchmarks and tests of a step's parts; teacher: the EMA teacher's forward (unused without ST-AR)."""
-    draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], model_config, settings, generator,
+    benchmarks and tests of a step's parts; trainable: the StudentWithProjector; teacher: the EMA teacher's forward
+    (unused without ST-AR)."""
+    draws = draw_step(batch.tokens.shape[0], batch.tokens.shape[1], model_config, star_settings, generator,
                       batch.tokens.device)
-    if settings is None:
-        return micro_batch_losses(batch, student, None, model_config, draws)
-    targets = teacher_targets(batch, teacher, settings, model_config, draws)
-    return micro_batch_losses(batch, student, settings, model_config, draws, targets,
+    if star_settings is None:
+        return micro_batch_losses(batch, trainable, None, model_config, draws)
+    targets = teacher_targets(batch, teacher, star_settings, model_config, draws)
+    return micro_batch_losses(batch, trainable, star_settings, model_config, draws, targets,
                               local_pool(targets, batch.indices))
 
 
@@ -421,8 +422,9 @@ class Projector(nn.Module):
 
 
 class StudentWithProjector(nn.Module):
-    """The trainable part as one module, so DDP/FSDP see a single forward: the GPT pass, plus the projector on
-    the contrastive layer's states at the sampled positions."""
+    """What the optimizer trains (`trainable` wherever it is held) as one module, so DDP/FSDP see a single forward:
+    the student's pass (the bare GPT, `.student`), plus the projector on the contrastive layer's states at the sampled
+    positions."""
 
     def __init__(self, student: nn.Module, projector: nn.Module | None):
         super().__init__()

@@ -1,6 +1,6 @@
-"""What a run derives from its settings, the shards and the launch, once: `ResolvedTrainConfig` (the model
-config, the ST-AR settings with the layer and the decay resolved, the batch split, the run length, the lr, the
-data's identity), written as the run's config.json."""
+"""What a run derives from its config (`TrainConfig`, the flags), the shards and the launch, once: the `TrainPlan`
+(the model config, the ST-AR settings with the layer and the decay resolved, the batch split, the run length, the
+lr, the data's identity), written as the run folder's config.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,14 +16,18 @@ from star.train.config import TrainConfig
 from star.train.run_folder import CheckpointMeta
 from star.train.star_settings import StarSettings, resolve_teacher_decay
 
+# config.json's keys where they differ from the field names: TrainPlan's (top level) and TrainConfig's (in "settings")
+PLAN_KEYS = {"config": "settings", "star_settings": "star"}
+CONFIG_KEYS = {"self_guided": "star"}
+
 
 @dataclass(frozen=True)
-class ResolvedTrainConfig:
-    """Everything a run uses, resolved once from a TrainConfig, the shards and the launch (config.json)."""
+class TrainPlan:
+    """Everything a run uses, derived once from its TrainConfig, the shards and the launch (config.json)."""
 
-    settings: TrainConfig  # as given
+    config: TrainConfig  # as given
     model: GPTConfig  # architecture and dropouts used, class_dropout_prob included (the model config, once)
-    star: StarSettings | None  # resolved (contrastive layer, numeric teacher decay); None: plain LlamaGen
+    star_settings: StarSettings | None  # resolved (contrastive layer, numeric teacher decay); None: plain LlamaGen
     views_per_image: int  # M as used (1 without ST-AR)
     lr: float
     precision: str  # fp32 | bf16 | fp16
@@ -39,25 +43,35 @@ class ResolvedTrainConfig:
     model_source: str = ""  # one line: the model's size and where its vocabulary, grid and classes came from
 
     @property
+    def self_guided(self) -> bool:
+        """ST-AR's self-guided losses are trained (--star with at least one of them on); False: plain LlamaGen."""
+        return self.star_settings is not None
+
+    @property
     def needs_teacher(self) -> bool:
-        return self.star is not None
+        return self.self_guided
 
     @property
     def needs_projector(self) -> bool:
-        return self.star is not None and (self.star.use_step or self.star.use_view)
+        return self.star_settings is not None and (self.star_settings.use_step or self.star_settings.use_view)
 
     @property
     def projector_hidden(self) -> int:
-        return self.settings.projector_hidden or min(2048, 4 * self.model.dim)
+        return self.config.projector_hidden or min(2048, 4 * self.model.dim)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The run folder's config.json. Its keys are a file format (read by star/eval, star/study and resume, in
+        run folders of any age), mapped from the field names here, in this one place: the config is `settings`,
+        its `self_guided` is `star`, and the resolved `star_settings` are `star`."""
+        record = {PLAN_KEYS.get(name, name): value for name, value in dataclasses.asdict(self).items()}
+        record["settings"] = {CONFIG_KEYS.get(name, name): value for name, value in record["settings"].items()}
+        return record
 
     def checkpoint_meta(self, step: int, cpu_s: float = 0.0) -> CheckpointMeta:
         """What this run records in a checkpoint at `step` (and compares with a checkpoint it resumes)."""
-        config = self.settings
+        config = self.config
         return CheckpointMeta(
-            step=step, tokenizer_sha256=self.tokenizer_sha256, star=self.star is not None,
+            step=step, tokenizer_sha256=self.tokenizer_sha256, self_guided=self.self_guided,
             views_per_image=self.views_per_image, seed=config.seed, global_batch=config.batch_size,
             world_size=self.world_size, batch_per_process=self.batch_per_process, grad_accum=config.grad_accum,
             optimizer={"lr": self.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip,
@@ -116,20 +130,22 @@ def check_data_against_model(manifest: Manifest, model_config: GPTConfig, shards
                          + "\nPass a --model JSON with matching vocab_size / block_size / num_classes, or re-tokenize.")
 
 
-def _resolve_star(config: TrainConfig, model: GPTConfig, total_steps: int) -> StarSettings | None:
-    if not config.uses_star:
+def _resolve_star_settings(config: TrainConfig, model: GPTConfig, total_steps: int) -> StarSettings | None:
+    """The StarSettings a run uses (layer and teacher decay resolved); None without --star or with every term off."""
+    asked = config.star_settings
+    if not (config.self_guided and asked.any):
         return None
-    star = config.star_settings
-    layer = star.contrastive_layer or model.n_layer // 2
-    check(1 <= layer <= model.n_layer, f"--contrastive-layer {star.contrastive_layer}: outside 1..{model.n_layer}")
-    check(not (star.use_step or star.use_view) or star.num_positions <= model.block_size - 1,
-          f"--num-positions {star.num_positions}: more than the {model.block_size - 1} image positions")
-    return dataclasses.replace(star, contrastive_layer=layer,
-                               teacher_decay=resolve_teacher_decay(star.teacher_decay, total_steps))
+    layer = asked.contrastive_layer or model.n_layer // 2
+    check(1 <= layer <= model.n_layer, f"--contrastive-layer {asked.contrastive_layer}: outside 1..{model.n_layer}")
+    check(not (asked.use_step or asked.use_view) or asked.num_positions <= model.block_size - 1,
+          f"--num-positions {asked.num_positions}: more than the {model.block_size - 1} image positions")
+    return dataclasses.replace(asked, contrastive_layer=layer,
+                               teacher_decay=resolve_teacher_decay(asked.teacher_decay, total_steps))
 
 
-def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> ResolvedTrainConfig:
-    """Resolve once: model config, batch split, run length, lr, ST-AR settings. ValueError names the flag."""
+def make_plan(config: TrainConfig, manifest: Manifest, world_size: int, precision: str) -> TrainPlan:
+    """The run's plan, derived once: model config, batch split, run length, lr, ST-AR settings. ValueError names
+    the flag."""
     model = build_model_config(config, manifest)
     check_data_against_model(manifest, model, config.shards)
     batch_per_process, leftover = divmod(config.batch_size, world_size * config.grad_accum)
@@ -140,12 +156,12 @@ def resolve_config(config: TrainConfig, manifest: Manifest, world_size: int, pre
     check(steps_per_epoch > 0, f"--batch-size {config.batch_size}: more than the {manifest.num_samples} "
           f"images in {config.shards}")
     total_steps = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    star = _resolve_star(config, model, total_steps)
-    views = config.views_per_image if star else 1  # M as used
+    star_settings = _resolve_star_settings(config, model, total_steps)
+    views = config.views_per_image if star_settings is not None else 1  # M as used
     check(views <= manifest.num_views, f"--views-per-image {views}: the shards {config.shards} store "
           f"{manifest.num_views} views per image; tokenize with more views (e.g. --view-policy tencrop) or lower it")
-    return ResolvedTrainConfig(
-        settings=config, model=model, star=star, views_per_image=views,
+    return TrainPlan(
+        config=config, model=model, star_settings=star_settings, views_per_image=views,
         lr=config.lr if config.lr is not None else 1e-4 * config.batch_size / 256, precision=precision,
         world_size=world_size, batch_per_process=batch_per_process, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, tokenizer_sha256=manifest.tokenizer_sha256, data_digest=manifest.digest,

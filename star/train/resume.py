@@ -9,7 +9,7 @@ rate, weight decay and clipping may change; they are recorded. A checkpoint olde
 continued in place (that would overwrite the newer ones): it is branched into a new --out.
 
 This module only reads and checks: the modules are built, and the state loaded into them, by
-star/train/loop.py's `build_modules` and `prepare_run`.
+star/train/loop.py's `build_modules` and `prepare_trainer`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from star.checkpoint_folder import CHECKPOINTS, META_NAME, checkpoint_dirs, checkpoint_step
 from star.train.config import RESUME_AUTO
-from star.train.plan import ResolvedTrainConfig
+from star.train.plan import TrainPlan
 from star.train.run_folder import TrainingState, config_differences, read_newest_intact, read_training_state
 
 # Settings a resumed run may change: its optimizer's param groups are built with this run's values (recorded).
@@ -31,7 +31,7 @@ BATCH_CHANGE = ("global_batch: --allow-batch-change continues with this run's --
 
 @dataclass(frozen=True)
 class RunProgress:
-    """Where this invocation of a run starts (recorded in the run's config.json beside the resolved settings)."""
+    """Where this invocation of a run starts (recorded in the run folder's config.json beside the plan)."""
 
     start_step: int = 0
     start_cpu_s: float = 0.0  # training-loop CPU seconds of the run before this invocation (from the checkpoint)
@@ -51,10 +51,10 @@ class ResumePoint:
     progress: RunProgress = RunProgress()
 
 
-def resume_differences(state: TrainingState, plan: ResolvedTrainConfig) -> list[str]:
+def resume_differences(state: TrainingState, plan: TrainPlan) -> list[str]:
     """What differs between a checkpoint and this run that exact resume depends on (empty: it may continue); a
     changed global batch is left out with --allow-batch-change."""
-    ignore = ("global_batch",) if plan.settings.allow_batch_change else ()
+    ignore = ("global_batch",) if plan.config.allow_batch_change else ()
     differences = config_differences(state.model_config, plan.model)
     return differences + state.meta.differences(plan.checkpoint_meta(state.meta.step), ignore=ignore)
 
@@ -71,9 +71,9 @@ def _refuse_rewriting_history(folder: Path, out: Path) -> None:
             f"Branch it into a new folder instead: --out {out}-from-{checkpoint_step(folder)} --resume {folder}")
 
 
-def read_resume_state(plan: ResolvedTrainConfig) -> tuple[TrainingState | None, Path | None, list[str]]:
+def read_resume_state(plan: TrainPlan) -> tuple[TrainingState | None, Path | None, list[str]]:
     """(state, its folder, damaged checkpoints skipped) for --resume; (None, None, []) for a fresh start."""
-    config = plan.settings
+    config = plan.config
     if config.resume == RESUME_AUTO:
         state, folder, skipped = read_newest_intact(config.out, plan.needs_teacher, plan.needs_projector)
         if state is None and skipped:
@@ -87,9 +87,9 @@ def read_resume_state(plan: ResolvedTrainConfig) -> tuple[TrainingState | None, 
     return read_training_state(folder, plan.needs_teacher, plan.needs_projector), folder, []
 
 
-def _changes(state: TrainingState, plan: ResolvedTrainConfig) -> tuple[str, ...]:
+def _changes(state: TrainingState, plan: TrainPlan) -> tuple[str, ...]:
     """'name: checkpoint X, now Y' for each setting a resumed run may change and does."""
-    config, saved = plan.settings, state.meta.optimizer
+    config, saved = plan.config, state.meta.optimizer
     now = {"lr": plan.lr, "weight_decay": config.weight_decay, "grad_clip": config.grad_clip}
     changed = [f"{name}: checkpoint {saved[name]!r}, now {now[name]!r}" for name in RESUMABLE_CHANGES
                if name in saved and saved[name] != now[name]]
@@ -98,10 +98,10 @@ def _changes(state: TrainingState, plan: ResolvedTrainConfig) -> tuple[str, ...]
     return tuple(changed)
 
 
-def read_resume(plan: ResolvedTrainConfig) -> ResumePoint:
+def read_resume(plan: TrainPlan) -> ResumePoint:
     """The checkpoint --resume names, after checking it continues this run (ValueError listing every difference
     otherwise), and where the run starts. Nothing is built or loaded here."""
-    if not plan.settings.resume:
+    if not plan.config.resume:
         return ResumePoint()
     state, folder, skipped = read_resume_state(plan)
     if state is None:  # --resume auto on a folder without checkpoints: a fresh start

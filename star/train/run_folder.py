@@ -4,7 +4,7 @@ checkpoint are our weight format (star/weights_io.py).
 
 A run folder (`train/run.py --out RUN`):
 
-    RUN/config.json                      the resolved training settings, model config included (once)
+    RUN/config.json                      the run's TrainPlan (its TrainConfig under "settings"), model config included
     RUN/log.jsonl                        one record per logged step
     RUN/.lock                            held by the running trainer (star.lock.folder_lock)
     RUN/checkpoints/step-NNNNNNN/        a complete checkpoint (written as .step-NNNNNNN.tmp/, then renamed)
@@ -67,7 +67,7 @@ class CheckpointMeta:
 
     step: int
     tokenizer_sha256: str | None = None
-    star: bool | None = None  # ST-AR's losses on (teacher and projector saved) or the plain baseline
+    self_guided: bool | None = None  # ST-AR's losses on (teacher and projector saved) or the plain baseline
     views_per_image: int | None = None
     seed: int | None = None
     global_batch: int | None = None  # images per optimizer step, over all processes and micro-batches
@@ -80,16 +80,20 @@ class CheckpointMeta:
     checkpoint_id: str | None = None  # carried by every safetensors file of this checkpoint
 
     # compared on resume: a difference means the run cannot continue exactly
-    RESUME_FIELDS = ("tokenizer_sha256", "data_digest", "star", "views_per_image", "seed", "global_batch")
+    RESUME_FIELDS = ("tokenizer_sha256", "data_digest", "self_guided", "views_per_image", "seed", "global_batch")
+    SELF_GUIDED_KEY = "star"  # meta.json's key for self_guided (the file format): to_json and from_json map it
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {self.SELF_GUIDED_KEY if name == "self_guided" else name: value
+                for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_json(cls, record: dict) -> "CheckpointMeta":
         """A meta.json's record: `views` is read as views_per_image; a missing global_batch is world_size x
         batch_per_process x grad_accum where all three are recorded; unknown keys are ignored."""
         record = dict(record)
+        if cls.SELF_GUIDED_KEY in record:
+            record["self_guided"] = record.pop(cls.SELF_GUIDED_KEY)
         if "views" in record and "views_per_image" not in record:
             record["views_per_image"] = record.pop("views")
         launch = [record.get(name) for name in ("world_size", "batch_per_process", "grad_accum")]
@@ -178,7 +182,7 @@ def read_training_state(path: str | Path, need_teacher: bool, need_projector: bo
     meta = read_meta(path)
     lacking = [name for name, needed in ((TEACHER_NAME, need_teacher), (PROJECTOR_NAME, need_projector))
                if needed and not (path / name).is_file()]
-    if lacking and meta.star is not False:  # a --no-star checkpoint lacks them by design: the caller compares star
+    if lacking and meta.self_guided is not False:  # --no-star lacks them by design: the caller compares self_guided
         raise ValueError(f"checkpoint {path} lacks {' and '.join(lacking)}, which this ST-AR run needs (copied "
                          "incompletely?); resume from another checkpoint")
     need_teacher = need_teacher and (path / TEACHER_NAME).is_file()

@@ -220,7 +220,7 @@ def make_loader(plan, accelerator, cache: Path | None, start_step: int = 0):
     """The training loader of a run's plan from `start_step` on: the map loader over the token cache (the same
     images at a step on any launch of the same global batch), or the stream loader over the shards (a fresh
     random stream)."""
-    config, rank = plan.settings, accelerator.process_index
+    config, rank = plan.config, accelerator.process_index
     if config.loader == "stream":
         return stream_loader(config.shards, plan.views_per_image, plan.batch_per_process,
                              indexed_seed(config.seed, start_step), config.view_match, rank, config.num_workers)
