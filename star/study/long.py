@@ -4,7 +4,8 @@ fixes to appear? Every run is checkpointed at fixed fractions of its length and 
 steps and at equal compute is read off curves rather than off one extra arm.
 
 Order of work: the shared stages (data, VQ, tokens, the VQ ceiling); every run trained, `plan.jobs` side by
-side; the held-out NLL of the candidate ST-AR arms' last checkpoints, and one more seed for the best of them;
+side, a fine-tune (an arm with `fine_tune_of`: round3's R4, the GPU preset's L8) after the run it continues; the
+held-out NLL of the candidate ST-AR arms' last checkpoints, and one more seed for the best of them;
 every checkpoint scored. Each stage is one of the project's commands, skipped when already done, so an
 interrupted study resumes where it stopped.
 """

@@ -59,9 +59,9 @@ PRESETS = {
     # tokenizer of its own (vq_flags; the VQ values are placeholders until the tokenizer's settings are measured).
     # Compute, from the long round's rates (GPT_SMALL, batch 64, the fast step: 0.31 CPU-s per plain step, 0.63 per
     # ST-AR step, the one-view step 1.2x plain; scoring 240 CPU-s per checkpoint (NLL, probe, FID-1k pair), 720 per
-    # FID-5k pair): training R1 3 x 8,000 steps 7,440 CPU-s; R2, R3, R5 3 x 3,000 ST-AR steps 17,010; R4 3 x 1,301
-    # 2,460; R6 3 x 3,000 one-view steps 3,350: 30,300 CPU-s. Scoring 66 checkpoints 15,840 and 30 FID-5k pairs
-    # (every run's last, R1's four answer steps) 21,600: 37,400. 67,700 CPU-s of stages, two side by side: 9.4
+    # FID-5k pair): training R1 3 x 8,000 steps 7,440 CPU-s; R2, R3, R5 3 x 3,000 ST-AR steps 17,150; R4 3 x 1,301
+    # 2,480; R6 3 x 3,000 one-view steps 3,350: 30,400 CPU-s. Scoring 69 checkpoints 16,560 and 30 FID-5k pairs
+    # (every run's last, R1's four answer steps) 21,600: 38,200. 68,600 CPU-s of stages, two side by side: 9.5
     # wall-hours, plus the VQ (3,000 steps), tokens and ceiling alone on both cores (~0.7 h): about 10 wall-hours.
     "round3": (dict(vq_steps=3000, vq_batch_size=32, vq_flags=["--disc-weight", "0.5", "--disc-start", "1500"],
                     gpt=GPT_SMALL, steps=3000, batch_size=64, lr=1e-3, num_samples=5000, curve_samples=1000,

@@ -55,6 +55,11 @@ def answer_metrics(num_samples: int, cfg_scale: float) -> list[Metric]:
             Metric("probe, last position", lambda p: p["probe"]["rows"][-1]["accuracy"], False)]
 
 
+def cpu_text(seconds: float) -> str:
+    """CPU seconds as the tables print them: whole seconds, or two decimals below 100 (the smoke preset's)."""
+    return f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.2f}"
+
+
 @dataclass(frozen=True)
 class Reading:
     mean: float
@@ -83,11 +88,11 @@ def read_baseline(base: list[dict], metric: Metric, axis: str, x: float, interpo
     xs = [mark[position] for mark in marks]
     if interpolate and x not in xs and xs[0] <= x <= xs[-1]:
         mean, sd = at_compute(curve(base, metric, axis), x)
-        where = f"between its checkpoints at {x:.0f} {'CPU-s' if axis == 'cpu_s' else 'steps'}"
+        where = f"between its checkpoints at {cpu_text(x) + ' CPU-s' if axis == 'cpu_s' else f'step {x:.0f}'}"
         return Reading(mean, sd if len(base) > 1 else None, where)
     step, cpu, values = min(marks, key=lambda mark: abs(mark[position] - x))
     mean, sd = mean_sd(values)
-    return Reading(mean, sd, f"step {step}, {cpu:.0f} CPU-s")
+    return Reading(mean, sd, f"step {step}, {cpu_text(cpu)} CPU-s")
 
 
 def compare(recipe: list[float], base: Reading | None, metric: Metric) -> Gap | None:
@@ -171,7 +176,7 @@ def summary_table(answers: dict[str, tuple[str, Answer]], fid_name: str) -> list
             g = result.gap(name)
             digits = next(m.digits for m, *_ in result.rows if m.name.startswith(name))
             cells.append("–" if g is None else g.words(digits))
-        lines.append(f"| {label} | {result.x:.0f} | " + " | ".join(cells) + f" | {pays(result, fid_name)} |")
+        lines.append(f"| {label} | {cpu_text(result.x)} | " + " | ".join(cells) + f" | {pays(result, fid_name)} |")
     return lines + [""]
 
 
@@ -203,8 +208,9 @@ def part_lines(study: dict, arm_keys: list[str]) -> list[str]:
         totals = parts.setdefault(part, [0.0, 0.0])
         totals[0] += wall
         totals[1] += cpu or 0.0
+    order = ["shared (data, VQ, tokens, ceiling)", *(f"{kind} {key}" for key in arm_keys for kind in ("train", "score"))]
     lines = ["| part | stages' wall s (summed) | CPU s |", "|---|---|---|"]
-    return lines + [f"| {part} | {wall:.0f} | {cpu:.0f} |" for part, (wall, cpu) in parts.items()]
+    return lines + [f"| {part} | {parts[part][0]:.0f} | {parts[part][1]:.0f} |" for part in order if part in parts]
 
 
 def settings_lines(plan, results: list[dict]) -> list[str]:
@@ -267,7 +273,7 @@ def render_round3(study: dict, plan, out: Path, command: str) -> Path:
         label = grouped[key][0]["label"]
         at_steps = answer(base, grouped[key], metric_list, "step")
         lines += [f"### {label} ({len(grouped[key])} seed(s))", "",
-                  f"At equal compute ({at_compute_answers[key][1].x:.0f} CPU-s):", "",
+                  f"At equal compute ({cpu_text(at_compute_answers[key][1].x)} CPU-s):", "",
                   *answer_table(at_compute_answers[key][1]),
                   f"At equal steps (step {at_steps.x:.0f}):", "", *answer_table(at_steps)]
     curves, finals = metrics(plan.curve_samples, plan.cfg_scale), final_metrics(plan.num_samples, plan.cfg_scale)
