@@ -151,18 +151,11 @@ def test_long_study_end_to_end_scores_every_checkpoint_and_resumes(long_smoke, c
 
 def test_gpu_preset_smoke_runs_the_same_pipeline(long_smoke, tmp_path):
     """The GPU preset's smoke mode on this CPU (its data, VQ and tokens are the long smoke's: same settings)."""
-    import shutil
-
     from star.study.__main__ import main
 
     argv, source = long_smoke
     out = tmp_path / "gpu"
-    (out / "stages").mkdir(parents=True)
-    for stage in source.glob("stages/*.json"):
-        if stage.name.startswith(("data", "vq_", "tokenize_", "ceiling_")):
-            shutil.copy(stage, out / "stages")
-    for folder in ("vq", "shards", "fid_cache"):
-        shutil.copytree(source / folder, out / folder)
+    copy_shared_stages(source, out)
     data_root = argv[argv.index("--data-root") + 1]
     assert main(["--preset", "gpu-smoke", "--out", str(out), "--data-root", data_root]) == 0
     results = json.loads((out / "study.json").read_text())["results"]
@@ -229,3 +222,58 @@ def test_the_decision_rule_and_the_equal_compute_reading():
     assert by_compute["x"] == [11.0, 21.0] and by_compute["mean"] == pytest.approx([4.1, 3.1])
     assert at_compute(by_compute, 16.0)[0] == pytest.approx(3.6)  # halfway between its checkpoints
     assert at_compute(by_compute, 30.0) is None  # beyond the run: no reading
+
+
+def copy_shared_stages(source, out) -> None:
+    """Another study folder that starts with `source`'s data, VQ, tokens and ceiling already done."""
+    import shutil
+
+    (out / "stages").mkdir(parents=True)
+    for stage in source.glob("stages/*.json"):
+        if stage.name.startswith(("data", "vq_", "tokenize_", "ceiling_")):
+            shutil.copy(stage, out / "stages")
+    for folder in ("vq", "shards", "fid_cache"):
+        shutil.copytree(source / folder, out / folder)
+
+
+def test_round3_smoke_fine_tunes_the_baseline_and_reports_each_recipe(long_smoke, tmp_path, capsys):
+    """round3-smoke on the long smoke's data, VQ and tokens (the same settings): the baseline, the fine-tune and the
+    one-view step end to end; the report of the whole round names the recipes not yet run."""
+    from pathlib import Path
+
+    from star.study.__main__ import main
+    from star.study.long_arms import ROUND3_ARMS
+
+    argv, source = long_smoke
+    out = tmp_path / "round3"
+    copy_shared_stages(source, out)
+    data_root = argv[argv.index("--data-root") + 1]
+    round3 = ["--preset", "round3-smoke", "--out", str(out), "--data-root", data_root, "--arms", "R1,R4,R6"]
+    assert main(round3) == 0
+    results = {r["arm"]: r for r in json.loads((out / "study.json").read_text())["results"]}
+    assert sorted(results) == ["R1_llamagen", "R4_star_finetune", "R6_star_one_view"]
+    # R1 (16 steps) keeps R4's branch (11) and each recipe's end at equal steps and at equal compute
+    assert [p["step"] for p in results["R1_llamagen"]["points"]] == [6, 7, 11, 12, 13, 15, 16]
+    # the fine-tune starts from R1's checkpoint at its branch step; its compute counts that checkpoint's
+    tune = results["R4_star_finetune"]
+    config = json.loads((out / "arms" / "R4_star_finetune" / "seed0" / "train" / "config.json").read_text())
+    start = out / "arms" / "R1_llamagen" / "seed0" / "train" / "checkpoints" / "step-0000011"
+    assert tune["step_offset"] == 11 and Path(config["settings"]["init_from"]) == start
+    assert config["settings"]["warmup_steps"] == config["settings"]["star_warmup_steps"] == 1
+    start_cpu = json.loads((start / "meta.json").read_text())["cpu_s"]
+    assert start_cpu > 0 and config["init_cpu_s"] == pytest.approx(start_cpu)
+    for point in tune["points"]:
+        assert point["total_cpu_s"] == pytest.approx(start_cpu + point["cpu_s"], abs=0.02)
+        assert point["total_step"] == 11 + point["step"]
+    report = (out / "report.md").read_text()
+    for heading in ("## The tokenizer's ceiling", "## The answers", "pays?", "At equal compute", "At equal steps",
+                    "### R4 ST-AR fine-tune of R1", "### R6 ST-AR one view", "## Time", "train R4_star_finetune",
+                    "score R6_star_one_view"):
+        assert heading in report
+    capsys.readouterr()
+    assert main(round3) == 0  # a rerun redoes nothing
+    assert "[run ]" not in capsys.readouterr().out
+    assert main([*round3[:-2], "--report-only"]) == 0  # the whole round: R2, R3, R5 not yet run
+    partial = next(line for line in (out / "report.md").read_text().splitlines() if "Partial report" in line)
+    assert all(f"{arm.key} seed 0" in partial for arm in ROUND3_ARMS if arm.key[:2] in ("R2", "R3", "R5"))
+    assert "R4_star_finetune" not in partial

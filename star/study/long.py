@@ -4,7 +4,8 @@ fixes to appear? Every run is checkpointed at fixed fractions of its length and 
 steps and at equal compute is read off curves rather than off one extra arm.
 
 Order of work: the shared stages (data, VQ, tokens, the VQ ceiling); every run trained, `plan.jobs` side by
-side; the held-out NLL of the candidate ST-AR arms' last checkpoints, and one more seed for the best of them;
+side, a fine-tune (an arm with `fine_tune_of`: round3's R4, the GPU preset's L8) after the run it continues; the
+held-out NLL of the candidate ST-AR arms' last checkpoints, and one more seed for the best of them;
 every checkpoint scored. Each stage is one of the project's commands, skipped when already done, so an
 interrupted study resumes where it stopped.
 """
@@ -24,6 +25,7 @@ from star.checkpoint_folder import checkpoint_folder as run_checkpoint_folder
 from star.io import write_json_atomic
 from star.study import commands
 from star.study.arms import Arm
+from star.study.long_arms import FINE_TUNE_WARMUP_FRACTION, arm_table, baseline_arm
 from star.study.pipeline import stage_ceiling, stage_tokenize, stage_vq, vq_files, write_model_json
 from star.study.stages import StageFailed, StudyPlan, run_stage, stage_times, timed_inline, write_plan_record
 
@@ -35,18 +37,65 @@ def run_dir(plan: StudyPlan, arm: Arm, seed: int) -> Path:
 
 
 def arm_steps(plan: StudyPlan, arm: Arm) -> int:
+    if arm.fine_tune_of:
+        return fine_tune_steps(plan, arm)
     return plan.short_steps if arm.short else round(plan.steps * arm.length)
+
+
+def table_arm(plan: StudyPlan, key: str) -> Arm:
+    return next(arm for arm in arm_table(plan.preset) if arm.key == key)
+
+
+def branch_step(plan: StudyPlan, arm: Arm) -> int:
+    """Where a fine-tune starts: the step of its base arm's checkpoint, init_fraction of that arm's run."""
+    return round(arm.init_fraction * arm_steps(plan, table_arm(plan, arm.fine_tune_of)))
+
+
+def fine_tune_steps(plan: StudyPlan, arm: Arm) -> int:
+    """A fine-tune's own steps: the base run's steps after the branch, (1 - f) x S, divided by the fine-tune step's
+    cost in plain steps, so that branch + fine-tune costs what the whole base run does."""
+    base_steps = arm_steps(plan, table_arm(plan, arm.fine_tune_of))
+    return max(1, round((base_steps - branch_step(plan, arm)) / arm.step_cost))
+
+
+def step_offset(plan: StudyPlan, arm: Arm) -> int:
+    """The steps a run started from: a fine-tune's branch step (its steps count on from its base's), else 0."""
+    return branch_step(plan, arm) if arm.fine_tune_of else 0
+
+
+def answer_steps(plan: StudyPlan, arm: Arm) -> list[int]:
+    """plan.equal_compute_checkpoints: the baseline's steps where every other long arm of the table ends, at equal
+    steps (a fine-tune counting its base's steps) and at equal compute (its steps x step_cost, plus a fine-tune's
+    branch), within the baseline's run; [] for any other arm."""
+    table = arm_table(plan.preset)
+    if not plan.equal_compute_checkpoints or arm != baseline_arm(table):
+        return []
+    points = set()
+    for other in (other for other in table if other != arm and not other.short):
+        own, offset = arm_steps(plan, other), step_offset(plan, other)
+        points |= {offset + own, round(offset + own * other.step_cost)}
+    return sorted({min(point, arm_steps(plan, arm)) for point in points})
 
 
 def milestone_steps(plan: StudyPlan, arm: Arm) -> list[int]:
     """The checkpointed and scored steps: the preset's fractions of its steps (shared by every long arm, for
-    comparisons at equal steps), then the same fractions of a longer arm's own length; a short run's last step."""
+    comparisons at equal steps), then the same fractions of a longer arm's own length, the steps fine-tunes branch
+    off at and the answer steps; a fine-tune's: the fractions of its own steps; a short run's last step."""
     steps = arm_steps(plan, arm)
     if arm.short:
         return [steps]
+    if arm.fine_tune_of:
+        return sorted({max(1, round(fraction * steps)) for fraction in plan.milestones} | {steps})
     common = {max(1, round(fraction * plan.steps)) for fraction in plan.milestones}
     beyond = {round(fraction * steps) for fraction in plan.milestones if fraction * steps > plan.steps}
-    return sorted({step for step in common if step <= steps} | beyond | {steps})
+    branches = {branch_step(plan, other) for other in arm_table(plan.preset) if other.fine_tune_of == arm.key}
+    return sorted({step for step in common if step <= steps} | beyond | branches | set(answer_steps(plan, arm))
+                  | {steps})
+
+
+def full_fid_steps(plan: StudyPlan, arm: Arm) -> list[int]:
+    """The checkpoints also scored with num_samples: a long run's last, and the baseline's answer steps."""
+    return [] if arm.short else sorted({arm_steps(plan, arm), *answer_steps(plan, arm)})
 
 
 def seeds_of(plan: StudyPlan, arm: Arm) -> list[int]:
@@ -81,11 +130,27 @@ def in_parallel(plan: StudyPlan, tasks: list[tuple[str, Callable[[], object]]]) 
 # Training and scoring one run
 
 
+def init_checkpoint(plan: StudyPlan, arm: Arm, seed: int) -> Path:
+    """The checkpoint a fine-tune starts from: its base arm's, of the same seed, at the branch step."""
+    return checkpoint_folder(plan, table_arm(plan, arm.fine_tune_of), seed, branch_step(plan, arm))
+
+
+def fine_tune_flags(plan: StudyPlan, arm: Arm, seed: int) -> list[str]:
+    start = init_checkpoint(plan, arm, seed)
+    if not (start / "meta.json").is_file():
+        raise StageFailed(f"{arm.key} seed {seed} continues {arm.fine_tune_of} seed {seed} from its checkpoint at step "
+                          f"{branch_step(plan, arm)}, and {start} does not exist: train {arm.fine_tune_of} first "
+                          f"(--arms {arm.fine_tune_of.split('_')[0]},{arm.key.split('_')[0]})")
+    return commands.fine_tune_flags(start, max(1, round(FINE_TUNE_WARMUP_FRACTION * arm_steps(plan, arm))))
+
+
 def train_run(plan: StudyPlan, arm: Arm, seed: int) -> dict:
     steps, milestones = arm_steps(plan, arm), milestone_steps(plan, arm)
     flags = [*arm.flags, *([] if arm.star else ["--no-star"]), *plan.train_flags]
     if len(milestones) > 1:
         flags += ["--ckpt-at", ",".join(str(step) for step in milestones[:-1])]
+    if arm.fine_tune_of:
+        flags += fine_tune_flags(plan, arm, seed)
     train_dir = run_dir(plan, arm, seed) / "train"
     return run_stage(plan, f"train_{arm.key}_seed{seed}", commands.train_argv(
         plan.out / "shards" / "train", train_dir, plan.model_json, steps, plan.batch_size, plan.lr, seed, flags),
@@ -94,6 +159,34 @@ def train_run(plan: StudyPlan, arm: Arm, seed: int) -> dict:
 
 def checkpoint_folder(plan: StudyPlan, arm: Arm, seed: int, step: int) -> Path:
     return run_checkpoint_folder(run_dir(plan, arm, seed) / "train", step)
+
+
+def train_all(plan: StudyPlan, runs: list[tuple[Arm, int]],
+              train: Callable[[Arm, int], object] | None = None) -> None:
+    """Train every run, plan.jobs side by side. A fine-tune is queued after every other run and starts only once
+    the run it continues (same seed) has finished, when its branch checkpoint is complete; it fails if that run
+    failed. Queued last, a waiting fine-tune only ever waits for a run already started."""
+    train = train or (lambda arm, seed: train_run(plan, arm, seed))
+    finished = {(arm.key, seed): threading.Event() for arm, seed in runs}
+    failed: set[tuple[str, int]] = set()
+
+    def task(arm: Arm, seed: int):
+        base = (arm.fine_tune_of, seed)
+        if base in finished:
+            finished[base].wait()
+            if base in failed:
+                raise StageFailed(f"{arm.key} seed {seed} not trained: {arm.fine_tune_of} seed {seed}, which it "
+                                  "continues, failed")
+        try:
+            return train(arm, seed)
+        except BaseException:
+            failed.add((arm.key, seed))
+            raise
+        finally:
+            finished[(arm.key, seed)].set()
+
+    ordered = sorted(runs, key=lambda run: bool(run[0].fine_tune_of))  # stable: fine-tunes last, in their order
+    in_parallel(plan, [(f"train {a.key} seed {s}", lambda a=a, s=s: task(a, s)) for a, s in ordered])
 
 
 def nll_at(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
@@ -125,9 +218,9 @@ def probe_at(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
 
 
 def score_checkpoint(plan: StudyPlan, arm: Arm, seed: int, step: int) -> dict:
-    """Everything measured at one checkpoint; the run's last one also gets FID at the full sample count."""
-    last = step == arm_steps(plan, arm)
-    counts = [plan.curve_samples] + ([plan.num_samples] if last and not arm.short else [])
+    """Everything measured at one checkpoint; a long run's last one (and the baseline's answer steps) also get FID
+    at the full sample count."""
+    counts = [plan.curve_samples] + ([plan.num_samples] if step in full_fid_steps(plan, arm) else [])
     fids = {f"n{n}": {f"cfg{cfg:g}": fid_at(plan, arm, seed, step, n, cfg) for cfg in (1.0, plan.cfg_scale)}
             for n in counts}
     return {"step": step, "nll": nll_at(plan, arm, seed, step), "probe": probe_at(plan, arm, seed, step),
@@ -140,15 +233,22 @@ def read_log(plan: StudyPlan, arm: Arm, seed: int) -> list[dict]:
 
 
 def run_result(plan: StudyPlan, arm: Arm, seed: int, scored: list[dict]) -> dict:
-    """One run's record for the report: its checkpoints' scores with the training compute spent to reach each."""
+    """One run's record for the report: its checkpoints' scores with the training compute spent to reach each.
+    `cpu_s` is the run's own; `total_cpu_s` adds a fine-tune's start (its init checkpoint's cpu_s), and
+    `total_step` the steps it started from: a fine-tune's point on its baseline's axes."""
     log = read_log(plan, arm, seed)
     by_step = {record["step"]: record for record in log}
     config = json.loads((run_dir(plan, arm, seed) / "train" / "config.json").read_text())
-    points = [{**point, "cpu_s": by_step[point["step"]].get("cpu_s"), "train_loss": by_step[point["step"]]["loss"],
+    offset = step_offset(plan, arm)
+    points = [{**point, "cpu_s": by_step[point["step"]].get("cpu_s"),
+               "total_cpu_s": by_step[point["step"]].get("total_cpu_s", by_step[point["step"]].get("cpu_s")),
+               "total_step": offset + point["step"], "train_loss": by_step[point["step"]]["loss"],
                "train_loss_ar": by_step[point["step"]]["loss_ar"]} for point in scored]
     result = {"arm": arm.key, "label": arm.label, "seed": seed, "steps": arm_steps(plan, arm), "short": arm.short,
               "star": arm.star, "teacher_decay": (config["star"] or {}).get("teacher_decay"), "points": points,
-              "log": [{k: r.get(k) for k in ("step", "loss", "loss_ar", "cpu_s", "time")} for r in log]}
+              "step_offset": offset, "total_steps": offset + arm_steps(plan, arm),
+              "init_cpu_s": config.get("init_cpu_s", 0.0), "init_from": arm.fine_tune_of or None,
+              "log": [{k: r.get(k) for k in ("step", "loss", "loss_ar", "cpu_s", "total_cpu_s", "time")} for r in log]}
     write_json_atomic(run_dir(plan, arm, seed) / "result.json", result)
     return result
 
@@ -239,7 +339,7 @@ def run_long_study(plan: StudyPlan, prepare_data, train_only: bool = False) -> d
     started = time.time()
     vq_metrics, ceilings = shared_stages(plan, prepare_data)
     runs = [(arm, seed) for arm in plan.arms for seed in seeds_of(plan, arm)]
-    in_parallel(plan, [(f"train {a.key} seed {s}", lambda a=a, s=s: train_run(plan, a, s)) for a, s in runs])
+    train_all(plan, runs)
     best, nll_means = best_candidate(plan, plan.arms) if plan.extra_seed_for_best else (None, {})
     if best is not None:
         print(f"== best ST-AR arm by held-out NLL: {best.key} ({nll_means}); seed {extra_seed(plan)} added", flush=True)

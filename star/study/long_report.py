@@ -28,7 +28,7 @@ class Metric:
     digits: int = 3
 
 
-def _fid(samples: int, tag: str) -> Callable[[dict], float]:
+def fid_of(samples: int, tag: str) -> Callable[[dict], float]:
     return lambda point: point["fid"][f"n{samples}"][tag]["fid"]
 
 
@@ -37,8 +37,8 @@ def metrics(curve_samples: int, cfg_scale: float) -> list[Metric]:
     return [
         Metric("held-out NLL, label (nats/token)", lambda p: p["nll"]["conditional"]["nats_per_token"], True, 4),
         Metric("held-out NLL, null class (nats/token)", lambda p: p["nll"]["unconditional"]["nats_per_token"], True, 4),
-        Metric(f"{n} no CFG", _fid(curve_samples, "cfg1"), True, 2),
-        Metric(f"{n} CFG {cfg_scale:g}", _fid(curve_samples, f"cfg{cfg_scale:g}"), True, 2),
+        Metric(f"{n} no CFG", fid_of(curve_samples, "cfg1"), True, 2),
+        Metric(f"{n} CFG {cfg_scale:g}", fid_of(curve_samples, f"cfg{cfg_scale:g}"), True, 2),
         Metric("probe, last position", lambda p: p["probe"]["rows"][-1]["accuracy"], False),
         Metric("probe, best position", lambda p: max(r["accuracy"] for r in p["probe"]["rows"]), False),
     ]
@@ -46,8 +46,18 @@ def metrics(curve_samples: int, cfg_scale: float) -> list[Metric]:
 
 def final_metrics(num_samples: int, cfg_scale: float) -> list[Metric]:
     n = fid_label(num_samples)
-    return [Metric(f"{n} no CFG", _fid(num_samples, "cfg1"), True, 2),
-            Metric(f"{n} CFG {cfg_scale:g}", _fid(num_samples, f"cfg{cfg_scale:g}"), True, 2)]
+    return [Metric(f"{n} no CFG", fid_of(num_samples, "cfg1"), True, 2),
+            Metric(f"{n} CFG {cfg_scale:g}", fid_of(num_samples, f"cfg{cfg_scale:g}"), True, 2)]
+
+
+def step_of(point: dict) -> int:
+    """A checkpoint's step on the baseline's axis: a fine-tune's counts the steps it started from."""
+    return point.get("total_step", point["step"])
+
+
+def compute_of(point: dict) -> float:
+    """The training CPU seconds spent to reach a checkpoint: a fine-tune's include its init checkpoint's."""
+    return point["total_cpu_s"] if point.get("total_cpu_s") is not None else point["cpu_s"]
 
 
 def by_arm(results: list[dict]) -> dict[str, list[dict]]:
@@ -58,8 +68,9 @@ def by_arm(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def values_at(runs: list[dict], step: int, metric: Metric) -> list[float]:
-    """The metric at `step` for every seed that measured it (a short run has no full-count FID)."""
-    return [metric.value(p) for r in runs for p in r["points"] if p["step"] == step and _has(p, metric)]
+    """The metric at `step` (on the baseline's axis, step_of) for every seed that measured it (a short run has no
+    full-count FID)."""
+    return [metric.value(p) for r in runs for p in r["points"] if step_of(p) == step and has_metric(p, metric)]
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -94,13 +105,14 @@ def gap(a: list[float], b: list[float], metric: Metric) -> Gap | None:
 
 
 def curve(runs: list[dict], metric: Metric, x_key: str) -> dict:
-    """Mean and sd over seeds per checkpoint, against step or CPU seconds (the mean over seeds)."""
-    steps = sorted({p["step"] for r in runs for p in r["points"]})
+    """Mean and sd over seeds per checkpoint that measured the metric, against step or CPU seconds (the mean over
+    seeds); a fine-tune's steps and CPU seconds count its start's (step_of, compute_of)."""
+    steps = sorted({step_of(p) for r in runs for p in r["points"] if has_metric(p, metric)})
     x, mean, sd = [], [], []
     for step in steps:
-        points = [p for r in runs for p in r["points"] if p["step"] == step]
+        points = [p for r in runs for p in r["points"] if step_of(p) == step and has_metric(p, metric)]
         values = [metric.value(p) for p in points]
-        x.append(step if x_key == "step" else float(np.mean([p["cpu_s"] for p in points])))
+        x.append(step if x_key == "step" else float(np.mean([compute_of(p) for p in points])))
         m, s = mean_sd(values)
         mean.append(m)
         sd.append(s or 0.0)
@@ -119,14 +131,14 @@ def at_compute(baseline: dict, cpu_s: float) -> tuple[float, float] | None:
 # The four questions
 
 
-LONG_STAR_ARMS = ("L3_star", "L6_star_auto", "L7_star_decay092")
+LONG_STAR_ARMS = ("L3_star", "L6_star_auto", "L7_star_decay092", "L8_star_finetune")
 
 
 def equal_steps_table(grouped, metric_list: list[Metric], star_key: str) -> list[str]:
     base, star = grouped.get("L1_llamagen"), grouped.get(star_key)
     if not base or not star:
         return []
-    steps = sorted({p["step"] for r in star for p in r["points"]})
+    steps = sorted({step_of(p) for r in star for p in r["points"]})
     head = "| step | " + " | ".join(m.name for m in metric_list) + " |"
     lines = [f"{star[0]['label']} minus L1 LlamaGen at equal steps (negative NLL / FID gaps and positive probe gaps "
              "favour ST-AR):", "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -146,8 +158,8 @@ def equal_compute_table(grouped, metric_list: list[Metric], star_key: str) -> li
     head = "| ST-AR step | CPU s | " + " | ".join(m.name for m in metric_list) + " |"
     lines = [f"{star[0]['label']} minus L1 LlamaGen at equal training compute (the baseline's curve read at "
              "ST-AR's CPU seconds, linear between its checkpoints):", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for step in sorted({p["step"] for r in star for p in r["points"]}):
-        cpu = float(np.mean([p["cpu_s"] for r in star for p in r["points"] if p["step"] == step]))
+    for step in sorted({step_of(p) for r in star for p in r["points"]}):
+        cpu = float(np.mean([compute_of(p) for r in star for p in r["points"] if step_of(p) == step]))
         cells = []
         for m in metric_list:
             read = at_compute(curve(base, m, "cpu_s"), cpu)
@@ -167,7 +179,7 @@ def trend_sentence(grouped, metric: Metric, star_key: str) -> str:
     base, star = grouped.get("L1_llamagen"), grouped.get(star_key)
     if not base or not star:
         return ""
-    steps = sorted({p["step"] for r in star for p in r["points"]})
+    steps = sorted({step_of(p) for r in star for p in r["points"]})
     gaps = [gap(values_at(base, s, metric), values_at(star, s, metric), metric) for s in steps]
     first, last = gaps[0], gaps[-1]
     if first is None or last is None:
@@ -211,17 +223,17 @@ def all_runs_table(grouped, metric_list: list[Metric], finals: list[Metric]) -> 
             + " | training loss | CPU s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for runs in grouped.values():
-        step = runs[0]["steps"]
-        last = [p for r in runs for p in r["points"] if p["step"] == step]
+        step = runs[0].get("total_steps", runs[0]["steps"])
+        last = [p for r in runs for p in r["points"] if step_of(p) == step]
         decay = runs[0]["teacher_decay"]
         cells = [cell(values_at(runs, step, m), m.digits) for m in metric_list + finals]
         lines.append(f"| {runs[0]['label']} | {len(runs)} | {step} | {'–' if decay is None else f'{decay:g}'} | "
                      + " | ".join(cells) + f" | {cell([p['train_loss'] for p in last], 3)} | "
-                     f"{cell([p['cpu_s'] for p in last], 0)} |")
+                     f"{cell([compute_of(p) for p in last], 0)} |")
     return lines + [""]
 
 
-def _has(point: dict, metric: Metric) -> bool:
+def has_metric(point: dict, metric: Metric) -> bool:
     try:
         metric.value(point)
         return True
@@ -250,6 +262,12 @@ def plot_metric_panels(panels: dict[str, dict[str, dict]], path: Path, xlabel: s
     return plots.save_figure(figure, path)
 
 
+def shifted_log(result: dict) -> list[dict]:
+    """A run's log on the baseline's step axis (a fine-tune's steps count on from its start)."""
+    offset = result.get("step_offset", 0)
+    return [{**record, "step": record["step"] + offset} for record in result["log"]]
+
+
 def figures(grouped, metric_list: list[Metric], out: Path) -> dict[str, Path]:
     long_arms = {key: runs for key, runs in grouped.items() if not runs[0]["short"]}
     made = {}
@@ -258,7 +276,7 @@ def figures(grouped, metric_list: list[Metric], out: Path) -> dict[str, Path]:
                   for m in metric_list}
         made[f"by_{x_key}"] = plot_metric_panels(
             panels, out / f"long_by_{x_key}.png", xlabel, f"long runs by {xlabel} (mean ± sd over seeds)")
-    losses = {f"{r['label']} s{r['seed']}": r["log"] for runs in long_arms.values() for r in runs}
+    losses = {f"{r['label']} s{r['seed']}": shifted_log(r) for runs in long_arms.values() for r in runs}
     made["training_loss"] = plots.plot_loss_curves(losses, out / "long_training_loss.png", key="loss")
     return made
 

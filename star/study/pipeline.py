@@ -39,7 +39,8 @@ def stage_vq(plan: StudyPlan) -> dict:
     if not config_in.is_file():
         write_json_atomic(config_in, {"config": {**VQ_CONFIG, "codebook_size": plan.codebook_size}})
     run_stage(plan, "vq_train", commands.vq_train_argv(plan.data / "train", folder, config_in, plan.vq_steps,
-                                                       plan.vq_batch_size), [folder / "vq.pt", folder / "metrics.json"],
+                                                       plan.vq_batch_size, plan.vq_flags),
+              [folder / "vq.pt", folder / "metrics.json"],
               side_by_side=False)
     return json.loads((folder / "metrics.json").read_text())
 

@@ -3,7 +3,8 @@
 full (the default) and quick: the arms of star/study/arms.py ARMS, fp32, one run at a time. long: the long
 arms (LONG_ARMS) on the same data and model, checkpointed at fixed fractions of each run and evaluated at each
 one, trained with the fast step (bf16 autocast, compiled, two runs side by side on one thread each; `make bench`
-measures it against the default step).
+measures it against the default step). gpu: long at GPU scale, with a fine-tune arm. round3: the recipes of
+ROUND3_ARMS at equal compute, on a tokenizer of its own.
 """
 from __future__ import annotations
 
@@ -54,6 +55,28 @@ PRESETS = {
                        probe_positions=[1, 64], probe_limit=1000, main_seeds=[0], other_seeds=[0],
                        third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=SMOKE_STEP, jobs=2,
                        extra_seed_for_best=False), None),
+    # Round 3 (ROUND3_ARMS, star/study/long_arms.py): recipes that could pay at equal compute, 3 seeds each, on a
+    # tokenizer of its own (vq_flags; the VQ values are placeholders until the tokenizer's settings are measured).
+    # Compute, from the long round's rates (GPT_SMALL, batch 64, the fast step: 0.31 CPU-s per plain step, 0.63 per
+    # ST-AR step, the one-view step 1.2x plain; scoring 240 CPU-s per checkpoint (NLL, probe, FID-1k pair), 720 per
+    # FID-5k pair): training R1 3 x 8,000 steps 7,440 CPU-s; R2, R3, R5 3 x 3,000 ST-AR steps 17,150; R4 3 x 1,301
+    # 2,480; R6 3 x 3,000 one-view steps 3,350: 30,400 CPU-s. Scoring 69 checkpoints 16,560 and 30 FID-5k pairs
+    # (every run's last, R1's four answer steps) 21,600: 38,200. 68,600 CPU-s of stages, two side by side: 9.5
+    # wall-hours, plus the VQ (3,000 steps), tokens and ceiling alone on both cores (~0.7 h): about 10 wall-hours.
+    "round3": (dict(vq_steps=3000, vq_batch_size=32, vq_flags=["--disc-weight", "0.5", "--disc-start", "1500"],
+                    gpt=GPT_SMALL, steps=3000, batch_size=64, lr=1e-3, num_samples=5000, curve_samples=1000,
+                    cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64], probe_limit=10000,
+                    main_seeds=[0, 1, 2], other_seeds=[0, 1, 2], third_seed_if_close=False,
+                    milestones=[1 / 3, 2 / 3, 1.0], train_flags=FAST_STEP, jobs=2, extra_seed_for_best=False,
+                    equal_compute_checkpoints=True),
+               {"train": 1000, "test": 0}),
+    # round3-smoke shares long-smoke's VQ settings (its test reuses that study's data, VQ and tokens)
+    "round3-smoke": (dict(vq_steps=20, vq_batch_size=16,
+                          gpt={**GPT_SMALL, "dim": 32, "n_layer": 2, "n_head": 2}, steps=6, batch_size=8, lr=1e-3,
+                          num_samples=20, curve_samples=20, cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000,
+                          main_seeds=[0], other_seeds=[0], third_seed_if_close=False, milestones=[1.0],
+                          train_flags=SMOKE_STEP, jobs=2, extra_seed_for_best=False, equal_compute_checkpoints=True),
+                     None),
 }
 # The arms a preset runs when --arms is not given.
-DEFAULT_ARMS = {"quick": "1,2,3", "gpu": "L1,L3,L6", "gpu-smoke": "L1,L3"}
+DEFAULT_ARMS = {"quick": "1,2,3", "gpu": "L1,L3,L6,L8", "gpu-smoke": "L1,L3"}

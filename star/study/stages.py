@@ -42,6 +42,10 @@ class StudyPlan:
     curve_samples: int = 0  # long preset: samples per FID at every checkpoint (the curves); the last also gets
     # num_samples
     extra_seed_for_best: bool = True  # long preset: the best candidate ST-AR arm gets one more seed
+    vq_flags: list[str] = field(default_factory=list)  # tokenize/train_vq.py flags beyond the shared ones
+    # round3: the baseline is also checkpointed, and scored with num_samples, where each other arm's last checkpoint
+    # falls at equal steps and at equal compute (predicted from the arms' step_cost)
+    equal_compute_checkpoints: bool = False
 
     @property
     def threads_per_job(self) -> int:
