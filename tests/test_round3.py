@@ -135,9 +135,9 @@ def test_equal_compute_reads_the_baseline_at_the_fine_tunes_total_cpu_seconds():
     values, reading, g = rows["held-out NLL, label (nats/token)"]
     assert values == [2.5, 2.6]
     assert reading.mean == pytest.approx(3.1 + (2.9 - 3.1) * (28 - 21) / 10)  # linear, at total_cpu_s = 28
-    assert "28 CPU-s" in reading.where and g.better and g.real
+    assert "28.00 CPU-s" in reading.where and g.better and g.real
     fid_values, fid_reading, fid_gap = rows["FID-5k no CFG"]
-    assert fid_reading.where == "step 300, 31 CPU-s" and fid_reading.mean == pytest.approx(81.0)  # nearest scored
+    assert fid_reading.where == "step 300, 31.00 CPU-s" and fid_reading.mean == pytest.approx(81.0)  # nearest scored
     assert fid_gap.gap == pytest.approx(70.5 - 81.0) and fid_gap.real
     at_steps = answer(baseline, tune, answer_metrics(5000, 2.0), "step")
     assert at_steps.x == 250  # the fine-tune's own 50 steps on top of the baseline's 200
