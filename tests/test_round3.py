@@ -78,7 +78,7 @@ def test_round3_has_its_own_tokenizer_flags_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "run_stage", fake_stage)
     pipeline.stage_vq(plan)
     config = parse_config(VQTrainConfig, ran["vq_train"][2:])  # the preset's flags reach the VQ command as its own
-    assert (config.steps, config.disc_weight, config.disc_start) == (3000, 0.5, 1500)
+    assert (config.steps, config.lr_schedule, config.min_lr_fraction, config.disc_weight) == (3000, "cosine", 0.05, 0)
 
 
 def test_a_fine_tune_waits_for_its_baseline_and_fails_with_it(tmp_path):
