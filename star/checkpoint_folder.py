@@ -5,8 +5,8 @@ the VQ's star/vq/checkpoints.py, which choose the files):
     OUT/checkpoints/step-NNNNNNN/        a complete checkpoint: its files, then meta.json, written last
     OUT/checkpoints/.step-NNNNNNN.tmp/   the staging folder a checkpoint is written in before it is moved in place
 
-Checkpoint folders are found one way (`checkpoint_dirs`, sorted by step number, never as text) and written one way
-(`save_checkpoint_folder`). A trainer removes only the files it writes: a file a person put in a checkpoint
+Checkpoint folders are found one way (`checkpoint_dirs`, sorted by step number, never as text), written one way
+(`save_checkpoint_folder`) and the newest whole one read back one way (`read_newest_whole`). A trainer removes only the files it writes: a file a person put in a checkpoint
 folder (samples, notes) survives pruning and a checkpoint written again at the same step.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -138,3 +138,21 @@ def remove_checkpoint(folder: Path, owned: Sequence[str]) -> None:
                       f"({', '.join(others[:3])})", stacklevel=2)
         return
     folder.rmdir()
+
+
+Checkpoint = TypeVar("Checkpoint")
+
+
+def read_newest_whole(out: str | Path, read: Callable[[Path], Checkpoint]) -> tuple[Checkpoint | None, Path | None,
+                                                                                     list[str]]:
+    """The newest checkpoint of `out` that `read` reads back whole: (it, its folder, the damaged ones skipped).
+    `read` raises CorruptCheckpoint for a damaged folder, which is skipped with a warning; (None, None, skipped)
+    when none reads back."""
+    skipped = []
+    for folder in reversed(checkpoint_dirs(out)):
+        try:
+            return read(folder), folder, skipped
+        except CorruptCheckpoint as error:
+            skipped.append(str(error))
+            warnings.warn(f"--resume auto: skipping damaged checkpoint {error}", stacklevel=3)
+    return None, None, skipped

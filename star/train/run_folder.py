@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,7 +36,7 @@ from star.checkpoint_folder import (
     META_NAME,
     CorruptCheckpoint,
     FileWriter,
-    checkpoint_dirs,
+    read_newest_whole,
     save_checkpoint_folder,
     save_torch_file,
 )
@@ -220,16 +219,7 @@ def read_newest_intact(run: str | Path, need_teacher: bool, need_projector: bool
 
     (None, None, skipped) when the run has no readable checkpoint. Each skipped one is also a warning.
     """
-    skipped = []
-    for folder in reversed(checkpoint_dirs(run)):
-        try:
-            state = read_training_state(folder, need_teacher, need_projector)
-        except CorruptCheckpoint as error:
-            skipped.append(str(error))
-            warnings.warn(f"--resume auto: skipping damaged checkpoint {error}", stacklevel=2)
-            continue
-        return state, folder, skipped
-    return None, None, skipped
+    return read_newest_whole(run, lambda folder: read_training_state(folder, need_teacher, need_projector))
 
 
 def config_differences(saved: GPTConfig, wanted: GPTConfig) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,11 @@ from star.checkpoint_folder import (
     META_NAME,
     CorruptCheckpoint,
     FileWriter,
-    checkpoint_dirs,
+    read_newest_whole,
     save_checkpoint_folder,
     save_torch_file,
 )
-from star.io import atomic_path
+from star.weights_io import file_checkpoint_id, load_tensors, save_tensors
 
 VQ_WEIGHTS = "vq.safetensors"
 DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"
@@ -51,23 +50,13 @@ class VQCheckpoint:
     trainer: dict[str, Any]
 
 
-def _save_tensors(state: dict[str, torch.Tensor], path: Path, checkpoint_id: str) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "checkpoint_id": checkpoint_id})
-
-
 def _load_tensors(path: Path, checkpoint_id: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        found = (handle.metadata() or {}).get("checkpoint_id")
-        if found != checkpoint_id:
-            raise ValueError(f"{path} belongs to another checkpoint (id {found}, meta.json says {checkpoint_id}): "
-                             "restore the checkpoint's own file, or remove this checkpoint folder")
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+    """A weights file of this checkpoint (its id is meta.json's), else ValueError naming it."""
+    found = file_checkpoint_id(path)
+    if found != checkpoint_id:
+        raise ValueError(f"{path} belongs to another checkpoint (id {found}, meta.json says {checkpoint_id}): "
+                         "restore the checkpoint's own file, or remove this checkpoint folder")
+    return load_tensors(path)
 
 
 def save_vq_checkpoint_folder(out: str | Path, checkpoint: VQCheckpoint, keep: int) -> Path:
@@ -75,9 +64,9 @@ def save_vq_checkpoint_folder(out: str | Path, checkpoint: VQCheckpoint, keep: i
 
     A failed write (disk full, ...) removes the staging folder and raises CheckpointWriteError with one line."""
     checkpoint_id = uuid.uuid4().hex
-    writers: dict[str, FileWriter] = {VQ_WEIGHTS: lambda path: _save_tensors(checkpoint.vq, path, checkpoint_id)}
+    writers: dict[str, FileWriter] = {VQ_WEIGHTS: lambda path: save_tensors(checkpoint.vq, path, checkpoint_id)}
     if checkpoint.discriminator is not None:
-        writers[DISCRIMINATOR_WEIGHTS] = lambda path: _save_tensors(checkpoint.discriminator, path, checkpoint_id)
+        writers[DISCRIMINATOR_WEIGHTS] = lambda path: save_tensors(checkpoint.discriminator, path, checkpoint_id)
     writers[OPTIMIZER_STATE] = lambda path: save_torch_file(checkpoint.trainer, path)
     meta = {"step": checkpoint.step, "checkpoint_id": checkpoint_id, "settings": checkpoint.settings}
     return save_checkpoint_folder(out, checkpoint.step, writers, meta, VQ_CHECKPOINT_FILES, keep)
@@ -103,18 +92,11 @@ def read_vq_checkpoint(folder: str | Path) -> VQCheckpoint:
 def read_newest_vq_checkpoint(out: str | Path) -> VQCheckpoint | None:
     """The newest checkpoint of `out` that reads back whole (damaged ones are skipped with a warning); None when
     there is none. ValueError when checkpoints exist but every one is damaged."""
-    found = checkpoint_dirs(out)
-    skipped = []
-    for folder in reversed(found):
-        try:
-            return read_vq_checkpoint(folder)
-        except CorruptCheckpoint as error:
-            skipped.append(str(error))
-            warnings.warn(f"--resume auto: skipping damaged checkpoint {error}", stacklevel=2)
-    if skipped:
+    checkpoint, _, skipped = read_newest_whole(out, read_vq_checkpoint)
+    if checkpoint is None and skipped:
         raise ValueError(f"--resume auto: every checkpoint in {Path(out) / CHECKPOINTS} is damaged "
                          f"({'; '.join(skipped)}); resume from a copy, or start a new --out")
-    return None
+    return checkpoint
 
 
 def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
