@@ -308,3 +308,17 @@ def test_a_persons_file_in_a_vq_checkpoint_survives_writing_its_step_again_and_p
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000006"]
     assert read_vq_checkpoint(checkpoint_dirs(tmp_path)[0]).vq["w"].tolist() == [6.0, 6.0]
+
+
+def test_resume_skips_a_damaged_vq_checkpoint_and_refuses_when_all_are(tmp_path):
+    from star.vq.checkpoints import read_newest_vq_checkpoint
+
+    older = save_vq_checkpoint_folder(tmp_path, tiny_vq_checkpoint(3), keep=0)
+    newer = save_vq_checkpoint_folder(tmp_path, tiny_vq_checkpoint(6), keep=0)
+    (newer / "vq.safetensors").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-0000006"):
+        assert read_newest_vq_checkpoint(tmp_path).step == 3
+    (older / "discriminator.safetensors").write_bytes((newer / "optimizer.pt").read_bytes()[:10])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        read_newest_vq_checkpoint(tmp_path)
+    assert read_newest_vq_checkpoint(tmp_path / "empty") is None
