@@ -25,6 +25,7 @@ from star.study.long_report import (
     all_runs_table,
     at_compute,
     by_arm,
+    cell,
     compute_of,
     curve,
     fid_of,
@@ -152,17 +153,10 @@ def _value(reading: Reading | None, digits: int) -> str:
     return f"{reading.mean:.{digits}f}" + (f" ± {reading.sd:.{digits}f}" if reading.sd is not None else "")
 
 
-def _cell(values: list[float], digits: int) -> str:
-    if not values:
-        return "–"
-    mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
-
-
 def answer_table(result: Answer) -> list[str]:
     lines = ["| measure | recipe | baseline | read at | gap (recipe - baseline) |", "|---|---|---|---|---|"]
     for m, values, reading, g in result.rows:
-        lines.append(f"| {m.name} | {_cell(values, m.digits)} | {_value(reading, m.digits)} | "
+        lines.append(f"| {m.name} | {cell(values, m.digits)} | {_value(reading, m.digits)} | "
                      f"{reading.where if reading else '–'} | {'–' if g is None else g.words(m.digits)} |")
     return lines + [""]
 
