@@ -104,6 +104,8 @@ def test_a_fine_tune_waits_for_its_baseline_and_fails_with_it(tmp_path):
     assert when[("start", "R4_star_finetune", 0)] >= when[("end", "R1_llamagen", 0)]
     assert ("start", "R4_star_finetune", 1) not in when  # its baseline failed: never started
     assert when[("start", "R2_star_paper", 0)] < when[("start", "R4_star_finetune", 0)]
+    # seed by seed: every seed-0 run is started before any seed-1 run, so a study stopped early has seed 0 of all
+    assert when[("start", "R2_star_paper", 0)] < when[("start", "R1_llamagen", 1)]
     # alone (--arms R4) before its baseline has trained: one line naming the missing checkpoint and the way out
     with pytest.raises(StageFailed, match=r"train R1_llamagen first \(--arms R1,R4\)"):
         fine_tune_flags(plan, arms["R4_star_finetune"], 0)

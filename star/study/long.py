@@ -163,9 +163,10 @@ def checkpoint_folder(plan: StudyPlan, arm: Arm, seed: int, step: int) -> Path:
 
 def train_all(plan: StudyPlan, runs: list[tuple[Arm, int]],
               train: Callable[[Arm, int], object] | None = None) -> None:
-    """Train every run, plan.jobs side by side. A fine-tune is queued after every other run and starts only once
-    the run it continues (same seed) has finished, when its branch checkpoint is complete; it fails if that run
-    failed. Queued last, a waiting fine-tune only ever waits for a run already started."""
+    """Train every run, plan.jobs side by side, seed by seed. A fine-tune is queued after every other run of its
+    seed and starts only once the run it continues (same seed) has finished, when its branch checkpoint is
+    complete; it fails if that run failed. Queued after it, a waiting fine-tune only ever waits for a run already
+    started."""
     train = train or (lambda arm, seed: train_run(plan, arm, seed))
     finished = {(arm.key, seed): threading.Event() for arm, seed in runs}
     failed: set[tuple[str, int]] = set()
@@ -185,7 +186,9 @@ def train_all(plan: StudyPlan, runs: list[tuple[Arm, int]],
         finally:
             finished[(arm.key, seed)].set()
 
-    ordered = sorted(runs, key=lambda run: bool(run[0].fine_tune_of))  # stable: fine-tunes last, in their order
+    # seed-major, so that a study stopped part way has one seed of every arm; within a seed, fine-tunes come last
+    # (stable: in their order), after the run they continue
+    ordered = sorted(runs, key=lambda run: (run[1], bool(run[0].fine_tune_of)))
     in_parallel(plan, [(f"train {a.key} seed {s}", lambda a=a, s=s: task(a, s)) for a, s in ordered])
 
 
