@@ -152,3 +152,17 @@ def test_ceiling_subset_is_class_balanced_and_as_large_as_an_arm():
     assert len(keep) == 500 and np.all(np.bincount(labels[keep], minlength=10) == 50)
     assert np.all(np.diff(keep) > 0)  # in split order
     assert len(balanced_subset(labels, 5000)) == 1000  # a count past the split keeps all of it
+
+
+@pytest.mark.parametrize("flags, study, demo", [({"amx_bf16", "avx512_bf16"}, "bf16", "bf16"),
+                                                ({"avx512_bf16"}, "bf16", "fp32"), ({"avx2"}, "fp32", "fp32")])
+def test_auto_inception_precision_follows_the_cpus_bf16_hardware(monkeypatch, flags, study, demo):
+    """The study's Inception runs bf16 on AMX or AVX512-BF16; the demo, which also trains in it, only on AMX;
+    an explicit choice is kept."""
+    import star.study.__main__ as study_main
+    from star.demo import resolve_demo_precision
+
+    monkeypatch.setattr(study_main, "cpu_description", lambda: ("a CPU", set(flags)))
+    assert study_main.resolve_fid_precision("auto") == study
+    assert resolve_demo_precision("auto") == demo
+    assert study_main.resolve_fid_precision("fp32") == "fp32" and resolve_demo_precision("bf16") == "bf16"
