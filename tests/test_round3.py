@@ -146,3 +146,19 @@ def test_equal_compute_reads_the_baseline_at_the_fine_tunes_total_cpu_seconds():
     assert "**yes**" in pays(answer(baseline, tune, answer_metrics(5000, 2.0), "cpu_s"), "FID-5k")
     worse = [_run(21.0, [(50, 7.0, 3.5, 90.0)], offset=200), _run(21.0, [(50, 7.0, 3.6, 91.0)], offset=200)]
     assert pays(answer(baseline, worse, answer_metrics(5000, 2.0), "cpu_s"), "FID-5k").startswith("no: no FID or NLL")
+
+
+def test_headroom_puts_the_ceiling_beside_the_baselines_last_fid():
+    """The round's requirement: the ceiling at most half the baseline's FID at its last checkpoint, said per CFG."""
+    from types import SimpleNamespace
+
+    from star.study.round3_report import headroom_lines
+
+    plan = SimpleNamespace(num_samples=5000, cfg_scale=2.0)
+    baseline = [_run(0.0, [(200, 20.0, 3.0, 90.0), (300, 30.0, 2.8, 80.0)]),
+                _run(0.0, [(200, 22.0, 3.2, 92.0), (300, 32.0, 3.0, 84.0)])]
+    lines = headroom_lines(37.0, baseline, plan)
+    no_cfg = next(line for line in lines if "FID-5k no CFG" in line)
+    assert "step 300" in no_cfg and "82.00 ± 2.83" in no_cfg and "= 0.45 (at most half)" in no_cfg
+    assert headroom_lines(50.0, baseline, plan)[3].endswith("= 0.61 (more than half)")
+    assert headroom_lines(None, baseline, plan) == [] and headroom_lines(37.0, None, plan) == []

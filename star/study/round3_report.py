@@ -174,7 +174,24 @@ def summary_table(answers: dict[str, tuple[str, Answer]], fid_name: str) -> list
     return lines + [""]
 
 
-def ceiling_lines(study: dict, plan) -> list[str]:
+def headroom_lines(ceiling_fid: float | None, base: list[dict] | None, plan) -> list[str]:
+    """The baseline's last checkpoint beside the ceiling: the ceiling at most half the baseline's FID leaves the
+    arms room to differ by their generators rather than the tokenizer."""
+    if ceiling_fid is None or not base:
+        return []
+    n, last = fid_label(plan.num_samples), max(step_of(p) for r in base for p in r["points"])
+    lines = []
+    for metric in final_metrics(plan.num_samples, plan.cfg_scale):
+        values = [metric.value(p) for r in base for p in r["points"] if step_of(p) == last and has_metric(p, metric)]
+        if values:
+            mean = float(np.mean(values))
+            lines.append(f"- the baseline at step {last}, {metric.name}: {cell(values, 2)}; ceiling / baseline = "
+                         f"{ceiling_fid / mean:.2f} ({'at most' if ceiling_fid <= mean / 2 else 'more than'} half)")
+    return [f"Headroom: the ceiling's {n} against the baseline's at its last checkpoint (the round asks for a "
+            "ratio of at most 0.5):", "", *lines, ""] if lines else []
+
+
+def ceiling_lines(study: dict, plan, base: list[dict] | None = None) -> list[str]:
     vq, ceilings = study["vq"], {int(n): c for n, c in study["ceilings"].items()}
     full = ceilings.get(plan.num_samples, {})
     n = fid_label(plan.num_samples)
@@ -188,7 +205,8 @@ def ceiling_lines(study: dict, plan) -> list[str]:
             "|---|---|---|---|---|---|---|",
             f"| {vq.get('steps', plan.vq_steps)} | `{' '.join(plan.vq_flags) or '(none)'}` | "
             f"{number(full.get('fid'), 2)} | {number(full.get('precision'), 3)} | {number(full.get('recall'), 3)} | "
-            f"{number(vq.get('holdout_psnr'), 2)} | {number(vq.get('holdout_codebook_usage'), 3)} |", ""]
+            f"{number(vq.get('holdout_psnr'), 2)} | {number(vq.get('holdout_codebook_usage'), 3)} |", "",
+            *headroom_lines(full.get("fid"), base, plan)]
 
 
 def part_lines(study: dict, arm_keys: list[str]) -> list[str]:
@@ -250,9 +268,9 @@ def render_round3(study: dict, plan, out: Path, command: str) -> Path:
         lines += [f"**Partial report:** {len(unfinished)} planned run(s) not yet trained and scored: "
                   f"{', '.join(unfinished)}. Every answer below uses only the finished runs; rerun "
                   f"`make study PRESET={plan.preset}` (finished stages are skipped) to complete the round.", ""]
-    lines += ceiling_lines(study, plan)
-    metric_list = answer_metrics(plan.num_samples, plan.cfg_scale)
     base = grouped.get(ROUND3_BASELINE)
+    lines += ceiling_lines(study, plan, base)
+    metric_list = answer_metrics(plan.num_samples, plan.cfg_scale)
     recipes = [key for key in grouped if key != ROUND3_BASELINE]
     at_compute_answers = {key: (grouped[key][0]["label"], answer(base, grouped[key], metric_list, "cpu_s"))
                           for key in recipes} if base else {}
