@@ -91,6 +91,8 @@ def check_training(device, smoke: bool) -> dict:
             bf16_step()
             result[f"{tag}_{name}_s"] = timed(bf16_step, device)
             result[f"{tag}_{name}_peak_bytes"] = peak_memory(bf16_step, device)
+            print(f"  {tag} {name}: {result[f'{tag}_{name}_s']:.4f} s, "
+                  f"{result[f'{tag}_{name}_peak_bytes'] / 2**30:.2f} GiB", flush=True)  # a cut-off run keeps these
         result[f"{tag}_star_over_plain"] = result[f"{tag}_star_s"] / result[f"{tag}_plain_s"]
         result[f"{tag}_plain_speedup_vs_llamagen"] = result[f"{tag}_llamagen_s"] / result[f"{tag}_plain_s"]
         if result[f"{tag}_plain_peak_bytes"]:
@@ -137,6 +139,7 @@ def check_sampling(device, smoke: bool) -> dict:
         row.update({key.replace("_s", "_images_per_s"): batch / value for key, value in list(row.items())})
         row["speedup"] = row["llamagen_s"] / row["ours_s"]
         result[f"batch{batch}"] = row
+        print(f"  batch {batch}: {json.dumps(row)}", flush=True)
     return result
 
 
@@ -167,11 +170,13 @@ def main() -> int:
         print("no GPU here: run with --smoke for a CPU dry run", file=sys.stderr)
         return 2
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    for name, check in (("training", check_training), ("sampling", check_sampling), ("tokenizer", check_tokenizer)):
-        results[name] = check(device, args.smoke)
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    for name, check in (("training", check_training), ("sampling", check_sampling), ("tokenizer", check_tokenizer)):
+        started = time.perf_counter()
+        results[name] = check(device, args.smoke)
+        results[name]["check_seconds"] = time.perf_counter() - started
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after each check: a run cut off keeps the rest
     print(f"written: {args.out}")
     return 0
 
