@@ -43,12 +43,16 @@ PRESETS = {
                         cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0],
                         other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=SMOKE_STEP,
                         jobs=2), None),
-    # The same study at a scale a CPU cannot reach, sized for one H200 in about 8 minutes (three runs side by side
-    # on the GPU): a 3x wider, 2x deeper GPT (26M parameters), twice the batch. Not yet run on a GPU.
-    "gpu": (dict(vq_steps=600, vq_batch_size=64, gpt=GPU_GPT, steps=4000, short_steps=400, batch_size=128, lr=1e-3,
-                 num_samples=5000, curve_samples=2000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
+    # The same study at a scale a CPU cannot reach: a 3x wider, 2x deeper GPT (26M parameters), twice the batch,
+    # three runs side by side on one GPU. Sized from its first run on one H200 (torch 2.11, 2026-12-04), which had
+    # 4,000 steps and stopped after 8.6 min in the fine-tune, before any scoring: VQ 53 s, tokens 23 s, the ceiling
+    # (FID-2k and FID-5k) 76 s, L1's 10,667 plain steps 286 s (40.6 steps/s) beside L3 and L6's 4,000 ST-AR steps
+    # (18.4 steps/s). Halved to 2,000 steps, with two checkpoints per run and FID-1k curves, its training takes about
+    # 3 minutes and the whole study about 9 (the scoring part estimated, not yet measured): one 10-minute call.
+    "gpu": (dict(vq_steps=600, vq_batch_size=64, gpt=GPU_GPT, steps=2000, short_steps=200, batch_size=128, lr=1e-3,
+                 num_samples=5000, curve_samples=1000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
                  probe_limit=10000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False,
-                 milestones=[0.25, 0.5, 1.0], train_flags=FAST_STEP, jobs=3, extra_seed_for_best=False),
+                 milestones=[0.5, 1.0], train_flags=FAST_STEP, jobs=3, extra_seed_for_best=False),
             {"train": 1000, "test": 0}),
     "gpu-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPU_GPT, "dim": 32, "n_layer": 2, "n_head": 2},
                        steps=4, short_steps=2, batch_size=8, lr=1e-3, num_samples=20, curve_samples=20, cfg_scale=2.0,
