@@ -43,7 +43,7 @@ PRESETS = {
                         cfg_scale=2.0, probe_positions=[1, 64], probe_limit=1000, main_seeds=[0],
                         other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=SMOKE_STEP,
                         jobs=2), None),
-    # The same study at a scale a CPU cannot reach: a 3x wider, 2x deeper GPT (26M parameters), twice the batch,
+    # The same study at a scale a CPU cannot reach: a 3x wider, 2x deeper GPT (14.6M parameters), twice the batch,
     # three runs side by side on one GPU. Sized from its first run on one H200 (torch 2.11, 2026-12-04), which had
     # 4,000 steps and stopped after 8.6 min in the fine-tune, before any scoring: VQ 53 s, tokens 23 s, the ceiling
     # (FID-2k and FID-5k) 76 s, L1's 10,667 plain steps 286 s (40.6 steps/s) beside L3 and L6's 4,000 ST-AR steps
