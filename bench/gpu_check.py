@@ -170,13 +170,15 @@ def main() -> int:
         print("no GPU here: run with --smoke for a CPU dry run", file=sys.stderr)
         return 2
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    from star.io import write_json_atomic
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, check in (("training", check_training), ("sampling", check_sampling), ("tokenizer", check_tokenizer)):
         started = time.perf_counter()
         results[name] = check(device, args.smoke)
         results[name]["check_seconds"] = time.perf_counter() - started
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # after each check: a run cut off keeps the rest
+        write_json_atomic(args.out, results)  # after each check: a run cut off keeps the finished ones
     print(f"written: {args.out}")
     return 0
 
