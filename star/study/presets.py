@@ -44,15 +44,18 @@ PRESETS = {
                         other_seeds=[0], third_seed_if_close=False, milestones=[0.5, 1.0], train_flags=SMOKE_STEP,
                         jobs=2), None),
     # The same study at a scale a CPU cannot reach: a 3x wider, 2x deeper GPT (14.6M parameters), twice the batch,
-    # three runs side by side on one GPU. Sized from its first run on one H200 (torch 2.11, 2026-12-04), which had
-    # 4,000 steps and stopped after 8.6 min in the fine-tune, before any scoring: VQ 53 s, tokens 23 s, the ceiling
-    # (FID-2k and FID-5k) 76 s, L1's 10,667 plain steps 286 s (40.6 steps/s) beside L3 and L6's 4,000 ST-AR steps
-    # (18.4 steps/s). Halved to 2,000 steps, with two checkpoints per run and FID-1k curves, its training takes about
-    # 3 minutes and the whole study about 9 (the scoring part estimated, not yet measured): one 10-minute call.
-    "gpu": (dict(vq_steps=600, vq_batch_size=64, gpt=GPU_GPT, steps=2000, short_steps=200, batch_size=128, lr=1e-3,
+    # three runs side by side on one GPU. Measured on one H200 (torch 2.11, 2026-12-04, docs/study.md "At GPU
+    # scale"): with the long round's 600-step VQ its ceiling was FID-5k 62.1 and L1's last checkpoint 63.4, the cap
+    # round 3 was built to lift, so the VQ is round 3's recipe (the cosine from 2e-3 to 1e-4) over the same 96k crops
+    # (1,500 steps of 64; 600 took 44 s). The tokenizer stages took 2.1 min and the training 4 (L1's 5,333 steps in
+    # 160 s beside L3 and L6's 2,000 ST-AR steps in 131 s; L8 42 s); the scoring of 3 jobs ran past 6.5 min with 12
+    # stages left: each stage is a process whose start-up outweighs its GPU work (12-15 s per 1k-sample stage, the
+    # GPU 12-23% busy), so it runs 6 side by side. About 12 minutes in all: two 10-minute calls, the second resuming.
+    "gpu": (dict(vq_steps=1500, vq_batch_size=64, vq_flags=["--lr-schedule", "cosine", "--min-lr-fraction", "0.05"],
+                 gpt=GPU_GPT, steps=2000, short_steps=200, batch_size=128, lr=1e-3,
                  num_samples=5000, curve_samples=1000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
                  probe_limit=10000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False,
-                 milestones=[0.5, 1.0], train_flags=FAST_STEP, jobs=3, extra_seed_for_best=False),
+                 milestones=[0.5, 1.0], train_flags=FAST_STEP, jobs=6, extra_seed_for_best=False),
             {"train": 1000, "test": 0}),
     "gpu-smoke": (dict(vq_steps=20, vq_batch_size=16, gpt={**GPU_GPT, "dim": 32, "n_layer": 2, "n_head": 2},
                        steps=4, short_steps=2, batch_size=8, lr=1e-3, num_samples=20, curve_samples=20, cfg_scale=2.0,
