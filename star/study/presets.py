@@ -48,9 +48,9 @@ PRESETS = {
     # scale"): with the long round's 600-step VQ its ceiling was FID-5k 62.1 and L1's last checkpoint 63.4, the cap
     # round 3 was built to lift, so the VQ is round 3's recipe (the cosine from 2e-3 to 1e-4) over the same 96k crops
     # (1,500 steps of 64; 600 took 44 s). The tokenizer stages took 2.1 min and the training 4 (L1's 5,333 steps in
-    # 160 s beside L3 and L6's 2,000 ST-AR steps in 131 s; L8 42 s); the scoring of 3 jobs ran past 6.5 min with 12
-    # stages left: each stage is a process whose start-up outweighs its GPU work (12-15 s per 1k-sample stage, the
-    # GPU 12-23% busy), so it runs 6 side by side. About 12 minutes in all: two 10-minute calls, the second resuming.
+    # 160 s beside L3 and L6's 2,000 ST-AR steps in 131 s; L8 42 s); 3 jobs scored 60 of its 82 stages in 6.4 min:
+    # each stage is a process whose start-up outweighs its GPU work (12-15 s per 1k-sample stage, the GPU 12-23%
+    # busy), so it runs 6 side by side. About 12 minutes in all (estimated): two 10-minute calls, the second resuming.
     "gpu": (dict(vq_steps=1500, vq_batch_size=64, vq_flags=["--lr-schedule", "cosine", "--min-lr-fraction", "0.05"],
                  gpt=GPU_GPT, steps=2000, short_steps=200, batch_size=128, lr=1e-3,
                  num_samples=5000, curve_samples=1000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
