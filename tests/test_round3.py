@@ -55,6 +55,7 @@ def test_the_gpu_preset_has_a_fine_tune_and_the_long_preset_is_unchanged():
     arms = {arm.key: arm for arm in GPU_ARMS}
     assert "L8" in DEFAULT_ARMS["gpu"].split(",")
     assert branch_step(gpu, arms["L8_star_finetune"]) in milestone_steps(gpu, arms["L1_llamagen"])
+    assert gpu.vq_flags == plan_of("round3").vq_flags  # round 3's tokenizer: the long round's capped the GPU run
     long = plan_of("long", table=GPU_ARMS[:-1])
     assert milestone_steps(long, arms["L1_llamagen"]) == [300, 1000, 2000, 3000, 5333, 8000]
     assert full_fid_steps(long, arms["L1_llamagen"]) == [8000]  # no answer checkpoints outside round 3

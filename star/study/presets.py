@@ -13,6 +13,8 @@ FAST_STEP = ["--precision", "bf16", "--compile"]
 # The smoke presets skip the compile (minutes of C++ on a cold cache, for steps of milliseconds); the compiled
 # step itself is tested against eager in tests/test_training_step.py.
 SMOKE_STEP = ["--precision", "bf16"]
+# Round 3's tokenizer recipe (docs/study.md, round 3): a cosine from train_vq.py's 2e-3 down to 1e-4.
+ROUND3_VQ_FLAGS = ["--lr-schedule", "cosine", "--min-lr-fraction", "0.05"]
 GPU_GPT = {"dim": 384, "n_layer": 8, "n_head": 6, "num_classes": 10, "block_size": 64, "multiple_of": 64,
            "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1}
 GPT_SMALL = {"dim": 128, "n_layer": 4, "n_head": 4, "num_classes": 10, "block_size": 64, "multiple_of": 64,
@@ -47,11 +49,11 @@ PRESETS = {
     # three runs side by side on one GPU. Measured on one H200 (torch 2.11, 2026-12-04, docs/study.md "At GPU
     # scale"): with the long round's 600-step VQ its ceiling was FID-5k 62.1 and L1's last checkpoint 63.4, the cap
     # round 3 was built to lift, so the VQ is round 3's recipe (the cosine from 2e-3 to 1e-4) over the same 96k crops
-    # (1,500 steps of 64; 600 took 44 s). The tokenizer stages took 2.1 min and the training 4 (L1's 5,333 steps in
+    # (1,500 steps of 64; 600 took 44 s). The tokenizer stages took 2.3 min and the training 4 (L1's 5,333 steps in
     # 160 s beside L3 and L6's 2,000 ST-AR steps in 131 s; L8 42 s); 3 jobs scored 60 of its 82 stages in 6.4 min:
     # each stage is a process whose start-up outweighs its GPU work (12-15 s per 1k-sample stage, the GPU 12-23%
     # busy), so it runs 6 side by side. About 12 minutes in all (estimated): two 10-minute calls, the second resuming.
-    "gpu": (dict(vq_steps=1500, vq_batch_size=64, vq_flags=["--lr-schedule", "cosine", "--min-lr-fraction", "0.05"],
+    "gpu": (dict(vq_steps=1500, vq_batch_size=64, vq_flags=ROUND3_VQ_FLAGS,
                  gpt=GPU_GPT, steps=2000, short_steps=200, batch_size=128, lr=1e-3,
                  num_samples=5000, curve_samples=1000, cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64],
                  probe_limit=10000, main_seeds=[0], other_seeds=[0], third_seed_if_close=False,
@@ -72,7 +74,7 @@ PRESETS = {
     # 2,480; R6 3 x 3,000 one-view steps 3,350: 30,400 CPU-s. Scoring 69 checkpoints 16,560 and 30 FID-5k pairs
     # (every run's last, R1's four answer steps) 21,600: 38,200. 68,600 CPU-s of stages, two side by side: 9.5
     # wall-hours, plus the VQ (3,000 steps), tokens and ceiling alone on both cores (~0.7 h): about 10 wall-hours.
-    "round3": (dict(vq_steps=3000, vq_batch_size=32, vq_flags=["--lr-schedule", "cosine", "--min-lr-fraction", "0.05"],
+    "round3": (dict(vq_steps=3000, vq_batch_size=32, vq_flags=ROUND3_VQ_FLAGS,
                     gpt=GPT_SMALL, steps=3000, batch_size=64, lr=1e-3, num_samples=5000, curve_samples=1000,
                     cfg_scale=2.0, probe_positions=[1, 8, 16, 24, 32, 40, 48, 56, 64], probe_limit=10000,
                     main_seeds=[0, 1, 2], other_seeds=[0, 1, 2], third_seed_if_close=False,
