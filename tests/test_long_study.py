@@ -270,6 +270,21 @@ def test_round3_smoke_fine_tunes_the_baseline_and_reports_each_recipe(long_smoke
                     "### R4 ST-AR fine-tune of R1", "### R6 ST-AR one view", "## Time", "train R4_star_finetune",
                     "score R6_star_one_view"):
         assert heading in report
+    # the flat record beside the report: every checkpoint with FID at the full count (here every one: the curve count
+    # is the full count), one seed each, readable by round3_record
+    from star.study import round3_record
+
+    record = round3_record.load_record(out / "measurements.json")
+    assert record["preset"] == "round3-smoke" and record["fid_samples"] == 20
+    measured = {(m["arm"], m["step"]): m for m in record["measurements"]}
+    assert set(measured) == ({("R1_llamagen", p["step"]) for p in results["R1_llamagen"]["points"]}
+                             | {("R4_star_finetune", 2), ("R6_star_one_view", 6)})
+    tune_end = tune["points"][-1]
+    assert tune_end["step"] == 2 and measured[("R4_star_finetune", 2)]["nll"] == tune_end["nll"]["conditional"][
+        "nats_per_token"]
+    assert round3_record.meeting_steps(record, "R4_star_finetune")["equal steps"] == 11 + 2
+    assert round3_record.main([str(out / "measurements.json"), "--out", str(tmp_path / "record")]) == 0
+    assert "R6 ST-AR one view" in (tmp_path / "record" / "answers.md").read_text()
     capsys.readouterr()
     assert main(round3) == 0  # a rerun redoes nothing
     assert "[run ]" not in capsys.readouterr().out

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from star.io import write_json_atomic
 from star.runtime import cpu_description
 from star.study.long_arms import FINE_TUNE_WARMUP_FRACTION, ROUND3_BASELINE, STAR_STEP_COST, arm_table
 from star.study.long_report import (
@@ -37,6 +38,7 @@ from star.study.long_report import (
     time_lines,
 )
 from star.study.report import fid_label, mean_sd
+from star.study.round3_record import record_from_results
 
 
 def _entry(samples: int, tag: str, key: str):
@@ -297,6 +299,12 @@ def render_round3(study: dict, plan, out: Path, command: str) -> Path:
                   f"{i['started']} → {i.get('ended', 'interrupted')}" for i in invocations), "",
               "By part:", "", *part_lines(study, [arm.key for arm in arm_table(plan.preset)]), "",
               "By stage kind:", "", *time_lines(study)]
+    lines += ["", "The numbers behind the answers, apart from the run folders: [measurements.json](measurements.json) "
+              "(`python -m star.study.round3_record` redraws the answers from it)."]
+    full = {int(n): c for n, c in study["ceilings"].items()}.get(plan.num_samples, {})
+    ceiling = {"fid": full.get("fid"), "precision": full.get("precision"), "recall": full.get("recall"),
+               "psnr_db": study["vq"].get("holdout_psnr"), "codebook_use": study["vq"].get("holdout_codebook_usage")}
+    write_json_atomic(out / "measurements.json", record_from_results(study["results"], plan, ceiling))
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
