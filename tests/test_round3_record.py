@@ -73,6 +73,9 @@ def test_a_bad_record_is_refused_naming_the_entry(tmp_path):
     with pytest.raises(ValueError, match="'long' is not a round-3 preset"):
         load_record(path)
     assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    # a record without the baseline: nothing to compare with, a clear error rather than a traceback
+    path.write_text(json.dumps(header([point(TUNED, 0, 3000, 50, 3.7, 0.4)])))
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
 
 
 def test_the_committed_record_renders_every_recipe(tmp_path):

@@ -240,11 +240,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for answers.md and curves.png")
     args = parser.parse_args(argv)
     try:
-        record = load_record(args.record)
-    except (OSError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        answers = render(load_record(args.record), args.out)
+    except (OSError, ValueError, KeyError) as error:  # unreadable, malformed, or no baseline to compare with
+        print(f"error: {args.record}: {error}", file=sys.stderr)
         return 2
-    print(render(record, args.out).read_text())
+    print(answers.read_text())
     return 0
 
 
