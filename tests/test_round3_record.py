@@ -48,17 +48,22 @@ def test_recipes_meet_the_baseline_where_the_study_scored_it():
 
 def test_a_recipe_pays_only_beyond_two_spreads_with_a_probe_lead():
     # 3 FID better, probe 0.1 better, both far beyond 2 sd: pays
-    better = compare(record_of((46.5, 47.0, 47.5), (3.70, 3.705, 3.71), (0.49, 0.50, 0.51)), TUNED)
+    record = record_of((46.5, 47.0, 47.5), (3.70, 3.705, 3.71), (0.49, 0.50, 0.51))
+    better = compare(record, TUNED)
     assert [c.where for c in better] == ["equal steps", "equal compute"]
-    assert better[1].baseline_step == 6150 and pays(better[1]) is True
+    assert better[1].baseline_step == 6150 and pays(better[1], record) == "**yes**"
     # the same FID lead but no probe lead: does not pay
-    assert pays(compare(record_of((46.5, 47.0, 47.5), (3.70, 3.705, 3.71), (0.39, 0.40, 0.41)), TUNED)[1]) is False
+    record = record_of((46.5, 47.0, 47.5), (3.70, 3.705, 3.71), (0.39, 0.40, 0.41))
+    assert pays(compare(record, TUNED)[1], record) == "no: no probe lead beyond the spread"
     # a 1-point FID lead inside the baseline's 2 sd (2 x 0.5): not real, does not pay
-    level = compare(record_of((48.5, 49.0, 49.5), (3.70, 3.705, 3.71), (0.49, 0.50, 0.51)), TUNED)[1]
+    record = record_of((48.5, 49.0, 49.5), (3.70, 3.705, 3.71), (0.49, 0.50, 0.51))
+    level = compare(record, TUNED)[1]
     fid_gap = level.rows[0][3]
-    assert fid_gap.gap == pytest.approx(-1.0) and fid_gap.better and not fid_gap.real and pays(level) is False
+    assert fid_gap.gap == pytest.approx(-1.0) and fid_gap.better and not fid_gap.real
+    assert pays(level, record) == "no: no FID or NLL gain beyond the spread"
     # one seed of the recipe: no spread, no verdict
-    assert pays(compare(record_of((40.0,), (3.5,), (0.6,)), TUNED)[1]) is None
+    record = record_of((40.0,), (3.5,), (0.6,))
+    assert pays(compare(record, TUNED)[1], record).startswith("undecided")
 
 
 def test_a_bad_record_is_refused_naming_the_entry(tmp_path):

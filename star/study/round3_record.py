@@ -31,6 +31,8 @@ from star.study.long_arms import ROUND3_ARMS, ROUND3_BASELINE
 from star.study.long_report import Gap, Metric, cell, gap
 from star.study.presets import PRESETS
 from star.study.report import fid_label, mean_sd
+from star.study.round3_report import Answer
+from star.study.round3_report import pays as study_pays
 from star.study.stages import StudyPlan
 
 # a measurement's metric keys, in the order of the tables (lower is better, digits)
@@ -129,7 +131,6 @@ def nearest(steps: list[int], target: int) -> int:
 
 @dataclass
 class Comparison:
-    recipe: str
     where: str  # "equal steps" | "equal compute"
     baseline_step: int
     target_step: int  # where it falls before snapping to a scored checkpoint
@@ -148,19 +149,15 @@ def compare(record: dict, recipe: str) -> list[Comparison]:
         for index, metric in enumerate(metrics_of(record)):
             base, mine = values(record, ROUND3_BASELINE, step, index), values(record, recipe, own, index)
             rows.append((metric, base, mine, gap(base, mine, metric)))
-        comparisons.append(Comparison(recipe, where, step, target, rows))
+        comparisons.append(Comparison(where, step, target, rows))
     return comparisons
 
 
-def pays(comparison: Comparison) -> bool | None:
-    """At equal compute: better FID (either CFG) or NLL than the baseline beyond two spreads, with a probe lead
-    beyond two spreads. None when a spread is missing (one seed on a side)."""
-    gaps = [row[3] for row in comparison.rows]
-    if any(g is None or g.real is None for g in gaps):
-        return None
-    generation_or_likelihood = any(g.better and g.real for g in gaps[:3])
-    probe = gaps[3]
-    return generation_or_likelihood and probe.better and probe.real
+def pays(comparison: Comparison, record: dict) -> str:
+    """The study's verdict (round3_report.pays: better FID or NLL beyond the spread, with a probe lead beyond it)
+    on one comparison: "**yes**", "no: why", or undecided when a side has one seed."""
+    rows = [(metric, mine, None, difference) for metric, _, mine, difference in comparison.rows]
+    return study_pays(Answer(comparison.where, comparison.baseline_step, rows), fid_label(record["fid_samples"]))
 
 
 def render(record: dict, out: Path) -> Path:
@@ -191,13 +188,12 @@ def render(record: dict, out: Path) -> Path:
                              f"{cell(base, metric.digits)} ({len(base)}) | {cell(mine, metric.digits)} ({len(mine)}) | "
                              f"{difference.words(metric.digits) if difference else '–'} |")
             if comparison.where == "equal compute":
-                verdicts.append((labels[recipe], pays(comparison)))
+                verdicts.append((labels[recipe], pays(comparison, record)))
         lines.append("")
     lines += ["## Does it pay?", "",
               "At equal compute: better FID (either CFG) or NLL beyond two spreads, keeping a probe lead beyond two "
               "spreads.", "", "| recipe | pays |", "|---|---|"]
-    lines += [f"| {label} | {({True: 'yes', False: 'no', None: 'no spread to judge (one seed on a side)'})[verdict]} |"
-              for label, verdict in verdicts]
+    lines += [f"| {label} | {verdict} |" for label, verdict in verdicts]
     (out / "answers.md").write_text("\n".join(lines) + "\n")
     plot_curves(record, out / "curves.png")
     return out / "answers.md"

@@ -38,7 +38,6 @@ from star.study.long_report import (
     time_lines,
 )
 from star.study.report import fid_label, mean_sd
-from star.study.round3_record import record_from_results
 
 
 def _entry(samples: int, tag: str, key: str):
@@ -304,6 +303,8 @@ def render_round3(study: dict, plan, out: Path, command: str) -> Path:
     full = {int(n): c for n, c in study["ceilings"].items()}.get(plan.num_samples, {})
     ceiling = {"fid": full.get("fid"), "precision": full.get("precision"), "recall": full.get("recall"),
                "psnr_db": study["vq"].get("holdout_psnr"), "codebook_use": study["vq"].get("holdout_codebook_usage")}
+    from star.study.round3_record import record_from_results  # it reuses this module's verdict: import late
+
     write_json_atomic(out / "measurements.json", record_from_results(study["results"], plan, ceiling))
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
