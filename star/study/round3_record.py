@@ -1,9 +1,9 @@
 """Round 3's answers from its record of measurements (committed: docs/study/round3/measurements.json).
 
 The study's own report (round3_report.py) reads every run's result.json under runs/study-round3, and writes beside
-it measurements.json: a flat list of what those runs measured at each checkpoint scored at the full sample count
-(FID without and with CFG, held-out NLL with the label, the probe at the last position), with the preset, the
-sample count, the CFG scale and the tokenizer's ceiling. Kept apart from the run folders (which hold checkpoints
+it measurements.json (round3_report.record_from_results): a flat list of what those runs measured at each
+checkpoint scored at the full sample count (FID without and with CFG, held-out NLL with the label, the probe at
+the last position), with the preset, the sample count, the CFG scale and the tokenizer's ceiling. Kept apart from the run folders (which hold checkpoints
 and samples, far too large to commit), the record lets the round's answers be redrawn and checked:
 
     python -m star.study.round3_record docs/study/round3/measurements.json --out docs/study/round3
@@ -73,25 +73,6 @@ def meeting_steps(record: dict, key: str) -> dict[str, int]:
     own, start = recipe_steps(record, key)
     cost = arm_by_key()[key].step_cost
     return {"equal steps": start + own, "equal compute": min(round(start + own * cost), baseline_steps(record))}
-
-
-def record_from_results(results: list[dict], plan: StudyPlan, ceiling: dict | None) -> dict:
-    """The flat record of a round's finished runs (their result.json): every checkpoint scored at the full sample
-    count, with the ceiling. The study writes it beside its report, so that the numbers can be kept (committed)
-    apart from the run folders."""
-    cfg = f"cfg{plan.cfg_scale:g}"
-    measurements = []
-    for result in results:
-        for point in result["points"]:
-            fid = point.get("fid", {}).get(f"n{plan.num_samples}")
-            if not fid:
-                continue
-            measurements.append({"arm": result["arm"], "seed": result["seed"], "step": point["step"],
-                                 "fid_no_cfg": fid["cfg1"]["fid"], "fid_cfg": fid[cfg]["fid"],
-                                 "nll": point["nll"]["conditional"]["nats_per_token"],
-                                 "probe_last": point["probe"]["rows"][-1]["accuracy"]})
-    return {"preset": plan.preset, "fid_samples": plan.num_samples, "cfg_scale": plan.cfg_scale,
-            "ceiling": ceiling, "measurements": measurements}
 
 
 def load_record(path: Path) -> dict:

@@ -256,6 +256,25 @@ def settings_lines(plan, results: list[dict]) -> list[str]:
             "the baseline's beyond the spread, and its probe at the last position leads beyond the spread.", ""]
 
 
+def record_from_results(results: list[dict], plan, ceiling: dict | None) -> dict:
+    """The flat record of a round's finished runs (their result.json): every checkpoint scored at the full sample
+    count, with the ceiling. The study writes it beside its report so that the numbers can be kept (committed) apart
+    from the run folders; star/study/round3_record.py redraws the answers from it."""
+    cfg = f"cfg{plan.cfg_scale:g}"
+    measurements = []
+    for result in results:
+        for point in result["points"]:
+            fid = point.get("fid", {}).get(f"n{plan.num_samples}")
+            if not fid:
+                continue
+            measurements.append({"arm": result["arm"], "seed": result["seed"], "step": point["step"],
+                                 "fid_no_cfg": fid["cfg1"]["fid"], "fid_cfg": fid[cfg]["fid"],
+                                 "nll": point["nll"]["conditional"]["nats_per_token"],
+                                 "probe_last": point["probe"]["rows"][-1]["accuracy"]})
+    return {"preset": plan.preset, "fid_samples": plan.num_samples, "cfg_scale": plan.cfg_scale,
+            "ceiling": ceiling, "measurements": measurements}
+
+
 def render_round3(study: dict, plan, out: Path, command: str) -> Path:
     grouped = by_arm(study["results"])
     invocations = study.get("invocations", [])
@@ -303,8 +322,6 @@ def render_round3(study: dict, plan, out: Path, command: str) -> Path:
     full = {int(n): c for n, c in study["ceilings"].items()}.get(plan.num_samples, {})
     ceiling = {"fid": full.get("fid"), "precision": full.get("precision"), "recall": full.get("recall"),
                "psnr_db": study["vq"].get("holdout_psnr"), "codebook_use": study["vq"].get("holdout_codebook_usage")}
-    from star.study.round3_record import record_from_results  # it reuses this module's verdict: import late
-
     write_json_atomic(out / "measurements.json", record_from_results(study["results"], plan, ceiling))
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
